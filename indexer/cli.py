@@ -1,0 +1,315 @@
+"""The ``lookalike`` command: parses arguments and calls the library. Errors end in one line, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import LookalikeError
+
+
+def _model_args(p: argparse.ArgumentParser, for_index: bool) -> None:
+    from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    g = p.add_argument_group("model")
+    if for_index:
+        g.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"open_clip architecture, model folder, hf-hub:ORG/REPO or bundled name (default {DEFAULT_MODEL})")
+        g.add_argument("--pretrained", default=None,
+                       help=f"open_clip pretrained tag or checkpoint file (default {DEFAULT_PRETRAINED} for {DEFAULT_MODEL})")
+    else:
+        g.add_argument("--model", default=None, help="model to load instead of the one the index records (must have the same weights)")
+        g.add_argument("--pretrained", default=None, help="weights file or tag for the index's model (checked against the index)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    g.add_argument("--offline", action="store_true",
+                   help="never contact the model hub: use cached or local weights only (also: HF_HUB_OFFLINE=1)")
+
+
+def _load_model(args, index_identity: dict | None = None):
+    from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_model
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    if index_identity is not None:
+        name = args.model or index_identity["name"]
+        pretrained = args.pretrained or (index_identity["pretrained"] if args.model is None else None)
+    else:
+        name = args.model
+        pretrained = args.pretrained
+        if pretrained is None and name == DEFAULT_MODEL:
+            pretrained = DEFAULT_PRETRAINED
+    return load_model(name, pretrained, args.device)
+
+
+def _open_index(path: str, writable: bool = False):
+    from .store import Store
+
+    return Store.open(path, writable=writable)
+
+
+def _model_for_index(args, store):
+    from .store import check_model
+
+    model = _load_model(args, store.identity.to_dict())
+    check_model(store, model.identity)
+    return model
+
+
+# ---------------------------------------------------------------- commands
+def cmd_index(args) -> int:
+    from .catalogue import ColumnMap, read_catalogue
+    from .pipeline import index_catalogue
+    from .store import Store
+
+    columns = ColumnMap(args.id_column, args.image_column, args.title_column, args.category_column)
+    catalogue = read_catalogue(args.catalogue, columns, args.image_root, args.allow_outside_root)
+    if not catalogue.rows:
+        problems = "; ".join(f"{p.where}: {p.message}" for p in catalogue.problems[:5])
+        raise LookalikeError(f"no photos found in {args.catalogue}" + (f" ({problems})" if problems else ""))
+    model = _load_model(args)
+    with Store.create(args.out, model.identity) as store:
+        report = index_catalogue(
+            catalogue, store, model, catalogue_name=str(args.catalogue), batch_size=args.batch_size,
+            workers=args.workers, prune=args.prune, progress=not args.quiet,
+        )
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print(report.summary())
+        print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from .store import read_manifest
+
+    read_manifest(args.index)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    app = create_app(args.index, model_name=args.model, pretrained=args.pretrained, device=args.device)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .pipeline import embed_paths
+
+    with _open_index(args.index) as store:
+        model = _model_for_index(args, store)
+        if args.image:
+            _, vecs, errors = embed_paths(model, [args.image])
+            if errors:
+                raise LookalikeError(f"cannot use {args.image}: {errors[args.image]}")
+        else:
+            vecs = model.embed_texts([args.text])
+        hits = store.search(vecs, args.k, category=args.category)[0]
+    if args.json:
+        print(json.dumps({"results": [h.to_dict() for h in hits]}, ensure_ascii=False))
+    else:
+        for rank, h in enumerate(hits, 1):
+            print(f"{rank:>3}  {h.score:.4f}  {h.product_id}  {h.title or ''}  [{h.category or ''}]  {h.source}")
+    return 0
+
+
+def cmd_label(args) -> int:
+    from .labels import LabelSet, ZeroShotClassifier
+    from .pipeline import embed_paths
+
+    label_set = LabelSet.load(args.labels)
+    first = Path(args.targets[0])
+    if len(args.targets) == 1 and first.is_dir() and (first / "catalogue.sqlite").is_file():
+        return _label_index(args, label_set)
+    from .model import DEFAULT_MODEL
+
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+    model = _load_model(args)
+    clf = ZeroShotClassifier(model, label_set)
+    ok, vecs, errors = embed_paths(model, args.targets)
+    rows = [{"image": path, "labels": labels} for path, labels in zip(ok, clf.top_k(vecs, args.top_k))]
+    rows += [{"image": path, "error": msg} for path, msg in errors.items()]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+    else:
+        for r in rows:
+            if "error" in r:
+                print(f"{r['image']}: error: {r['error']}")
+            else:
+                print(f"{r['image']}: " + ", ".join(f"{lab['label']} {lab['score']:.1%}" for lab in r["labels"]))
+    return 1 if errors and not ok else 0
+
+
+def _label_index(args, label_set) -> int:
+    from .labels import ZeroShotClassifier
+
+    with _open_index(args.targets[0], writable=True) as store:
+        model = _model_for_index(args, store)
+        clf = ZeroShotClassifier(model, label_set)
+        results = {}
+        for pid, vecs in store.iter_products():
+            mean = vecs.mean(axis=0, keepdims=True)
+            mean /= max(float((mean**2).sum()) ** 0.5, 1e-12)
+            results[pid] = clf.top_k(mean, args.top_k)[0]
+        store.set_labels({pid: (labs[0]["label"], labs[0]["score"]) for pid, labs in results.items()})
+        store.save()
+        out = Path(args.report) if args.report else store.path / "labels.jsonl"
+    if out.suffix.lower() == ".csv":
+        with open(out, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "label", "score", "cosine", "labels"])
+            for pid, labs in results.items():
+                w.writerow([pid, labs[0]["label"], labs[0]["score"], labs[0]["cosine"], json.dumps(labs)])
+    else:
+        with open(out, "w", encoding="utf-8") as f:
+            for pid, labs in results.items():
+                f.write(json.dumps({"id": pid, "labels": labs}, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps([{"id": pid, "labels": labs} for pid, labs in results.items()], ensure_ascii=False))
+    else:
+        print(f"labelled {len(results)} products; report: {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    with _open_index(args.index) as store:
+        m = store.manifest()
+        info = {
+            "path": str(store.path),
+            "products": m["products"],
+            "photos": m["photos"],
+            "model": m["model"],
+            "dim": m["model"]["dim"],
+            "index": m["index"],
+            "categories": dict(store.categories()),
+            "created_at": m["created_at"],
+            "updated_at": m["updated_at"],
+        }
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+    else:
+        print(f"{info['path']}: {info['products']} products, {info['photos']} photos")
+        print(f"model: {m['model']['name']} (pretrained={m['model']['pretrained']}), dim {info['dim']}, "
+              f"weights sha256 {m['model']['weights_sha256'][:16]}")
+        print(f"index: {m['index']['type']} ({m['index']['metric']}); updated {info['updated_at']}")
+        for cat, n in list(info["categories"].items())[:30]:
+            print(f"  {n:>6}  {cat}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    with _open_index(args.index) as store:
+        result = store.check()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        state = "consistent" if result["ok"] else "INCONSISTENT"
+        print(f"{result['path']}: {state}: {result['products']} products, {result['photos']} photos, "
+              f"generation {result['generation']}")
+        for p in result["problems"]:
+            print(f"  problem: {p}")
+    return 0 if result["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookalike", description="Visual similarity search for product catalogues.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="embed a catalogue's photos into an index directory")
+    p.add_argument("catalogue", help="folder of images, .csv/.jsonl manifest, .tar shard or folder of shards")
+    p.add_argument("--out", required=True, help="index directory (created, or updated if it exists)")
+    _model_args(p, for_index=True)
+    p.add_argument("--batch-size", type=_positive, default=64, help="photos per forward pass (default 64)")
+    p.add_argument("--workers", type=_non_negative, default=None, help="decoding processes (default: CPU cores, at most 8)")
+    p.add_argument("--prune", action="store_true", help="remove products and photos no longer in the catalogue")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--title-column", default="title")
+    p.add_argument("--category-column", default="category")
+    p.add_argument("--image-root", default=None, help="folder that relative image paths start from (default: the manifest's)")
+    p.add_argument("--allow-outside-root", action="store_true", help="read relative image paths that lead outside the root")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="start the HTTP query server")
+    p.add_argument("index")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _model_args(p, for_index=False)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("search", help="find products similar to a photo or matching a text")
+    p.add_argument("index")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", help="query photo")
+    q.add_argument("--text", help="query text, e.g. 'red running shoes'")
+    p.add_argument("-k", type=_positive, default=10, help="number of products (default 10)")
+    p.add_argument("--category", default=None, help="only products in this category (or below it)")
+    p.add_argument("--json", action="store_true")
+    _model_args(p, for_index=False)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("label", help="zero-shot labels for photos, or for every product of an index")
+    p.add_argument("targets", nargs="+", metavar="INDEX_DIR|PATH", help="an index directory, or image files")
+    p.add_argument("--labels", default=None, help="label set .yaml/.json (default data/labels/retail.yaml)")
+    p.add_argument("--top-k", type=_positive, default=5)
+    p.add_argument("--report", default=None, help="for an index: report file, .jsonl or .csv (default INDEX_DIR/labels.jsonl)")
+    p.add_argument("--json", action="store_true")
+    _model_args(p, for_index=False)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("info", help="what an index holds")
+    p.add_argument("index")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("check", help="verify that an index's vectors and metadata agree (exit 1 if not)")
+    p.add_argument("index")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except LookalikeError as e:
+        print(f"lookalike: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lookalike: interrupted; committed work is kept, re-run to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Zero-shot labels: label sets, prompt templates and scoring.
+
+A label set is a YAML or JSON file::
+
+    templates: ["a photo of a {}.", ...]     # optional; DEFAULT_TEMPLATES otherwise
+    labels:
+      - name: hoodie
+        prompts: [hoodie, hooded sweatshirt]  # optional; [name] otherwise
+      - dress                                 # a bare name is fine too
+
+Each label's embedding is the mean of the text embeddings of every prompt put
+through every template, re-normalised (the prompt ensemble of Radford et al. 2021,
+"Learning Transferable Visual Models From Natural Language Supervision", sec. 3.1.4).
+Probabilities are the softmax over the label set of ``logit_scale * cosine``, with
+the model's own learned logit scale.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LookalikeError
+from .model import ClipModel
+
+DEFAULT_LABELS_FILE = Path(__file__).resolve().parents[1] / "data" / "labels" / "retail.yaml"
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a product photo of a {}.",
+    "a close-up photo of a {}.",
+    "a photo of the {}.",
+)
+MAX_LABELS = 1000
+
+
+class LabelSetError(LookalikeError):
+    code = "bad_labels"
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    labels: tuple[Label, ...]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+
+    @property
+    def names(self) -> list[str]:
+        return [lab.name for lab in self.labels]
+
+    @classmethod
+    def from_names(cls, names: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> "LabelSet":
+        """A label set from plain names (each its own prompt). Raises LabelSetError."""
+        return cls.from_dict({"labels": names, "templates": list(templates)})
+
+    @classmethod
+    def from_dict(cls, data) -> "LabelSet":
+        """Parse the file structure described in the module docstring. Raises LabelSetError."""
+        if isinstance(data, list):
+            data = {"labels": data}
+        if not isinstance(data, dict) or not isinstance(data.get("labels"), list):
+            raise LabelSetError("a label set needs a 'labels' list")
+        templates = data.get("templates") or list(DEFAULT_TEMPLATES)
+        if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise LabelSetError("'templates' must be a list of strings that each contain '{}'")
+        labels, seen = [], set()
+        for entry in data["labels"]:
+            if isinstance(entry, str):
+                name, prompts = entry, [entry]
+            elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                name = entry["name"]
+                prompts = entry.get("prompts") or [name]
+                if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+                    raise LabelSetError(f"label {name!r}: 'prompts' must be a list of non-empty strings")
+            else:
+                raise LabelSetError(f"each label must be a string or {{name, prompts}}, got {entry!r}")
+            name = name.strip()
+            if not name:
+                raise LabelSetError("label names must not be empty")
+            if name in seen:
+                raise LabelSetError(f"label {name!r} appears twice")
+            seen.add(name)
+            labels.append(Label(name, tuple(p.strip() for p in prompts)))
+        if len(labels) < 2:
+            raise LabelSetError("a label set needs at least 2 labels")
+        if len(labels) > MAX_LABELS:
+            raise LabelSetError(f"a label set may hold at most {MAX_LABELS} labels")
+        return cls(tuple(labels), tuple(templates))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "LabelSet":
+        """Read a ``.yaml``/``.yml``/``.json`` label set (default: ``data/labels/retail.yaml``)."""
+        path = Path(path) if path else DEFAULT_LABELS_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise LabelSetError(f"cannot read label set {path}: {e}") from e
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as e:  # yaml.YAMLError / ValueError: the file is the user's
+            raise LabelSetError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {e}") from e
+        return cls.from_dict(data)
+
+
+class ZeroShotClassifier:
+    """Scores image embeddings against a label set's averaged prompt embeddings."""
+
+    def __init__(self, model: ClipModel, label_set: LabelSet):
+        self.model = model
+        self.label_set = label_set
+        self.weights = self._label_embeddings()  # (n_labels, dim)
+
+    def _label_embeddings(self) -> np.ndarray:
+        ls = self.label_set
+        texts = [t.format(p) for lab in ls.labels for p in lab.prompts for t in ls.templates]
+        emb = self.model.embed_texts(texts)
+        out, i = [], 0
+        for lab in ls.labels:
+            n = len(lab.prompts) * len(ls.templates)
+            mean = emb[i : i + n].mean(axis=0)
+            out.append(mean / max(np.linalg.norm(mean), 1e-12))
+            i += n
+        return np.stack(out).astype(np.float32)
+
+    def scores(self, image_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """image_embeddings: float32 ``(n, dim)`` unit rows -> (probabilities, cosines), each ``(n, n_labels)``.
+
+        Probabilities are the softmax of ``logit_scale * cosine`` over the labels; each row sums to 1.
+        """
+        cos = image_embeddings.astype(np.float32) @ self.weights.T
+        logits = self.model.logit_scale * cos
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        return p, cos
+
+    def top_k(self, image_embeddings: np.ndarray, k: int = 5) -> list[list[dict]]:
+        """For each image, the ``k`` most probable labels: ``{"label", "score", "cosine"}``."""
+        probs, cos = self.scores(image_embeddings)
+        k = min(k, probs.shape[1])
+        out = []
+        for p, c in zip(probs, cos):
+            order = np.argsort(-p, kind="stable")[:k]
+            out.append([
+                {"label": self.label_set.labels[j].name, "score": round(float(p[j]), 6), "cosine": round(float(c[j]), 6)}
+                for j in order
+            ])
+        return out

@@ -1,0 +1,278 @@
+"""Load a CLIP model with open_clip and embed images and texts.
+
+One entry point, :func:`load_model`, builds the model, its preprocessing and its
+tokenizer from a name and a ``pretrained`` source, the way open_clip's own
+``create_model_and_transforms`` does (we call it; we do not re-implement
+checkpoint loading, preprocessing or tokenisation):
+
+* ``ViT-B-32`` + ``laion2b_s34b_b79k``: an open_clip architecture and a pretrained tag
+  (downloaded to, or found in, the Hugging Face cache);
+* ``ViT-B-32`` + ``/path/to/weights.pt``: an architecture and a local checkpoint file;
+* ``hf-hub:org/repo``: a model repository on the Hugging Face hub;
+* ``/path/to/model_dir`` or ``local-dir:/path``: a folder holding ``open_clip_config.json``
+  and weights (what ``lookalike finetune`` writes);
+* a name bundled under ``data/models/`` (``test-tiny``, and the project's own models).
+
+Every embedding returned is an L2-normalised float32 numpy array of shape ``(n, dim)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import LookalikeError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(LookalikeError):
+    """The model or its weights could not be loaded."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an index records about the model that made its vectors.
+
+    ``weights_sha256`` is the SHA-256 of every parameter and buffer tensor of the
+    loaded model, in state-dict key order, as float32 bytes: it identifies the
+    weights whatever file format or source they came from.
+    """
+
+    name: str
+    pretrained: str | None
+    weights_sha256: str
+    dim: int
+    image_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelIdentity":
+        return cls(**{k: d.get(k) for k in ("name", "pretrained", "weights_sha256", "dim", "image_size")})
+
+    def same_weights(self, other: "ModelIdentity") -> bool:
+        return self.weights_sha256 == other.weights_sha256 and self.dim == other.dim
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache that open_clip downloads pretrained weights into."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _open_clip_name(name: str) -> tuple[str, dict]:
+    """Map our model name to open_clip's identifier and the bundled config's extra keys."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        ident = name
+    elif (BUNDLED_MODELS_DIR / name / "open_clip_config.json").is_file():
+        ident = f"local-dir:{BUNDLED_MODELS_DIR / name}"
+    elif os.path.isdir(name):
+        ident = f"local-dir:{os.path.abspath(name)}"
+    else:
+        return name, {}
+    extra: dict = {}
+    if ident.startswith("local-dir:"):
+        cfg_path = Path(ident[len("local-dir:"):]) / "open_clip_config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"model folder {cfg_path.parent} has no open_clip_config.json")
+        try:
+            extra = json.loads(cfg_path.read_text()).get("lookalike", {})
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
+    return ident, extra
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ClipModel:
+    """A loaded open_clip model with its preprocessing and tokenizer.
+
+    Thread safety: forward passes run under ``torch.inference_mode`` and the model
+    is never mutated after loading, so several threads may embed concurrently.
+    """
+
+    def __init__(self, model, preprocess: Callable, tokenizer, identity: ModelIdentity, device: torch.device):
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.device = device
+        self.dim = identity.dim
+        self._text_cache: dict[str, np.ndarray] = {}
+        self._text_lock = threading.Lock()
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the learned temperature (CLIP paper, Radford et al. 2021, sec. 2.5); 100 for trained CLIP."""
+        return float(self.model.logit_scale.detach().exp().clamp(max=100).item())
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cpu", enabled=False)
+
+    def embed_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed preprocessed images.
+
+        pixels: float tensor ``(n, 3, H, W)`` as produced by ``self.preprocess``.
+        Returns float32 ``(n, dim)``, each row of unit L2 norm.
+        """
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return _normalise(feats)
+
+    def embed_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
+        """Embed RGB PIL images; returns float32 ``(n, dim)`` with unit-norm rows."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
+            out.append(self.embed_image_tensors(batch))
+        return np.concatenate(out)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts with the model's tokenizer; float32 ``(n, dim)``, unit-norm rows.
+
+        Results are cached per text (the cache is bounded to 10,000 entries).
+        """
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            vecs = []
+            for i in range(0, len(missing), 256):
+                tokens = self.tokenizer(missing[i : i + 256]).to(self.device)
+                with torch.inference_mode(), self._autocast():
+                    vecs.append(_normalise(self.model.encode_text(tokens)))
+            with self._text_lock:
+                if len(self._text_cache) > 10_000:
+                    self._text_cache.clear()
+                self._text_cache.update(zip(missing, np.concatenate(vecs)))
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([self._text_cache[t] for t in texts])
+
+
+def _normalise(feats: torch.Tensor) -> np.ndarray:
+    feats = feats.float()
+    feats = feats / feats.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return feats.cpu().numpy().astype(np.float32, copy=False)
+
+
+def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device: str | None = "auto") -> ClipModel:
+    """Build an open_clip model, its eval preprocessing and tokenizer.
+
+    name: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo``, a model folder,
+      ``local-dir:PATH``, or a model bundled under ``data/models/`` (``test-tiny``).
+    pretrained: an open_clip pretrained tag or a checkpoint file; ignored for folders and hub ids.
+    device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+
+    Raises ModelLoadError with a message that says what to do (weights missing,
+    unknown name, bad file); never lets open_clip's or the hub's exception escape.
+    """
+    import open_clip
+
+    dev = resolve_device(device)
+    ident, extra = _open_clip_name(name)
+    if ident.startswith(("hf-hub:", "local-dir:")):
+        pretrained = None
+    elif ident not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model {name!r}: give an open_clip architecture (e.g. ViT-B-32), a model folder, "
+            f"hf-hub:ORG/REPO, or one of the bundled models: {', '.join(bundled_models())}"
+        )
+    seed = extra.get("random_init_seed")
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(seed is not None):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            model, _, preprocess = open_clip.create_model_and_transforms(ident, pretrained=pretrained or None)
+    except Exception as e:  # open_clip and huggingface_hub raise bare RuntimeError/OSError/ValueError
+        raise ModelLoadError(_load_failure_message(name, pretrained, e)) from e
+    model.eval().to(dev)
+    tokenizer = open_clip.get_tokenizer(ident)
+    vision = model.visual
+    image_size = vision.image_size[0] if isinstance(vision.image_size, (tuple, list)) else int(vision.image_size)
+    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else None
+    if dim is None:
+        with torch.inference_mode():
+            dim = int(model.encode_text(tokenizer(["x"]).to(dev)).shape[-1])
+    identity = ModelIdentity(
+        name=name, pretrained=pretrained or None, weights_sha256=_weights_sha256(model), dim=dim, image_size=image_size
+    )
+    log.info("loaded model %s (%s) on %s, dim %d", name, pretrained, dev, dim)
+    return ClipModel(model, preprocess, tokenizer, identity, dev)
+
+
+@contextlib.contextmanager
+def _quiet_random_init(expected: bool):
+    """Hide open_clip's 'no weights, initialized randomly' warnings for models meant to be random."""
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            msg = record.getMessage()
+            return not ("no CLIP weights found" in msg or "initialized randomly" in msg)
+
+    flt = _Filter()
+    root = logging.getLogger()
+    if expected:
+        root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+def _load_failure_message(name: str, pretrained: str | None, err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if pretrained and not os.path.exists(pretrained) and ("download" in text.lower() or "hub" in text.lower()):
+        return (
+            f"pretrained weights {pretrained!r} for {name} are not available: they are neither in the cache "
+            f"({hf_cache_dir()}) nor downloadable from the model hub. Download them on a machine with access "
+            f"and pass the file with --pretrained PATH (or copy the hub cache to {hf_cache_dir()}). Details: {text}"
+        )
+    if name.startswith("hf-hub:"):
+        return (
+            f"model {name} could not be loaded from the hub or the cache ({hf_cache_dir()}). Use a local model "
+            f"folder with --model PATH, or weights with --pretrained PATH. Details: {text}"
+        )
+    return f"cannot load model {name!r} (pretrained={pretrained!r}): {text}"
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped under ``data/models/``."""
+    if not BUNDLED_MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / "open_clip_config.json").is_file())

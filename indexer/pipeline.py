@@ -1,0 +1,289 @@
+"""Bulk indexing: catalogue -> decoded photos -> embeddings -> index store.
+
+Decoding, hashing and preprocessing run in DataLoader worker processes while the
+main process embeds batches, so the model never waits on JPEG decoding for long.
+
+Change detection: a stored photo whose file has the same size and mtime is taken
+as unchanged without being read; otherwise its bytes are hashed (SHA-256) in the
+worker and a photo whose hash is unchanged is not decoded or embedded again.
+
+Crash safety: photos are committed to the store every ``commit_every`` photos
+(one SQLite transaction each, see :mod:`indexer.store`); a killed run loses at
+most the batch in flight, and the next run skips everything committed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .catalogue import Catalogue, CatalogueRow, read_source_bytes
+from .images import DEFAULT_MAX_PIXELS, ImageError, open_image
+from .model import ClipModel
+from .store import KnownPhoto, PhotoRecord, Product, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+
+
+@dataclass
+class _Task:
+    row: CatalogueRow
+    known: KnownPhoto | None
+    size: int | None
+    mtime_ns: int | None
+
+
+@dataclass
+class _Item:
+    task: _Task
+    sha256: str | None = None
+    pixels: torch.Tensor | None = None
+    width: int | None = None
+    height: int | None = None
+    unchanged: bool = False
+    reason: str | None = None
+    message: str | None = None
+
+
+class _PhotoDataset(Dataset):
+    """Reads, hashes, decodes and preprocesses one photo per item; never raises."""
+
+    def __init__(self, tasks: list[_Task], preprocess, max_pixels: int, max_file_bytes: int, draft_size: int):
+        self.tasks = tasks
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.max_file_bytes = max_file_bytes
+        self.draft_size = draft_size
+        self._tar_cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> _Item:
+        task = self.tasks[i]
+        item = _Item(task)
+        try:
+            data = read_source_bytes(task.row.source, self.max_file_bytes, self._tar_cache)
+            item.sha256 = hashlib.sha256(data).hexdigest()
+            if task.known is not None and task.known.sha256 == item.sha256:
+                item.unchanged = True
+                return item
+            image = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
+            item.width, item.height = image.size
+            item.pixels = self.preprocess(image)
+        except ImageError as e:
+            item.reason, item.message = e.reason, str(e)
+        except MemoryError:
+            item.reason, item.message = "too_large", "out of memory while decoding"
+        except Exception as e:  # a decoder bug must cost one photo, not the run
+            item.reason, item.message = "corrupt", f"{type(e).__name__}: {e}"
+        return item
+
+
+def _collate(items: list[_Item]) -> list[_Item]:
+    return items
+
+
+@dataclass
+class IndexReport:
+    """What one indexing run did; saved as ``report.json`` in the index directory."""
+
+    catalogue: str
+    model: dict
+    started_at: str
+    rows: int = 0
+    products: int = 0
+    indexed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    pruned_products: int = 0
+    pruned_photos: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+    row_problems: list[dict] = field(default_factory=list)
+    index_products: int = 0
+    index_photos: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        lines = [
+            f"indexed {self.indexed} photos, {self.unchanged} unchanged, {self.failed} failed, "
+            f"{len(self.row_problems)} bad catalogue rows"
+            + (f", pruned {self.pruned_products} products / {self.pruned_photos} photos" if self.pruned_products or self.pruned_photos else ""),
+            f"index now holds {self.index_products} products, {self.index_photos} photos "
+            f"({self.images_per_s:.1f} images/s over {self.seconds:.1f} s)",
+        ]
+        for f in self.failures[:20]:
+            lines.append(f"  failed  {f['image']}: {f['reason']}: {f['message']}")
+        if len(self.failures) > 20:
+            lines.append(f"  ... and {len(self.failures) - 20} more failures (see report.json)")
+        for p in self.row_problems[:20]:
+            lines.append(f"  bad row {p['where']}: {p['reason']}: {p['message']}")
+        if len(self.row_problems) > 20:
+            lines.append(f"  ... and {len(self.row_problems) - 20} more bad rows (see report.json)")
+        return "\n".join(lines)
+
+
+def _stat(source: str) -> tuple[int | None, int | None]:
+    if "://" in source or "::" in source:
+        return None, None
+    try:
+        st = os.stat(source)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None
+
+
+def index_catalogue(
+    catalogue: Catalogue,
+    store: Store,
+    model: ClipModel,
+    *,
+    catalogue_name: str = "",
+    batch_size: int = 64,
+    workers: int | None = None,
+    prune: bool = False,
+    commit_every: int = 1024,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    progress: bool = True,
+) -> IndexReport:
+    """Embed every new or changed photo of ``catalogue`` into ``store``.
+
+    batch_size: photos per forward pass. workers: decoding processes (default:
+    the number of CPU cores, at most 8; 0 decodes in this process).
+    prune: delete products, and photos of products, that are no longer in the catalogue.
+    Returns the run's report, which is also written to ``INDEX_DIR/report.json``.
+    """
+    t0 = time.perf_counter()
+    report = IndexReport(
+        catalogue=catalogue_name,
+        model=model.identity.to_dict(),
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        rows=len(catalogue.rows),
+        products=len(catalogue.products),
+        row_problems=[p.to_dict() for p in catalogue.problems],
+    )
+    known = store.known_photos()
+    tasks: list[_Task] = []
+    seen: set[tuple[str, str]] = set()
+    for row in catalogue.rows:
+        key = (row.product_id, row.source)
+        if key in seen:
+            continue
+        seen.add(key)
+        size, mtime = _stat(row.source)
+        k = known.get(key)
+        if k is not None and size is not None and k.size == size and k.mtime_ns == mtime:
+            report.unchanged += 1
+            continue
+        tasks.append(_Task(row, k, size, mtime))
+
+    stored_products = {pid for pid, _ in known}
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    dataset = _PhotoDataset(tasks, model.preprocess, max_pixels, max_file_bytes, draft_size=max(2 * model.identity.image_size, 224))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers if len(tasks) > batch_size else 0,
+        collate_fn=_collate,
+        pin_memory=model.device.type == "cuda",
+        prefetch_factor=4 if workers and len(tasks) > batch_size else None,
+    )
+    bar = None
+    if progress and tasks:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), unit="img", desc="indexing", dynamic_ncols=True)
+
+    pending: list[PhotoRecord] = []
+    touched: list[tuple[int, int | None, int | None]] = []
+
+    def flush() -> None:
+        nonlocal pending, touched
+        if not pending and not touched:
+            return
+        with store.transaction() as tx:
+            new_products = {p.product_id for p in pending} - stored_products
+            tx.upsert_products([_product(catalogue, pid) for pid in sorted(new_products)])
+            tx.add_photos(pending)
+            for photo_id, size, mtime in touched:
+                tx.touch_photo(photo_id, size, mtime)
+        stored_products.update(p.product_id for p in pending)
+        pending, touched = [], []
+
+    for items in loader:
+        ok = [it for it in items if it.pixels is not None]
+        if ok:
+            vectors = model.embed_image_tensors(torch.stack([it.pixels for it in ok]))
+            for it, vec in zip(ok, vectors):
+                pending.append(PhotoRecord(it.task.row.product_id, it.task.row.source, it.sha256, vec,
+                                           it.task.size, it.task.mtime_ns, it.width, it.height,
+                                           it.task.row.metadata))
+            report.indexed += len(ok)
+        for it in items:
+            if it.unchanged:
+                report.unchanged += 1
+                touched.append((it.task.known.photo_id, it.task.size, it.task.mtime_ns))
+            elif it.reason is not None:
+                report.failed += 1
+                report.failures.append({"id": it.task.row.product_id, "image": it.task.row.source,
+                                        "where": it.task.row.where, "reason": it.reason, "message": it.message})
+        if len(pending) + len(touched) >= commit_every:
+            flush()
+        if bar is not None:
+            bar.update(len(items))
+            bar.set_postfix(failed=report.failed, refresh=False)
+    flush()
+    if bar is not None:
+        bar.close()
+
+    with store.transaction() as tx:
+        tx.upsert_products([_product(catalogue, pid) for pid in sorted(stored_products & catalogue.products.keys())])
+        if prune:
+            gone = sorted(stored_products - catalogue.products.keys())
+            report.pruned_products = tx.delete_products(gone)
+            wanted = {(r.product_id, r.source) for r in catalogue.rows}
+            stale = [k.photo_id for key, k in store.known_photos().items() if key not in wanted and key[0] not in gone]
+            tx.delete_photos(stale)
+            report.pruned_photos = len(stale)
+    store.save()
+
+    report.seconds = round(time.perf_counter() - t0, 3)
+    report.images_per_s = round((report.indexed + report.failed) / report.seconds, 2) if report.seconds else 0.0
+    report.index_products = store.count_products()
+    report.index_photos = store.count_photos()
+    store.write_report(report.to_dict())
+    return report
+
+
+def _product(catalogue: Catalogue, pid: str) -> Product:
+    info = catalogue.products[pid]
+    return Product(pid, info["title"], info["category"], info["metadata"])
+
+
+def embed_paths(model: ClipModel, paths: list[str | Path], max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open and embed image files; returns (vectors float32 ``(n, dim)``, errors {path: message})."""
+    images, ok, errors = [], [], {}
+    for p in paths:
+        try:
+            images.append(open_image(p, max_pixels=max_pixels, draft_size=max(2 * model.identity.image_size, 224)))
+            ok.append(str(p))
+        except ImageError as e:
+            errors[str(p)] = f"{e.reason}: {e}"
+    vecs = model.embed_images(images) if images else np.zeros((0, model.dim), np.float32)
+    return ok, vecs, errors

@@ -1,0 +1,760 @@
+"""The on-disk index: FAISS vectors, SQLite metadata and a JSON manifest in one directory.
+
+Layout of an index directory::
+
+    catalogue.sqlite        products, photos (with each photo's embedding), meta
+    vectors.g<N>.faiss      FAISS snapshot of generation N (IndexIDMap2 over IndexFlatIP)
+    manifest.json           format version, model identity, counts, times (a mirror of meta)
+    report.json             the last indexing run's report (written by the pipeline)
+
+Atomicity. SQLite is the single source of truth: every change (products, photos
+and their vectors) commits in one SQLite transaction that also bumps the
+``generation`` counter. The FAISS file is a snapshot named after the generation it
+holds; it is written to a temporary file, fsynced and renamed, and only then are
+older snapshots deleted. On open, a snapshot whose generation is not SQLite's is
+ignored and the FAISS index is rebuilt from the vectors in SQLite. So a crash at
+any moment leaves either the old or the new state, and FAISS can never drift from
+the metadata. Photo ids come from ``AUTOINCREMENT`` and are never reused, so a
+stale id cannot point at another photo.
+
+Search is inner product on L2-normalised vectors (= cosine similarity), exact
+(``IndexFlatIP``), with photos grouped by product: a product ranks by its
+best-matching photo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from .errors import LookalikeError, NotFound
+from .model import ModelIdentity
+
+FORMAT_VERSION = 1
+DB_NAME = "catalogue.sqlite"
+MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "report.json"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS products (
+    id          TEXT PRIMARY KEY,
+    title       TEXT,
+    category    TEXT,
+    metadata    TEXT NOT NULL DEFAULT '{}',  -- JSON object: every other catalogue column
+    label       TEXT,                        -- top zero-shot label (lookalike label INDEX)
+    label_score REAL,                        -- its probability
+    updated_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS products_category ON products(category);
+CREATE TABLE IF NOT EXISTS photos (
+    photo_id   INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id; never reused
+    product_id TEXT NOT NULL REFERENCES products(id) ON DELETE CASCADE,
+    source     TEXT NOT NULL,      -- path, URL or shard.tar::member, as the catalogue names it
+    sha256     TEXT NOT NULL,      -- of the file's bytes
+    size       INTEGER,            -- bytes, for the cheap unchanged check
+    mtime_ns   INTEGER,
+    width      INTEGER,
+    height     INTEGER,
+    metadata   TEXT NOT NULL DEFAULT '{}',  -- JSON: the catalogue row's own columns (colour, view, ...)
+    vector     BLOB NOT NULL,      -- float32 little-endian, dim values, unit L2 norm
+    UNIQUE (product_id, source)
+);
+CREATE INDEX IF NOT EXISTS photos_product ON photos(product_id);
+"""
+
+
+class StoreError(LookalikeError):
+    code = "index_error"
+
+
+class ModelMismatch(LookalikeError):
+    code = "model_mismatch"
+    http_status = 409
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Product:
+    """A catalogue product: ``id`` plus optional title, category and free metadata."""
+
+    id: str
+    title: str | None = None
+    category: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class PhotoRecord:
+    """A photo of a product ready to store; ``vector`` is float32 ``(dim,)`` with unit norm."""
+
+    product_id: str
+    source: str
+    sha256: str
+    vector: np.ndarray
+    size: int | None = None
+    mtime_ns: int | None = None
+    width: int | None = None
+    height: int | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class KnownPhoto:
+    photo_id: int
+    sha256: str
+    size: int | None
+    mtime_ns: int | None
+
+
+@dataclass
+class Hit:
+    """One search result: a product, its score (cosine of its best photo) and that photo."""
+
+    product_id: str
+    score: float
+    photo_id: int
+    source: str
+    title: str | None
+    category: str | None
+    metadata: dict
+    label: str | None = None
+    label_score: float | None = None
+    photo_metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.product_id,
+            "score": round(self.score, 6),
+            "title": self.title,
+            "category": self.category,
+            "image": self.source,
+            "photo_id": self.photo_id,
+            "image_metadata": self.photo_metadata,
+            "metadata": self.metadata,
+            "label": self.label,
+            "label_score": self.label_score,
+        }
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """An index directory opened for reading, or for writing by one process at a time.
+
+    Use :meth:`create` for a new index and :meth:`open` for an existing one. Writers
+    take an exclusive ``flock`` on ``INDEX_DIR/.lock``; a second writer gets a
+    StoreError. Readers need no lock (SQLite in WAL mode). All methods are
+    thread-safe: SQLite connections are per thread and FAISS is guarded by a lock
+    (FAISS indexes are not safe for concurrent mutation and search).
+    """
+
+    def __init__(self, path: Path, writable: bool):
+        self.path = Path(path)
+        self.writable = writable
+        self._local = threading.local()
+        self._faiss_lock = threading.RLock()
+        self._lock_fd: int | None = None
+        self._index: faiss.IndexIDMap2 | None = None
+        self._index_generation = -1
+        self.identity: ModelIdentity | None = None
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def create(cls, path: str | os.PathLike, identity: ModelIdentity) -> "Store":
+        """Create (or open, if it exists and matches ``identity``) an index for writing.
+
+        Raises ModelMismatch when the directory holds an index made with other weights.
+        """
+        path = Path(path)
+        if (path / DB_NAME).exists():
+            store = cls.open(path, writable=True)
+            if not store.identity.same_weights(identity):
+                store.close()
+                raise ModelMismatch(_mismatch_message(path, store.identity, identity))
+            return store
+        path.mkdir(parents=True, exist_ok=True)
+        store = cls(path, writable=True)
+        store._acquire_lock()
+        db = store._db()
+        with db:
+            db.executescript(SCHEMA)
+            now = _now()
+            for key, value in (
+                ("format_version", str(FORMAT_VERSION)),
+                ("model", json.dumps(identity.to_dict())),
+                ("created_at", now),
+                ("updated_at", now),
+                ("generation", "0"),
+                ("index_type", "Flat"),
+            ):
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        store.identity = identity
+        store._index = store._new_index()
+        store._index_generation = 0
+        store.save()
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, writable: bool = False) -> "Store":
+        """Open an existing index. Raises StoreError if ``path`` holds no index."""
+        path = Path(path)
+        if not (path / DB_NAME).is_file():
+            raise StoreError(f"{path} is not a lookalike index (no {DB_NAME}); create one with 'lookalike index'")
+        store = cls(path, writable)
+        if writable:
+            store._acquire_lock()
+        meta = store.meta()
+        version = int(meta.get("format_version", "0"))
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{path} has index format {version}; this lookalike reads format {FORMAT_VERSION}")
+        store.identity = ModelIdentity.from_dict(json.loads(meta["model"]))
+        store._load_index()
+        return store
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _acquire_lock(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is being written by another process; wait for it to finish") from None
+        self._lock_fd = fd
+
+    def _db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            uri = f"file:{self.path / DB_NAME}" + ("" if self.writable else "?mode=ro")
+            # autocommit mode: transactions are explicit (BEGIN IMMEDIATE in Store.transaction)
+            conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA foreign_keys = ON")
+            if self.writable:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+            self._local.conn = conn
+        return conn
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db().execute("SELECT key, value FROM meta").fetchall())
+
+    def generation(self) -> int:
+        row = self._db().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0])
+
+    # ------------------------------------------------------------------- FAISS
+    def _new_index(self) -> faiss.IndexIDMap2:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.identity.dim))
+
+    def _snapshot_path(self, generation: int) -> Path:
+        return self.path / f"vectors.g{generation}.faiss"
+
+    def _load_index(self) -> None:
+        gen = self.generation()
+        snap = self._snapshot_path(gen)
+        index = None
+        if snap.is_file():
+            try:
+                index = faiss.read_index(str(snap))
+            except RuntimeError:
+                index = None
+            if index is not None and index.ntotal != self.count_photos():
+                index = None
+        if index is None:
+            index = self._rebuild_index()
+        with self._faiss_lock:
+            self._index = index
+            self._index_generation = gen
+        if self.writable and not snap.is_file():
+            self.save()
+
+    def _rebuild_index(self) -> faiss.IndexIDMap2:
+        """Build the FAISS index from the vectors stored in SQLite."""
+        index = self._new_index()
+        cur = self._db().execute("SELECT photo_id, vector FROM photos ORDER BY photo_id")
+        while True:
+            rows = cur.fetchmany(65536)
+            if not rows:
+                break
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            index.add_with_ids(vecs, ids)
+        return index
+
+    def refresh(self) -> bool:
+        """Reload if another process committed since we loaded; returns True if it did."""
+        if self.generation() != self._index_generation:
+            self._load_index()
+            return True
+        return False
+
+    # ----------------------------------------------------------------- reading
+    def count_products(self) -> int:
+        return self._db().execute("SELECT COUNT(*) FROM products").fetchone()[0]
+
+    def count_photos(self) -> int:
+        return self._db().execute("SELECT COUNT(*) FROM photos").fetchone()[0]
+
+    def known_photos(self) -> dict[tuple[str, str], KnownPhoto]:
+        """(product_id, source) -> what is stored for that photo, for change detection."""
+        rows = self._db().execute("SELECT product_id, source, photo_id, sha256, size, mtime_ns FROM photos")
+        return {(r[0], r[1]): KnownPhoto(r[2], r[3], r[4], r[5]) for r in rows}
+
+    def product_ids(self) -> list[str]:
+        return [r[0] for r in self._db().execute("SELECT id FROM products ORDER BY id")]
+
+    def categories(self) -> list[tuple[str, int]]:
+        """Every category with its number of products, most common first."""
+        rows = self._db().execute(
+            "SELECT category, COUNT(*) FROM products WHERE category IS NOT NULL AND category != '' "
+            "GROUP BY category ORDER BY COUNT(*) DESC, category"
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def get_product(self, product_id: str) -> dict:
+        """The product with its photos. Raises NotFound."""
+        db = self._db()
+        row = db.execute(
+            "SELECT id, title, category, metadata, label, label_score, updated_at FROM products WHERE id = ?",
+            (product_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no product with id {product_id!r}")
+        photos = db.execute(
+            "SELECT photo_id, source, sha256, width, height, metadata FROM photos WHERE product_id = ? ORDER BY photo_id",
+            (product_id,),
+        ).fetchall()
+        return {
+            "id": row[0],
+            "title": row[1],
+            "category": row[2],
+            "metadata": json.loads(row[3]),
+            "label": row[4],
+            "label_score": row[5],
+            "updated_at": row[6],
+            "images": [
+                {"photo_id": p[0], "image": p[1], "sha256": p[2], "width": p[3], "height": p[4],
+                 "metadata": json.loads(p[5])}
+                for p in photos
+            ],
+        }
+
+    def product_vectors(self, product_id: str) -> np.ndarray:
+        """float32 ``(n_photos, dim)`` embeddings of a product's photos. Raises NotFound."""
+        rows = self._db().execute("SELECT vector FROM photos WHERE product_id = ? ORDER BY photo_id", (product_id,))
+        blobs = [r[0] for r in rows]
+        if not blobs:
+            if self._db().execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is None:
+                raise NotFound(f"no product with id {product_id!r}")
+            return np.zeros((0, self.identity.dim), np.float32)
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy()
+
+    def iter_products(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (product_id, photo vectors ``(n, dim)``) for every product with photos."""
+        cur = self._db().execute("SELECT product_id, vector FROM photos ORDER BY product_id, photo_id")
+        current, blobs = None, []
+        for pid, blob in cur:
+            if pid != current and blobs:
+                yield current, np.frombuffer(b"".join(blobs), np.float32).reshape(len(blobs), -1)
+                blobs = []
+            current = pid
+            blobs.append(blob)
+        if blobs:
+            yield current, np.frombuffer(b"".join(blobs), np.float32).reshape(len(blobs), -1)
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        category: str | None = None,
+        min_score: float | None = None,
+        exclude: Iterable[str] = (),
+    ) -> list[list[Hit]]:
+        """Top-k products for each query vector.
+
+        queries: float32 ``(q, dim)``, unit-norm rows (cosine = inner product).
+        Returns, for each query, up to ``k`` hits sorted by score (cosine of the
+        product's best photo, in [-1, 1]) descending; ties are broken by product id.
+        ``category`` keeps products of that category or below it (``Men`` matches
+        ``Men/Tops/Tees``); ``exclude`` drops those product ids.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.identity.dim:
+            raise StoreError(f"query vectors must have shape (q, {self.identity.dim}), got {queries.shape}")
+        excluded = set(exclude)
+        return [self._search_one(q[None, :], k, category, min_score, excluded) for q in queries]
+
+    def _search_one(self, q, k, category, min_score, excluded) -> list[Hit]:
+        with self._faiss_lock:
+            index = self._index
+            ntotal = index.ntotal
+        if ntotal == 0 or k <= 0:
+            return []
+        fetch = min(ntotal, max(4 * k + len(excluded), 32))
+        while True:
+            with self._faiss_lock:
+                scores, ids = index.search(q, fetch)
+            best: dict[str, tuple[float, int]] = {}
+            photo_ids = [int(i) for i in ids[0] if i >= 0]
+            info = self._photo_info(photo_ids)
+            for score, pid in zip(scores[0], ids[0]):
+                if pid < 0 or int(pid) not in info:
+                    continue
+                if min_score is not None and score < min_score:
+                    break
+                product_id = info[int(pid)][0]
+                if product_id in excluded or product_id in best:
+                    continue
+                best[product_id] = (float(score), int(pid))
+            hits = self._hits(best, info, category)
+            below_min = min_score is not None and len(scores[0]) and scores[0][-1] < min_score
+            if len(hits) >= k or fetch >= ntotal or below_min:
+                return hits[:k]
+            fetch = min(ntotal, fetch * 4)
+
+    def _photo_info(self, photo_ids: list[int]) -> dict[int, tuple[str, str, str]]:
+        """photo id -> (product id, source, metadata JSON)."""
+        if not photo_ids:
+            return {}
+        out: dict[int, tuple[str, str, str]] = {}
+        db = self._db()
+        for i in range(0, len(photo_ids), 900):
+            chunk = photo_ids[i : i + 900]
+            q = f"SELECT photo_id, product_id, source, metadata FROM photos WHERE photo_id IN ({','.join('?' * len(chunk))})"
+            out.update({r[0]: (r[1], r[2], r[3]) for r in db.execute(q, chunk)})
+        return out
+
+    def _hits(self, best: dict[str, tuple[float, int]], info, category: str | None) -> list[Hit]:
+        if not best:
+            return []
+        db = self._db()
+        ids = list(best)
+        rows = {}
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            q = (
+                "SELECT id, title, category, metadata, label, label_score FROM products "
+                f"WHERE id IN ({','.join('?' * len(chunk))})"
+            )
+            rows.update({r[0]: r for r in db.execute(q, chunk)})
+        hits = []
+        for pid, (score, photo_id) in best.items():
+            r = rows.get(pid)
+            if r is None or (category and not _in_category(r[2], category)):
+                continue
+            _, source, photo_meta = info[photo_id]
+            hits.append(Hit(pid, score, photo_id, source, r[1], r[2], json.loads(r[3]), r[4], r[5], json.loads(photo_meta)))
+        hits.sort(key=lambda h: (-h.score, h.product_id))
+        return hits
+
+    # ----------------------------------------------------------------- writing
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError("index opened read-only")
+
+    @contextmanager
+    def transaction(self) -> Iterator["Batch"]:
+        """Group changes into one atomic commit; FAISS is updated after SQLite commits.
+
+        Usage: ``with store.transaction() as tx: tx.upsert_products(...); tx.add_photos(...)``.
+        On an exception nothing is written.
+        """
+        self._require_writable()
+        db = self._db()
+        batch = Batch(self, db)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield batch
+            if batch.changed:
+                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (_now(),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if batch.changed:
+            with self._faiss_lock:
+                if batch.removed_ids:
+                    self._index.remove_ids(np.array(sorted(batch.removed_ids), dtype=np.int64))
+                if batch.added_ids:
+                    self._index.add_with_ids(np.stack(batch.added_vecs), np.array(batch.added_ids, dtype=np.int64))
+                self._index_generation = self.generation()
+
+    def save(self) -> None:
+        """Write the FAISS snapshot for the current generation and the manifest, atomically."""
+        self._require_writable()
+        with self._faiss_lock:
+            gen = self._index_generation
+            data = faiss.serialize_index(self._index)
+        snap = self._snapshot_path(gen)
+        if not snap.exists():
+            _atomic_write(snap, data.tobytes())
+        _atomic_write(self.path / MANIFEST_NAME, json.dumps(self.manifest(), indent=2).encode())
+        for old in self.path.glob("vectors.g*.faiss"):
+            if old != snap:
+                old.unlink(missing_ok=True)
+
+    def manifest(self) -> dict:
+        """The index's manifest: format, model identity, counts, index type, times."""
+        meta = self.meta()
+        return {
+            "format_version": int(meta["format_version"]),
+            "model": json.loads(meta["model"]),
+            "index": {"type": meta.get("index_type", "Flat"), "metric": "inner_product"},
+            "products": self.count_products(),
+            "photos": self.count_photos(),
+            "generation": int(meta["generation"]),
+            "created_at": meta["created_at"],
+            "updated_at": meta["updated_at"],
+        }
+
+    def write_report(self, report: dict) -> Path:
+        path = self.path / REPORT_NAME
+        _atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False).encode())
+        return path
+
+    def set_labels(self, labels: dict[str, tuple[str, float]]) -> None:
+        """Store each product's top zero-shot label and its probability."""
+        with self.transaction() as tx:
+            tx.db.executemany(
+                "UPDATE products SET label = ?, label_score = ? WHERE id = ?",
+                [(lab, float(score), pid) for pid, (lab, score) in labels.items()],
+            )
+            tx.changed = True
+
+    # ------------------------------------------------------------------- check
+    def check(self) -> dict:
+        """Verify that FAISS, SQLite and the manifest agree.
+
+        Returns ``{"ok": bool, "problems": [str], "products": n, "photos": n, ...}``.
+        Checks: SQLite integrity; the snapshot for the committed generation exists
+        and holds exactly the photo ids of SQLite, without duplicates, with the same
+        vectors; every photo's product exists; vectors have unit norm; the manifest
+        counts match.
+        """
+        problems: list[str] = []
+        db = self._db()
+        integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+        if integrity != "ok":
+            problems.append(f"sqlite integrity check: {integrity}")
+        gen = self.generation()
+        n_products, n_photos = self.count_products(), self.count_photos()
+        orphans = db.execute(
+            "SELECT COUNT(*) FROM photos WHERE product_id NOT IN (SELECT id FROM products)"
+        ).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} photos belong to no product")
+        snap = self._snapshot_path(gen)
+        if not snap.is_file():
+            problems.append(f"no FAISS snapshot for generation {gen} (it is rebuilt from SQLite when opened for writing)")
+        else:
+            index = faiss.read_index(str(snap))
+            faiss_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+            if len(np.unique(faiss_ids)) != len(faiss_ids):
+                problems.append(f"FAISS holds {len(faiss_ids) - len(np.unique(faiss_ids))} duplicate ids")
+            sql_ids = np.array([r[0] for r in db.execute("SELECT photo_id FROM photos")], dtype=np.int64)
+            missing = np.setdiff1d(sql_ids, faiss_ids)
+            extra = np.setdiff1d(faiss_ids, sql_ids)
+            if len(missing):
+                problems.append(f"{len(missing)} photos have no FAISS vector (e.g. id {missing[0]})")
+            if len(extra):
+                problems.append(f"{len(extra)} FAISS vectors have no photo row (e.g. id {extra[0]})")
+            if not len(missing) and not len(extra) and len(faiss_ids):
+                flat = faiss.downcast_index(index.index)
+                faiss_vecs = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+                pos = {int(i): n for n, i in enumerate(faiss_ids)}
+                bad = 0
+                for pid, blob in db.execute("SELECT photo_id, vector FROM photos"):
+                    vec = np.frombuffer(blob, np.float32)
+                    if not np.allclose(vec, faiss_vecs[pos[pid]], atol=1e-6):
+                        bad += 1
+                if bad:
+                    problems.append(f"{bad} FAISS vectors differ from the stored embeddings")
+        norms_bad = 0
+        for (blob,) in db.execute("SELECT vector FROM photos"):
+            v = np.frombuffer(blob, np.float32)
+            if v.shape[0] != self.identity.dim or abs(float(np.dot(v, v)) - 1.0) > 1e-3:
+                norms_bad += 1
+        if norms_bad:
+            problems.append(f"{norms_bad} stored vectors have the wrong size or are not unit-norm")
+        manifest_path = self.path / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("generation") == gen and (
+                manifest.get("products") != n_products or manifest.get("photos") != n_photos
+            ):
+                problems.append(
+                    f"manifest counts ({manifest.get('products')} products, {manifest.get('photos')} photos) "
+                    f"differ from the store ({n_products}, {n_photos})"
+                )
+            elif manifest.get("generation") != gen:
+                problems.append(f"manifest is of generation {manifest.get('generation')}, store of {gen}")
+        except (OSError, ValueError) as e:
+            problems.append(f"manifest unreadable: {e}")
+        return {
+            "ok": not problems,
+            "problems": problems,
+            "products": n_products,
+            "photos": n_photos,
+            "generation": gen,
+            "path": str(self.path),
+        }
+
+
+class Batch:
+    """Changes made inside :meth:`Store.transaction`."""
+
+    def __init__(self, store: Store, db: sqlite3.Connection):
+        self.store = store
+        self.db = db
+        self.changed = False
+        self.added_ids: list[int] = []
+        self.added_vecs: list[np.ndarray] = []
+        self.removed_ids: set[int] = set()
+
+    def upsert_products(self, products: Sequence[Product]) -> None:
+        """Insert products or replace their title, category and metadata (labels are kept)."""
+        now = _now()
+        before = self.db.total_changes
+        self.db.executemany(
+            "INSERT INTO products(id, title, category, metadata, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET title = excluded.title, category = excluded.category, "
+            "metadata = excluded.metadata, updated_at = excluded.updated_at "
+            "WHERE products.title IS NOT excluded.title OR products.category IS NOT excluded.category "
+            "OR products.metadata != excluded.metadata",
+            [(p.id, p.title, p.category, json.dumps(p.metadata, ensure_ascii=False, sort_keys=True), now) for p in products],
+        )
+        if self.db.total_changes != before:
+            self.changed = True
+
+    def add_photos(self, photos: Sequence[PhotoRecord]) -> None:
+        """Insert photos; a photo with the same (product_id, source) is replaced (new photo id)."""
+        dim = self.store.identity.dim
+        for p in photos:
+            vec = np.ascontiguousarray(p.vector, dtype=np.float32).reshape(-1)
+            if vec.shape[0] != dim:
+                raise StoreError(f"vector for {p.source} has {vec.shape[0]} values, index expects {dim}")
+            old = self.db.execute(
+                "SELECT photo_id FROM photos WHERE product_id = ? AND source = ?", (p.product_id, p.source)
+            ).fetchone()
+            if old is not None:
+                self.db.execute("DELETE FROM photos WHERE photo_id = ?", (old[0],))
+                self._removed(old[0])
+            cur = self.db.execute(
+                "INSERT INTO photos(product_id, source, sha256, size, mtime_ns, width, height, metadata, vector) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (p.product_id, p.source, p.sha256, p.size, p.mtime_ns, p.width, p.height,
+                 json.dumps(p.metadata, ensure_ascii=False, sort_keys=True), vec.tobytes()),
+            )
+            self.added_ids.append(cur.lastrowid)
+            self.added_vecs.append(vec)
+            self.changed = True
+
+    def _removed(self, photo_id: int) -> None:
+        if photo_id in self.added_ids:
+            i = self.added_ids.index(photo_id)
+            del self.added_ids[i], self.added_vecs[i]
+        else:
+            self.removed_ids.add(photo_id)
+
+    def touch_photo(self, photo_id: int, size: int | None, mtime_ns: int | None) -> None:
+        """Record a new size/mtime for a photo whose content hash did not change."""
+        self.db.execute("UPDATE photos SET size = ?, mtime_ns = ? WHERE photo_id = ?", (size, mtime_ns, photo_id))
+
+    def delete_photos(self, photo_ids: Iterable[int]) -> None:
+        for pid in photo_ids:
+            if self.db.execute("DELETE FROM photos WHERE photo_id = ?", (pid,)).rowcount:
+                self._removed(pid)
+                self.changed = True
+
+    def delete_products(self, product_ids: Iterable[str]) -> int:
+        """Delete products and all their photos; returns how many products existed."""
+        n = 0
+        for pid in product_ids:
+            for (photo_id,) in self.db.execute("SELECT photo_id FROM photos WHERE product_id = ?", (pid,)).fetchall():
+                self._removed(photo_id)
+            n += self.db.execute("DELETE FROM products WHERE id = ?", (pid,)).rowcount
+        if n:
+            self.changed = True
+        return n
+
+
+def _in_category(value: str | None, wanted: str) -> bool:
+    if not value:
+        return False
+    value, wanted = value.casefold(), wanted.strip("/").casefold()
+    return value == wanted or value.startswith(wanted + "/")
+
+
+def _mismatch_message(path: Path, stored: ModelIdentity, given: ModelIdentity) -> str:
+    return (
+        f"{path} was built with model {stored.name} (pretrained={stored.pretrained}, dim {stored.dim}, "
+        f"weights {stored.weights_sha256[:12]}), not {given.name} (pretrained={given.pretrained}, dim {given.dim}, "
+        f"weights {given.weights_sha256[:12]}). Use the same --model/--pretrained, or index into a new directory."
+    )
+
+
+def check_model(store: Store, identity: ModelIdentity) -> None:
+    """Raise ModelMismatch unless ``identity`` has the weights the index was built with."""
+    if not store.identity.same_weights(identity):
+        raise ModelMismatch(_mismatch_message(store.path, store.identity, identity))
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest.json of an index directory. Raises StoreError."""
+    p = Path(path) / MANIFEST_NAME
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path} is not a lookalike index (no {MANIFEST_NAME})") from None
+    except ValueError as e:
+        raise StoreError(f"{p} is not valid JSON: {e}") from e
