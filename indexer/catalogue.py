@@ -66,18 +66,21 @@ class RowProblem:
 @dataclass
 class Catalogue:
     rows: list[CatalogueRow] = field(default_factory=list)
-    products: dict[str, dict] = field(default_factory=dict)  # id -> {"title", "category", "metadata"}
+    # id -> {"title", "category", "metadata"}; metadata holds the columns all the product's rows share
+    products: dict[str, dict] = field(default_factory=dict)
     problems: list[RowProblem] = field(default_factory=list)
 
     def add(self, product_id: str, source: str, where: str, title=None, category=None, metadata=None) -> None:
         """Add a photo row. The first row of a product sets its title, category and metadata; a
         later row with another title or category is reported (the first is kept). Other columns
         may differ between a product's photos (colour, view): each photo keeps its own."""
-        info = {"title": _clean(title), "category": _clean(category), "metadata": metadata or {}}
+        info = {"title": _clean(title), "category": _clean(category), "metadata": dict(metadata or {})}
         known = self.products.get(product_id)
         if known is None:
             self.products[product_id] = info
         else:
+            # product metadata = the columns all its rows agree on; the rest is per photo
+            known["metadata"] = {k: v for k, v in known["metadata"].items() if info["metadata"].get(k) == v}
             diff = [k for k in ("title", "category") if info[k] is not None and info[k] != known[k]]
             if diff:
                 self.problems.append(

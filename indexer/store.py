@@ -433,6 +433,17 @@ class Store:
         excluded = set(exclude)
         return [self._search_one(q[None, :], k, category, min_score, excluded) for q in queries]
 
+    def similar(self, product_id: str, k: int = 10, category: str | None = None) -> list[Hit]:
+        """Products most like ``product_id``: each photo of it is a query, a product scores by its best
+        match to any of them; the product itself is left out. Raises NotFound."""
+        vecs = self.product_vectors(product_id)
+        merged: dict[str, Hit] = {}
+        for hits in self.search(vecs, k, category=category, exclude=[product_id]):
+            for h in hits:
+                if h.product_id not in merged or h.score > merged[h.product_id].score:
+                    merged[h.product_id] = h
+        return sorted(merged.values(), key=lambda h: (-h.score, h.product_id))[:k]
+
     def _search_one(self, q, k, category, min_score, excluded) -> list[Hit]:
         with self._faiss_lock:
             index = self._index

@@ -1,0 +1,358 @@
+"""FastAPI query server: find-similar by photo, text search, zero-shot labels, product lookup.
+
+Thin by design: every route parses its input, calls :mod:`indexer` and shapes the
+answer. Errors a client can cause come back as ``{"error": {"code", "message"}}``
+with a 4xx status; nothing a client sends can produce a 500.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from indexer.catalogue import read_source_bytes
+from indexer.errors import LookalikeError, NotFound
+from indexer.images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
+from indexer.labels import LabelSet, ZeroShotClassifier
+from indexer.model import ClipModel, load_model
+from indexer.store import Store, check_model
+
+log = logging.getLogger("lookalike.server")
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+REFRESH_INTERVAL_S = 2.0
+
+
+# ------------------------------------------------------------------ schemas
+class ErrorBody(BaseModel):
+    code: str = Field(description="short machine-readable reason, e.g. not_an_image, not_found, validation_error")
+    message: str = Field(description="what went wrong, in plain words")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="probability: softmax over the label set of logit_scale * cosine; sums to 1")
+    cosine: float = Field(description="cosine similarity between the image and the label's prompt-ensemble embedding")
+
+
+class Result(BaseModel):
+    id: str = Field(description="product id")
+    score: float = Field(description="cosine similarity of the product's best-matching photo, in [-1, 1]")
+    title: str | None = None
+    category: str | None = None
+    image: str = Field(description="the product photo that matched (path, URL or shard member)")
+    photo_id: int = Field(description="id of the matched photo")
+    image_metadata: dict = Field(default_factory=dict, description="catalogue columns of the matched photo's row")
+    metadata: dict = Field(default_factory=dict, description="the product's other catalogue columns")
+    label: str | None = Field(None, description="stored zero-shot label (after 'lookalike label INDEX')")
+    label_score: float | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    labels: list[LabelScore] = Field(default_factory=list, description="zero-shot labels of the query photo")
+    took_ms: float
+
+
+class TextQuery(BaseModel):
+    query: str = Field(min_length=1, max_length=1000, description="words to search for, e.g. 'red running shoes'")
+    k: int = Field(10, ge=1, le=1000, description="number of products")
+    category: str | None = Field(None, max_length=500, description="only this category or below it")
+    min_score: float | None = Field(None, ge=-1, le=1)
+
+
+class LabelsResponse(BaseModel):
+    labels: list[LabelScore]
+    took_ms: float
+
+
+class ProductImage(BaseModel):
+    photo_id: int
+    image: str
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    metadata: dict = Field(default_factory=dict)
+
+
+class ProductResponse(BaseModel):
+    id: str
+    title: str | None = None
+    category: str | None = None
+    metadata: dict
+    label: str | None = None
+    label_score: float | None = None
+    updated_at: str
+    images: list[ProductImage]
+
+
+class Health(BaseModel):
+    status: str
+    products: int
+    photos: int
+    model: str
+
+
+# ------------------------------------------------------------------- state
+class Engine:
+    """What the routes share: the store, the model and zero-shot classifiers."""
+
+    def __init__(self, store: Store, model: ClipModel, label_set: LabelSet, max_upload_bytes: int, max_pixels: int):
+        self.store = store
+        self.model = model
+        self.default_labels = ZeroShotClassifier(model, label_set)
+        self.max_upload_bytes = max_upload_bytes
+        self.max_pixels = max_pixels
+        self._classifiers: OrderedDict[tuple[str, ...], ZeroShotClassifier] = OrderedDict()
+        self._lock = threading.Lock()
+        self._last_refresh = time.monotonic()
+
+    def refresh(self) -> None:
+        """Pick up commits made by an indexer in another process (checked every couple of seconds)."""
+        now = time.monotonic()
+        if now - self._last_refresh >= REFRESH_INTERVAL_S:
+            self._last_refresh = now
+            self.store.refresh()
+
+    def classifier(self, names: list[str] | None) -> ZeroShotClassifier:
+        if not names:
+            return self.default_labels
+        key = tuple(names)
+        with self._lock:
+            clf = self._classifiers.get(key)
+            if clf is not None:
+                self._classifiers.move_to_end(key)
+                return clf
+        clf = ZeroShotClassifier(self.model, LabelSet.from_names(list(names)))
+        with self._lock:
+            self._classifiers[key] = clf
+            while len(self._classifiers) > 64:
+                self._classifiers.popitem(last=False)
+        return clf
+
+    def embed_upload(self, data: bytes):
+        if not data:
+            raise LookalikeError("the uploaded file is empty", code="empty", http_status=400)
+        try:
+            image = image_from_bytes(data, max_pixels=self.max_pixels, draft_size=max(2 * self.model.identity.image_size, 224))
+        except ImageError as e:
+            status = 413 if e.reason in ("too_large", "decompression_bomb") else 400
+            raise LookalikeError(f"cannot use the uploaded image: {e}", code=e.reason, http_status=status) from None
+        return self.model.embed_images([image])
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+
+
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise LookalikeError(f"upload is over the {limit}-byte limit", code="too_large", http_status=413)
+    return data
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "bad input (not an image, empty upload, bad label list)"},
+    404: {"model": ErrorResponse, "description": "unknown product"},
+    413: {"model": ErrorResponse, "description": "upload or image too large"},
+    422: {"model": ErrorResponse, "description": "invalid parameters"},
+}
+
+
+# --------------------------------------------------------------------- app
+def create_app(
+    index_dir: str | Path,
+    *,
+    model_name: str | None = None,
+    pretrained: str | None = None,
+    device: str = "auto",
+    model: ClipModel | None = None,
+    labels_file: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> FastAPI:
+    """Build the app for one index directory.
+
+    The model is the one the index records (or ``model_name``/``pretrained`` with
+    the same weights; or an already loaded ``model``). Loading happens at start-up
+    (FastAPI lifespan); a model that does not match the index stops start-up with
+    a ModelMismatch error.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = Store.open(index_dir)
+        ident = store.identity
+        m = model
+        if m is None:
+            name = model_name or ident.name
+            m = load_model(name, pretrained or (ident.pretrained if model_name is None else None), device)
+        check_model(store, m.identity)
+        app.state.engine = Engine(store, m, LabelSet.load(labels_file), max_upload_bytes, max_pixels)
+        log.info("serving %s: %d products", index_dir, store.count_products())
+        yield
+        store.close()
+
+    app = FastAPI(
+        title="lookalike",
+        version="0.1.0",
+        description="Visual similarity search for a product catalogue: find similar products by photo or text, "
+        "and zero-shot category labels. Scores are cosine similarities of CLIP embeddings.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(LookalikeError)
+    async def _lookalike_error(request: Request, exc: LookalikeError):
+        return _error(exc.http_status, exc.code, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path"))
+            parts.append(f"{loc or 'request'}: {err.get('msg')}")
+        return _error(422, "validation_error", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return _error(500, "internal_error", "internal error; the server log has details")
+
+    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Process alive, with index size")
+    def healthz(engine: EngineDep) -> Health:
+        return Health(status="ok", products=engine.store.count_products(), photos=engine.store.count_photos(),
+                      model=engine.model.identity.name)
+
+    @app.post("/v1/search/image", response_model=SearchResponse, responses=ERRORS, tags=["search"],
+              summary="Find products that look like an uploaded photo")
+    async def search_image(
+        engine: EngineDep,
+        image: Annotated[UploadFile, File(description="the query photo (JPEG, PNG, WebP, ...)")],
+        k: Annotated[int, Query(ge=1, le=1000, description="number of products")] = 10,
+        category: Annotated[str | None, Query(max_length=500, description="only this category or below it")] = None,
+        min_score: Annotated[float | None, Query(ge=-1, le=1, description="drop results under this cosine")] = None,
+        labels: Annotated[bool, Query(description="also return zero-shot labels of the photo")] = True,
+    ) -> SearchResponse:
+        data = await _read_upload(image, engine.max_upload_bytes)
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(_search_image_sync, engine, data, k, category, min_score, labels)
+
+    def _search_image_sync(engine: Engine, data: bytes, k, category, min_score, labels) -> SearchResponse:
+        t0 = time.perf_counter()
+        engine.refresh()
+        vec = engine.embed_upload(data)
+        hits = engine.store.search(vec, k, category=category, min_score=min_score)[0]
+        labs = engine.default_labels.top_k(vec, 5)[0] if labels else []
+        return SearchResponse(results=[h.to_dict() for h in hits], labels=labs, took_ms=_ms(t0))
+
+    @app.post("/v1/search/text", response_model=SearchResponse, responses=ERRORS, tags=["search"],
+              summary="Find products that match a text, e.g. 'red running shoes'")
+    def search_text(engine: EngineDep, body: TextQuery) -> SearchResponse:
+        t0 = time.perf_counter()
+        engine.refresh()
+        vec = engine.model.embed_texts([body.query])
+        hits = engine.store.search(vec, body.k, category=body.category, min_score=body.min_score)[0]
+        return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
+
+    @app.post("/v1/labels", response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
+              summary="Zero-shot labels for a photo")
+    async def labels_route(
+        engine: EngineDep,
+        image: Annotated[UploadFile, File(description="the photo to label")],
+        labels: Annotated[list[str] | None, Form(description="labels to choose from instead of the default set; "
+                                                 "repeat the field or give one comma-separated value")] = None,
+        k: Annotated[int, Query(ge=1, le=1000, description="number of labels returned")] = 5,
+    ) -> LabelsResponse:
+        data = await _read_upload(image, engine.max_upload_bytes)
+        names = [n.strip() for value in labels or [] for n in value.split(",") if n.strip()]
+        from starlette.concurrency import run_in_threadpool
+
+        def run() -> LabelsResponse:
+            t0 = time.perf_counter()
+            clf = engine.classifier(names)
+            vec = engine.embed_upload(data)
+            return LabelsResponse(labels=clf.top_k(vec, k)[0], took_ms=_ms(t0))
+
+        return await run_in_threadpool(run)
+
+    @app.get("/v1/products/{product_id:path}/similar", response_model=SearchResponse, responses=ERRORS,
+             tags=["products"], summary="Products that look like a catalogue product")
+    def similar(
+        engine: EngineDep,
+        product_id: str,
+        k: Annotated[int, Query(ge=1, le=1000)] = 10,
+        category: Annotated[str | None, Query(max_length=500)] = None,
+    ) -> SearchResponse:
+        t0 = time.perf_counter()
+        engine.refresh()
+        hits = engine.store.similar(product_id, k, category=category)
+        return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
+
+    @app.get("/v1/products/{product_id:path}/image", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
+             tags=["products"], summary="A product photo (only photos of catalogue products are served)")
+    def product_image(
+        engine: EngineDep,
+        product_id: str,
+        photo_id: Annotated[int | None, Query(description="which photo (default: the product's first)")] = None,
+        size: Annotated[int | None, Query(ge=16, le=2048, description="longest side of a thumbnail, in pixels")] = None,
+    ):
+        product = engine.store.get_product(product_id)
+        photos = product["images"]
+        if photo_id is not None:
+            photos = [p for p in photos if p["photo_id"] == photo_id]
+        if not photos:
+            raise NotFound(f"product {product_id!r} has no photo {photo_id}")
+        source = photos[0]["image"]
+        if source.lower().startswith(("http://", "https://")):
+            return RedirectResponse(source)
+        try:
+            data = read_source_bytes(source, 64 * 1024 * 1024)
+            im = image_from_bytes(data, max_pixels=engine.max_pixels, draft_size=size)
+        except ImageError as e:
+            raise NotFound(f"photo of {product_id!r} is no longer readable: {e}") from None
+        if size:
+            im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=86400", "ETag": f'"{photos[0]["sha256"][:32]}-{size or 0}"'})
+
+    @app.get("/v1/products/{product_id:path}", response_model=ProductResponse, responses=ERRORS, tags=["products"],
+             summary="A product with its photos and metadata")
+    def product(engine: EngineDep, product_id: str) -> ProductResponse:
+        return engine.store.get_product(product_id)
+
+    return app
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
