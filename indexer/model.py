@@ -93,7 +93,7 @@ def _open_clip_name(name: str) -> tuple[str, dict]:
     """Map our model name to open_clip's identifier and the bundled config's extra keys."""
     if name.startswith(("hf-hub:", "local-dir:")):
         ident = name
-    elif (BUNDLED_MODELS_DIR / name / "open_clip_config.json").is_file():
+    elif "/" not in name and (BUNDLED_MODELS_DIR / name / "open_clip_config.json").is_file():
         ident = f"local-dir:{BUNDLED_MODELS_DIR / name}"
     elif os.path.isdir(name):
         ident = f"local-dir:{os.path.abspath(name)}"
@@ -196,7 +196,8 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
 
     name: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo``, a model folder,
       ``local-dir:PATH``, or a model bundled under ``data/models/`` (``test-tiny``).
-    pretrained: an open_clip pretrained tag or a checkpoint file; ignored for folders and hub ids.
+    pretrained: an open_clip pretrained tag or a checkpoint file; ignored for folders and hub ids;
+      None or ``"none"`` builds the architecture with random weights (for speed benchmarks).
     device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
 
     Raises ModelLoadError with a message that says what to do (weights missing,
@@ -213,9 +214,12 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
             f"unknown model {name!r}: give an open_clip architecture (e.g. ViT-B-32), a model folder, "
             f"hf-hub:ORG/REPO, or one of the bundled models: {', '.join(bundled_models())}"
         )
+    _check_weights_present(ident, extra)
+    if pretrained and pretrained.lower() == "none":
+        pretrained = None
     seed = extra.get("random_init_seed")
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_random_init(seed is not None):
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
             if seed is not None:
                 torch.manual_seed(int(seed))
             model, _, preprocess = open_clip.create_model_and_transforms(ident, pretrained=pretrained or None)
@@ -237,22 +241,34 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
 
 
 @contextlib.contextmanager
-def _quiet_random_init(expected: bool):
-    """Hide open_clip's 'no weights, initialized randomly' warnings for models meant to be random."""
+def _quiet_open_clip():
+    """Silence open_clip's root-logger messages while it builds a model.
+
+    Its failures come back to the caller as one ModelLoadError; its 'no weights,
+    initialised randomly' notices concern models that are random on purpose
+    (checked before loading, see :func:`_check_weights_present`).
+    """
 
     class _Filter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            msg = record.getMessage()
-            return not ("no CLIP weights found" in msg or "initialized randomly" in msg)
+            return "open_clip" not in record.pathname
 
     flt = _Filter()
     root = logging.getLogger()
-    if expected:
-        root.addFilter(flt)
+    root.addFilter(flt)
     try:
         yield
     finally:
         root.removeFilter(flt)
+
+
+def _check_weights_present(ident: str, extra: dict) -> None:
+    """A model folder must hold weights, unless its config declares it random on purpose."""
+    if not ident.startswith("local-dir:") or extra.get("random_init_seed") is not None:
+        return
+    folder = Path(ident[len("local-dir:"):])
+    if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
+        raise ModelLoadError(f"model folder {folder} has no weights file (*.safetensors, *.bin, *.pth)")
 
 
 def _load_failure_message(name: str, pretrained: str | None, err: Exception) -> str:
@@ -261,7 +277,7 @@ def _load_failure_message(name: str, pretrained: str | None, err: Exception) -> 
         return (
             f"pretrained weights {pretrained!r} for {name} are not available: they are neither in the cache "
             f"({hf_cache_dir()}) nor downloadable from the model hub. Download them on a machine with access "
-            f"and pass the file with --pretrained PATH (or copy the hub cache to {hf_cache_dir()}). Details: {text}"
+            f"and pass the file with --pretrained PATH (or copy that machine's hub cache to {hf_cache_dir()})."
         )
     if name.startswith("hf-hub:"):
         return (

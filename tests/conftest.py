@@ -18,3 +18,49 @@ def datasets_dir() -> Path:
             pytest.fail(f"datasets required but not found at {DATASETS}")
         pytest.skip(f"shared datasets not found at {DATASETS}")
     return DATASETS
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny random-weight CLIP (64-d, deterministic), loaded once."""
+    from indexer.model import load_model
+
+    return load_model("test-tiny", None, "cpu")
+
+
+@pytest.fixture(scope="session")
+def magento_subset(datasets_dir, tmp_path_factory) -> Path:
+    """A JSONL manifest of a real Magento subset: every third product, all of its photos (about 240)."""
+    import json
+
+    rows, _ = _load_script("prepare_magento").build_manifest(datasets_dir / "magento")
+    ids = sorted({r["id"] for r in rows})[::3]
+    keep = set(ids)
+    path = tmp_path_factory.mktemp("catalogue") / "magento.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            if r["id"] in keep:
+                f.write(json.dumps(r) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def magento_index(magento_subset, tiny_model, tmp_path_factory) -> Path:
+    """An index of the Magento subset built with the tiny model."""
+    from indexer.catalogue import read_catalogue
+    from indexer.pipeline import index_catalogue
+    from indexer.store import Store
+
+    out = tmp_path_factory.mktemp("index") / "magento-index"
+    with Store.create(out, tiny_model.identity) as store:
+        index_catalogue(read_catalogue(magento_subset), store, tiny_model, workers=0, progress=False)
+    return out

@@ -1,0 +1,141 @@
+"""End to end, as a user runs it: prepare the Magento catalogue, index it with the CLI,
+start the real server on a loopback port and query it over HTTP."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(*args, **kw):
+    exe = shutil.which(args[0], path=str(BIN)) or args[0]
+    return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=600, cwd=ROOT, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def built(datasets_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    manifest = tmp / "magento.jsonl"
+    r = _run(sys.executable, "scripts/prepare_magento.py", str(datasets_dir / "magento"), "--out", str(manifest))
+    assert r.returncode == 0, r.stderr
+    assert "of 191 products" in r.stdout
+    index = tmp / "index"
+    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    return tmp, manifest, index, report
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    _, _, index, _ = built
+    port = _free_port()
+    exe = shutil.which("lookalike", path=str(BIN))
+    proc = subprocess.Popen([exe, "serve", str(index), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stdout.read()
+    else:
+        proc.kill()
+        pytest.fail("server did not start")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_full_catalogue_indexed(built):
+    _, manifest, index, report = built
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert report["indexed"] == len({(r["id"], r["image"]) for r in rows}) == 725
+    assert report["failed"] == 0
+    assert report["index_products"] == 191
+    saved = json.loads((index / "report.json").read_text())
+    assert saved["indexed"] == 725
+
+
+def test_http_find_similar_text_labels_errors(built, server):
+    _, manifest, _, _ = built
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    row = next(r for r in rows if r["image"].endswith("mh01-gray_main.jpg"))
+    with open(row["image"], "rb") as f:
+        r = httpx.post(server + "/v1/search/image?k=5", files={"image": ("q.jpg", f, "image/jpeg")}, timeout=60)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["results"][0]["id"] == "MH01"
+    assert body["results"][0]["score"] >= 0.99
+    assert abs(sum(x["score"] for x in httpx.post(
+        server + "/v1/labels?k=1000", files={"image": ("q.jpg", open(row["image"], "rb"), "image/jpeg")}, timeout=60
+    ).json()["labels"]) - 1) < 1e-4
+
+    r = httpx.post(server + "/v1/search/text", json={"query": "red running shoes", "k": 8}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["results"]) == 8
+
+    r = httpx.post(server + "/v1/search/image", files={"image": ("notes.jpg", b"hello, not a photo\n" * 10, "image/jpeg")},
+                   timeout=60)
+    assert 400 <= r.status_code < 500
+    assert r.json()["error"]["code"] == "not_an_image"
+    assert httpx.get(server + "/healthz", timeout=10).json()["products"] == 191
+
+
+def test_cli_info_search_check_label_and_rerun(built):
+    tmp, manifest, index, _ = built
+    info = json.loads(_run("lookalike", "info", str(index), "--json").stdout)
+    assert info["products"] == 191 and info["photos"] == 725 and info["dim"] == 64
+    assert info["model"]["name"] == "test-tiny"
+
+    r = _run("lookalike", "check", str(index))
+    assert r.returncode == 0 and "consistent" in r.stdout
+
+    img = next(json.loads(x)["image"] for x in manifest.read_text().splitlines() if "mj01" in x)
+    hits = json.loads(_run("lookalike", "search", str(index), "--image", img, "-k", "3", "--json").stdout)["results"]
+    assert hits[0]["id"] == "MJ01" and hits[0]["score"] >= 0.99 and len(hits) == 3
+
+    r = _run("lookalike", "label", str(index), "--report", str(tmp / "labels.csv"))
+    assert r.returncode == 0, r.stderr
+    lines = (tmp / "labels.csv").read_text().splitlines()
+    assert lines[0].startswith("id,label,score") and len(lines) == 192
+    p = json.loads(_run("lookalike", "search", str(index), "--text", "bag", "-k", "1", "--json").stdout)["results"][0]
+    assert p["label"] and 0 < p["label_score"] <= 1
+
+    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny", "--json", "-q")
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert again["indexed"] == 0 and again["unchanged"] == 725
+
+
+def test_cli_errors_are_one_line(built, tmp_path):
+    _, manifest, index, _ = built
+    cases = [
+        ("lookalike", "index", str(tmp_path / "missing"), "--out", str(tmp_path / "i"), "--model", "test-tiny"),
+        ("lookalike", "info", str(tmp_path)),
+        ("lookalike", "search", str(index), "--text", "x", "--model", "ViT-B-32", "--pretrained", "none"),
+        ("lookalike", "search", str(index), "--image", str(manifest)),
+        ("lookalike", "label", str(manifest), "--labels", str(manifest), "--model", "test-tiny"),
+        ("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny", "--id-column", "sku_nope"),
+    ]
+    for args in cases:
+        r = _run(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert r.stderr.startswith("lookalike: error: "), r.stderr

@@ -1,0 +1,78 @@
+"""Label sets, prompt ensembles and zero-shot scoring."""
+import json
+
+import numpy as np
+import pytest
+
+from indexer.labels import DEFAULT_LABELS_FILE, LabelSet, LabelSetError, ZeroShotClassifier
+
+
+def test_default_retail_taxonomy_loads():
+    ls = LabelSet.load()
+    names = ls.names
+    for expected in ("t-shirt", "hoodie", "jacket", "trousers", "shorts", "dress", "skirt", "shoes", "boots",
+                     "sandals", "bag", "backpack", "watch", "jewellery", "sports equipment", "electronics", "furniture"):
+        assert expected in names
+    assert len(ls.templates) >= 4 and all("{}" in t for t in ls.templates)
+    assert DEFAULT_LABELS_FILE.name == "retail.yaml"
+
+
+def test_json_and_bare_names(tmp_path):
+    p = tmp_path / "labels.json"
+    p.write_text(json.dumps({"labels": ["cat", {"name": "dog", "prompts": ["dog", "puppy"]}]}))
+    ls = LabelSet.load(p)
+    assert ls.names == ["cat", "dog"]
+    assert ls.labels[1].prompts == ("dog", "puppy")
+    assert ls.labels[0].prompts == ("cat",)
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"labels": ["only-one"]}, "at least 2"),
+        ({"labels": ["a", "a"]}, "twice"),
+        ({"labels": ["a", 3]}, "string or"),
+        ({"labels": ["a", "b"], "templates": ["no placeholder"]}, "'{}'"),
+        ({"nolabels": []}, "'labels' list"),
+        ({"labels": ["a", {"name": "b", "prompts": [""]}]}, "non-empty"),
+    ],
+)
+def test_bad_label_sets_are_refused_clearly(data, fragment):
+    with pytest.raises(LabelSetError) as e:
+        LabelSet.from_dict(data)
+    assert fragment in str(e.value)
+
+
+def test_unreadable_label_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("labels: [a, b\n")
+    with pytest.raises(LabelSetError, match="not valid YAML"):
+        LabelSet.load(p)
+    with pytest.raises(LabelSetError, match="cannot read"):
+        LabelSet.load(tmp_path / "missing.yaml")
+
+
+def test_probabilities_sum_to_one_and_follow_cosine(tiny_model):
+    clf = ZeroShotClassifier(tiny_model, LabelSet.from_names(["hoodie", "dress", "watch"]))
+    assert clf.weights.shape == (3, tiny_model.dim)
+    np.testing.assert_allclose(np.linalg.norm(clf.weights, axis=1), 1, atol=1e-5)
+    rng = np.random.default_rng(0)
+    imgs = rng.normal(size=(5, tiny_model.dim)).astype(np.float32)
+    imgs /= np.linalg.norm(imgs, axis=1, keepdims=True)
+    probs, cos = clf.scores(imgs)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(cos, imgs @ clf.weights.T, atol=1e-6)
+    # the label whose embedding the image *is* wins, with the highest cosine
+    top = clf.top_k(clf.weights[1:2], 3)[0]
+    assert top[0]["label"] == "dress"
+    assert top[0]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+
+
+def test_prompt_ensemble_is_mean_of_template_embeddings(tiny_model):
+    ls = LabelSet.from_dict({"labels": [{"name": "bag", "prompts": ["bag", "tote"]}, "shoe"],
+                             "templates": ["a photo of a {}.", "a {} for sale."]})
+    clf = ZeroShotClassifier(tiny_model, ls)
+    texts = ["a photo of a bag.", "a bag for sale.", "a photo of a tote.", "a tote for sale."]
+    mean = tiny_model.embed_texts(texts).mean(axis=0)
+    np.testing.assert_allclose(clf.weights[0], mean / np.linalg.norm(mean), atol=1e-5)

@@ -1,0 +1,92 @@
+"""Model loading: bundled tiny model, model folders, checkpoint files, clear errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer.model import BUNDLED_MODELS_DIR, ModelLoadError, bundled_models, load_model
+
+
+def test_tiny_model_is_deterministic_and_normalised(tiny_model):
+    again = load_model("test-tiny", None, "cpu")
+    assert again.identity == tiny_model.identity
+    assert tiny_model.identity.dim == 64 and tiny_model.identity.image_size == 64
+    images = [Image.new("RGB", (120, 90), (200, 30, 30)), Image.new("RGB", (40, 60), (10, 10, 240))]
+    a, b = tiny_model.embed_images(images), again.embed_images(images)
+    assert a.dtype == np.float32 and a.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    t = tiny_model.embed_texts(["red running shoes", "a watch", "red running shoes"])
+    assert t.shape == (3, 64) and t.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(t[0], t[2])
+    assert not np.allclose(t[0], t[1])
+    assert "test-tiny" in bundled_models()
+
+
+def _model_folder(tmp_path, tiny_model):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    cfg = json.loads((BUNDLED_MODELS_DIR / "test-tiny" / "open_clip_config.json").read_text())
+    cfg.pop("lookalike")
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.save(tiny_model.model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder, cfg
+
+
+def test_model_folder_and_checkpoint_file_load_the_same_weights(tmp_path, tiny_model):
+    import open_clip
+
+    folder, cfg = _model_folder(tmp_path, tiny_model)
+    m = load_model(str(folder), None, "cpu")
+    assert m.identity.weights_sha256 == tiny_model.identity.weights_sha256
+    m2 = load_model(f"local-dir:{folder}", None, "cpu")
+    assert m2.identity.weights_sha256 == tiny_model.identity.weights_sha256
+    # an architecture name plus --pretrained FILE
+    arch = tmp_path / "lookalike-tiny-arch.json"
+    arch.write_text(json.dumps(cfg["model_cfg"]))
+    open_clip.add_model_config(arch)
+    m3 = load_model("lookalike-tiny-arch", str(folder / "open_clip_pytorch_model.bin"), "cpu")
+    assert m3.identity.weights_sha256 == tiny_model.identity.weights_sha256
+    assert m3.identity.pretrained.endswith("open_clip_pytorch_model.bin")
+
+
+def test_model_folder_without_weights_is_refused(tmp_path, tiny_model):
+    folder, _ = _model_folder(tmp_path, tiny_model)
+    os.remove(folder / "open_clip_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="no weights file"):
+        load_model(str(folder), None, "cpu")
+
+
+def test_unknown_model_and_device():
+    with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'"):
+        load_model("no-such-model", None, "cpu")
+    with pytest.raises(ModelLoadError, match="device"):
+        load_model("test-tiny", None, "tpu9")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_asked_without_cuda():
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        load_model("test-tiny", None, "cuda")
+
+
+def test_missing_pretrained_weights_give_one_clear_message(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    exe = shutil.which("lookalike", path=os.path.dirname(sys.executable))
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.jpg")
+    r = subprocess.run([exe, "index", str(folder), "--out", str(tmp_path / "idx")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "--pretrained PATH" in r.stderr
+    assert str(tmp_path / "hf") in r.stderr  # the cache location it looked in
+    assert r.stderr.count("\n") == 1, r.stderr
