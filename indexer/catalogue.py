@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -134,9 +135,9 @@ def read_folder(root: Path) -> Catalogue:
     cat = Catalogue()
     root = root.resolve()
     for p in sorted(root.rglob("*")):
-        if p.name.startswith(".") or not _is_image(p):
-            continue
         rel = PurePosixPath(p.relative_to(root).as_posix())
+        if any(part.startswith(".") for part in rel.parts) or not _is_image(p):
+            continue
         parent = str(rel.parent) if str(rel.parent) != "." else None
         cat.add(str(rel.with_suffix("")), str(p), str(rel), title=rel.stem, category=parent)
     return cat
@@ -210,11 +211,13 @@ def _read_records(path: Path) -> Iterable[tuple[str, dict | RowProblem]]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             sample = f.read(65536)
             f.seek(0)
+            # Only the delimiter is sniffed: the Sniffer's guesses of quoting rules from a
+            # sample misread later rows (it can decide doublequote=False).
             try:
-                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
+                delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
             except csv.Error:
-                dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-            reader = csv.DictReader(f, dialect=dialect)
+                delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+            reader = csv.DictReader(f, dialect=csv.excel, delimiter=delimiter)
             for record in reader:
                 where = f"{name}:{reader.line_num}"
                 if None in record:
@@ -292,7 +295,7 @@ def read_shards(shards: list[Path]) -> Catalogue:
                     pid = _clean(meta.pop("id", None)) or key
                     for ext in sorted(images):
                         cat.add(pid, f"{shard.resolve()}{TAR_SEPARATOR}{members[ext].name}", where, title, category, meta)
-        except (tarfile.TarError, OSError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             cat.problems.append(RowProblem(shard.name, "bad_shard", f"cannot read tar shard: {e}"))
     return cat
 
@@ -328,14 +331,20 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
     if member:
         shard, name = member
         cache = tar_cache if tar_cache is not None else {}
-        tar = cache.get(shard)
-        if tar is None:
-            tar = cache[shard] = tarfile.open(shard)
         try:
+            tar = cache.get(shard)
+            if tar is None:
+                tar = cache[shard] = tarfile.open(shard)
             f = tar.extractfile(name)
+            data = f.read(max_bytes + 1) if f is not None else None
+        except FileNotFoundError:
+            raise ImageError("not_found", f"no such tar shard: {shard}") from None
         except KeyError:
             raise ImageError("not_found", f"{name} is not in {shard}") from None
-        data = f.read(max_bytes + 1)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise ImageError("unreadable", f"cannot read {name} from {shard}: {e}") from None
+        if data is None:
+            raise ImageError("not_an_image", f"{name} in {shard} is not a regular file")
         if len(data) > max_bytes:
             raise ImageError("too_large", f"{name} is over the {max_bytes}-byte limit")
         return data

@@ -217,6 +217,31 @@ def cmd_check(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import DEFAULT_TEMPLATES, FinetuneConfig, finetune
+
+    weights = {}
+    for spec in args.weight or []:
+        key, sep, factor = spec.rpartition(":")
+        if not sep or "=" not in key:
+            raise LookalikeError(f"--weight {spec!r}: use COLUMN=VALUE:FACTOR, e.g. source=magento-train:8")
+        try:
+            weights[key] = float(factor)
+        except ValueError:
+            raise LookalikeError(f"--weight {spec!r}: {factor!r} is not a number") from None
+    cfg = FinetuneConfig(
+        catalogues=args.catalogues, out=args.out, model=args.model, pretrained=args.pretrained,
+        from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        templates=args.caption_template or list(DEFAULT_TEMPLATES), seed=args.seed, weights=weights,
+        max_minutes=args.max_minutes, precision=args.precision, split_file=args.split_file,
+        workers=args.workers, warmup_steps=args.warmup_steps, name=args.name,
+    )
+    summary = finetune(cfg, progress=not args.quiet)
+    print(f"wrote {args.out}: {summary['steps']} steps ({summary['epochs_done']} epochs) in "
+          f"{summary['wall_seconds']:.0f} s, final loss {summary['final_loss']}, {summary['images_per_s']} images/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookalike", description="Visual similarity search for product catalogues.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -265,6 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _model_args(p, for_index=False)
     p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("finetune", help="contrastive training of a CLIP model on catalogue photos and captions")
+    p.add_argument("catalogues", nargs="+", metavar="MANIFEST", help="catalogues (any format 'index' reads)")
+    p.add_argument("--out", required=True, help="model folder to write (open_clip format)")
+    p.add_argument("--model", default="ViT-B-32", help="model to start from, or an architecture config .json")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", default=None, help="weights to start from (tag or file)")
+    src.add_argument("--from-scratch", action="store_true", help="random initial weights")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=_non_negative, default=200)
+    p.add_argument("--caption-template", action="append", metavar="TEMPLATE",
+                   help="caption template over the row's columns, e.g. 'a photo of a {title}.' (repeatable)")
+    p.add_argument("--weight", action="append", metavar="COLUMN=VALUE:FACTOR",
+                   help="repeat rows whose COLUMN equals VALUE FACTOR times per epoch (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16")
+    p.add_argument("--split-file", default=None, help="JSON split to copy into the model folder (for eval)")
+    p.add_argument("--workers", type=_positive, default=2, help="decoding processes")
+    p.add_argument("--name", default=None, help="model name for the card (default: the folder name)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("info", help="what an index holds")
     p.add_argument("index")

@@ -237,6 +237,7 @@ def _decode(fp: IO[bytes], label: str, max_pixels: int, draft_size: int | None) 
             if im.tell() != first_frame:
                 im.seek(first_frame)
                 _check_size(im.size, max_pixels, label)
+            full_size = im.size
             if (
                 draft_size is not None
                 and isinstance(im, JpegImagePlugin.JpegImageFile)
@@ -251,6 +252,9 @@ def _decode(fp: IO[bytes], label: str, max_pixels: int, draft_size: int | None) 
             if out is im:
                 out = im.copy()
             out.load()
+            # The size of the file's image, upright, before any draft-mode reduction.
+            turned = (upright.size != im.size) and upright.size == im.size[::-1]
+            out.info["original_size"] = full_size[::-1] if turned else full_size
     except ImageError:
         raise
     except UnidentifiedImageError as exc:

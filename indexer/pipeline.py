@@ -79,7 +79,7 @@ class _PhotoDataset(Dataset):
                 item.unchanged = True
                 return item
             image = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
-            item.width, item.height = image.size
+            item.width, item.height = image.info.get("original_size", image.size)
             item.pixels = self.preprocess(image)
         except ImageError as e:
             item.reason, item.message = e.reason, str(e)
@@ -255,10 +255,10 @@ def index_catalogue(
     with store.transaction() as tx:
         tx.upsert_products([_product(catalogue, pid) for pid in sorted(stored_products & catalogue.products.keys())])
         if prune:
-            gone = sorted(stored_products - catalogue.products.keys())
-            report.pruned_products = tx.delete_products(gone)
+            gone = set(stored_products - catalogue.products.keys())
             wanted = {(r.product_id, r.source) for r in catalogue.rows}
-            stale = [k.photo_id for key, k in store.known_photos().items() if key not in wanted and key[0] not in gone]
+            stale = [k.photo_id for key, k in store.known_photos().items() if key not in wanted]
+            report.pruned_products = tx.delete_products(sorted(gone))
             tx.delete_photos(stale)
             report.pruned_photos = len(stale)
     store.save()
@@ -277,7 +277,10 @@ def _product(catalogue: Catalogue, pid: str) -> Product:
 
 
 def embed_paths(model: ClipModel, paths: list[str | Path], max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Open and embed image files; returns (vectors float32 ``(n, dim)``, errors {path: message})."""
+    """Open and embed image files.
+
+    Returns (paths that opened, their vectors float32 ``(n, dim)`` with unit rows, errors {path: message}).
+    """
     images, ok, errors = [], [], {}
     for p in paths:
         try:

@@ -272,7 +272,7 @@ class Store:
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            uri = f"file:{self.path / DB_NAME}" + ("" if self.writable else "?mode=ro")
+            uri = (self.path / DB_NAME).resolve().as_uri() + ("" if self.writable else "?mode=ro")
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE in Store.transaction)
             conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA foreign_keys = ON")
@@ -305,15 +305,26 @@ class Store:
                 index = faiss.read_index(str(snap))
             except RuntimeError:
                 index = None
-            if index is not None and index.ntotal != self.count_photos():
+            if index is not None and not self._same_ids(index):
                 index = None
-        if index is None:
+        rebuilt = index is None
+        if rebuilt:
             index = self._rebuild_index()
         with self._faiss_lock:
             self._index = index
             self._index_generation = gen
-        if self.writable and not snap.is_file():
-            self.save()
+        if self.writable and rebuilt:
+            self.save(replace_snapshot=True)
+
+    def _same_ids(self, index) -> bool:
+        """Whether a snapshot holds exactly SQLite's photo ids, each once."""
+        try:
+            ids = np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
+        except AttributeError:
+            return False
+        sql_ids = np.fromiter((r[0] for r in self._db().execute("SELECT photo_id FROM photos ORDER BY photo_id")),
+                              dtype=np.int64)
+        return index.d == self.identity.dim and np.array_equal(ids, sql_ids)
 
     def _rebuild_index(self) -> faiss.IndexIDMap2:
         """Build the FAISS index from the vectors stored in SQLite."""
@@ -540,14 +551,18 @@ class Store:
                     self._index.add_with_ids(np.stack(batch.added_vecs), np.array(batch.added_ids, dtype=np.int64))
                 self._index_generation = self.generation()
 
-    def save(self) -> None:
-        """Write the FAISS snapshot for the current generation and the manifest, atomically."""
+    def save(self, replace_snapshot: bool = False) -> None:
+        """Write the FAISS snapshot for the current generation and the manifest, atomically.
+
+        An existing snapshot of this generation is kept unless ``replace_snapshot`` (a bad one
+        found on open is replaced).
+        """
         self._require_writable()
         with self._faiss_lock:
             gen = self._index_generation
             data = faiss.serialize_index(self._index)
         snap = self._snapshot_path(gen)
-        if not snap.exists():
+        if replace_snapshot or not snap.exists():
             _atomic_write(snap, data.tobytes())
         _atomic_write(self.path / MANIFEST_NAME, json.dumps(self.manifest(), indent=2).encode())
         for old in self.path.glob("vectors.g*.faiss"):
@@ -605,11 +620,17 @@ class Store:
         if orphans:
             problems.append(f"{orphans} photos belong to no product")
         snap = self._snapshot_path(gen)
+        index, faiss_ids = None, None
         if not snap.is_file():
             problems.append(f"no FAISS snapshot for generation {gen} (it is rebuilt from SQLite when opened for writing)")
         else:
-            index = faiss.read_index(str(snap))
-            faiss_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+            try:
+                index = faiss.read_index(str(snap))
+                faiss_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+            except (RuntimeError, AttributeError) as e:
+                problems.append(f"FAISS snapshot {snap.name} is unreadable: {str(e).splitlines()[0] if str(e) else e}")
+                index, faiss_ids = None, None
+        if faiss_ids is not None:
             if len(np.unique(faiss_ids)) != len(faiss_ids):
                 problems.append(f"FAISS holds {len(faiss_ids) - len(np.unique(faiss_ids))} duplicate ids")
             sql_ids = np.array([r[0] for r in db.execute("SELECT photo_id FROM photos")], dtype=np.int64)
