@@ -242,6 +242,37 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import importlib.util
+
+    from .evaluate import evaluate, format_table
+    from .model import DEFAULT_MODEL, _open_clip_name
+
+    datasets = Path(args.datasets)
+    if not (datasets / "cifar10").is_dir():
+        raise LookalikeError(f"no datasets at {datasets}: pass --datasets DIR (the folder with cifar10/, "
+                             "fashion-mnist/, magento/)")
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+    model = _load_model(args)
+    if args.magento:
+        magento_rows = [json.loads(line) for line in Path(args.magento).read_text().splitlines() if line.strip()]
+    else:
+        script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_magento.py"
+        spec = importlib.util.spec_from_file_location("prepare_magento", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        magento_rows, _ = module.build_manifest(datasets / "magento")
+    split = None
+    ident, _ = _open_clip_name(args.model)
+    if ident.startswith("local-dir:"):
+        split = Path(ident[len("local-dir:"):]) / "magento_split.json"
+    say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    result = evaluate(model, datasets, magento_rows, split, args.limit, progress=say)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookalike", description="Visual similarity search for product catalogues.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -315,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name for the card (default: the folder name)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="zero-shot and catalogue-retrieval quality of a model")
+    p.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
+                   help="folder with cifar10/, fashion-mnist/, magento/ (default ../shared/datasets)")
+    p.add_argument("--magento", default=None, help="Magento manifest (default: built from DATASETS/magento)")
+    p.add_argument("--limit", type=_positive, default=None, help="at most N images per dataset (evenly spread)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _model_args(p, for_index=False)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="what an index holds")
     p.add_argument("index")
