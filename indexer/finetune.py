@@ -134,7 +134,9 @@ class _Fields(dict):
 def caption(template: str, row_fields: dict) -> str:
     """Fill ``template`` with a row's columns; missing columns become empty; whitespace is tidied."""
     text = template.format_map(_Fields(row_fields))
-    return re.sub(r"\s+", " ", re.sub(r"\s+([,.])", r"\1", text)).strip(" ,")
+    text = re.sub(r"\s+([,.])", r"\1", text)  # "hoodie ," -> "hoodie,"
+    text = re.sub(r",+([,.])", r"\1", text)  # "hoodie,." -> "hoodie."
+    return re.sub(r"\s+", " ", text).strip(" ,")
 
 
 def augment(batch_u8: torch.Tensor, gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

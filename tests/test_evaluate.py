@@ -1,0 +1,70 @@
+"""Evaluation building blocks: dataset readers, the Magento split, query transforms, metrics."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.datasets import (
+    CIFAR10_CLASSES, category_phrase, fashion_mnist, iter_cifar10, magento_split,
+)
+from indexer.evaluate import eval_magento, exif_rotated, near_duplicate
+
+
+def test_dataset_readers(datasets_dir):
+    images, labels = fashion_mnist(datasets_dir / "fashion-mnist", "test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+    sub, sub_labels = fashion_mnist(datasets_dir / "fashion-mnist", "test", limit=100)
+    assert sub.shape == (100, 28, 28) and len(set(sub_labels.tolist())) == 10
+    items = list(iter_cifar10(datasets_dir / "cifar10" / "test.tar.gz", limit=50))
+    assert len(items) == 50
+    img, label, name = items[0]
+    assert img.size == (32, 32) and img.mode == "RGB"
+    assert CIFAR10_CLASSES[label] in name
+    assert len({i[1] for i in items}) >= 5
+
+
+def test_magento_split_is_seeded_80_20():
+    ids = [f"P{i:03d}" for i in range(191)]
+    train, held = magento_split(reversed(ids))
+    assert (len(train), len(held)) == (153, 38)
+    assert not set(train) & set(held) and set(train) | set(held) == set(ids)
+    assert magento_split(ids) == (train, held)
+    assert magento_split(ids, seed=1) != (train, held)
+
+
+def test_category_phrase():
+    assert category_phrase("Men/Tops/Hoodies & Sweatshirts") == "men's hoodies & sweatshirts"
+    assert category_phrase("Women/Bottoms/Pants") == "women's pants"
+    assert category_phrase("Gear/Bags") == "bags"
+    assert category_phrase("") == ""
+
+
+def test_query_transforms():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (1200, 1000, 3), dtype=np.uint8))
+    nd = near_duplicate(photo)
+    assert nd.size == (425, 510)  # 85 % crop, then half size
+    assert nd.mode == "RGB"
+    rot = exif_rotated(Image.new("RGB", (100, 60), (250, 10, 10)))
+    assert rot.size == (100, 60)  # stored 60x100, turned upright by its EXIF tag when opened
+    stored = np.zeros((60, 100, 3), np.uint8)
+    stored[:, :50] = 255
+    back = np.asarray(exif_rotated(Image.fromarray(stored)))
+    assert back[:, :40].mean() > 200 and back[:, 60:].mean() < 50  # the same way up as the original
+
+
+def test_eval_magento_on_a_real_subset(magento_subset, tiny_model):
+    rows = [json.loads(x) for x in magento_subset.read_text().splitlines()]
+    ids = sorted({r["id"] for r in rows})
+    held = set(ids[::5])
+    result = eval_magento(tiny_model, rows, held, limit=24)
+    for part in ("held_out", "all"):
+        r = result[part]
+        for key in ("near_dup_recall_at_1", "same_product_recall_at_5", "category_accuracy"):
+            assert r[key] is not None and 0 <= r[key] <= 1
+    assert result["all"]["near_dup_queries"] == 2 * 24
+    assert result["gallery_photos"] == len({r["image"] for r in rows})
+    # the tiny random model still finds most transformed copies of a photo among ~240 photos
+    assert result["all"]["near_dup_recall_at_1"] >= 0.3
