@@ -88,13 +88,29 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from server.app import create_app
-    from .store import read_manifest
+    from server.observability import configure_logging
+    from server.settings import ServerSettings
 
-    read_manifest(args.index)
+    if args.config:
+        if not Path(args.config).is_file():
+            raise LookalikeError(f"config file {args.config} not found")
+        os.environ["LOOKALIKE_CONFIG"] = args.config
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    app = create_app(args.index, model_name=args.model, pretrained=args.pretrained, device=args.device)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        settings = ServerSettings()
+    except Exception as e:  # pydantic ValidationError, TOML syntax errors: the user's configuration
+        raise LookalikeError(f"bad server configuration: {e}") from None
+    index = args.index or settings.index
+    if index is None:
+        raise LookalikeError("no index to serve: give INDEX_DIR or set LOOKALIKE_INDEX")
+    from .store import read_manifest
+
+    read_manifest(index)
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(index, settings=settings, model_name=args.model, pretrained=args.pretrained,
+                     device=None if args.device == "auto" else args.device, background_load=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 
@@ -296,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="start the HTTP query server")
-    p.add_argument("index")
+    p.add_argument("index", nargs="?", default=None, help="index directory (default: LOOKALIKE_INDEX)")
+    p.add_argument("--config", default=None, help="TOML settings file (also: LOOKALIKE_CONFIG); see README")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _model_args(p, for_index=False)

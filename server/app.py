@@ -17,21 +17,27 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer.catalogue import read_source_bytes
 from indexer.errors import LookalikeError, NotFound
-from indexer.images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
+from indexer.images import ImageError, image_from_bytes
 from indexer.labels import LabelSet, ZeroShotClassifier
 from indexer.model import ClipModel, load_model
 from indexer.store import Store, check_model
 
+from .observability import Metrics, RequestObserver
+from .settings import ServerSettings
+
 log = logging.getLogger("lookalike.server")
 
-DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 REFRESH_INTERVAL_S = 2.0
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 # ------------------------------------------------------------------ schemas
@@ -108,26 +114,41 @@ class Health(BaseModel):
     model: str
 
 
+class CategoryCount(BaseModel):
+    category: str
+    products: int
+
+
 # ------------------------------------------------------------------- state
 class Engine:
-    """What the routes share: the store, the model and zero-shot classifiers."""
+    """What the routes share: the store, the model, zero-shot classifiers and metrics."""
 
-    def __init__(self, store: Store, model: ClipModel, label_set: LabelSet, max_upload_bytes: int, max_pixels: int):
+    def __init__(self, store: Store, model: ClipModel, label_set: LabelSet, settings: ServerSettings,
+                 metrics: Metrics):
         self.store = store
         self.model = model
+        self.settings = settings
+        self.metrics = metrics
         self.default_labels = ZeroShotClassifier(model, label_set)
-        self.max_upload_bytes = max_upload_bytes
-        self.max_pixels = max_pixels
+        self.max_upload_bytes = settings.max_upload_bytes
+        self.max_pixels = settings.max_pixels
         self._classifiers: OrderedDict[tuple[str, ...], ZeroShotClassifier] = OrderedDict()
+        self._thumbnails: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._last_refresh = time.monotonic()
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        self.metrics.products.set(self.store.count_products())
+        self.metrics.photos.set(self.store.count_photos())
 
     def refresh(self) -> None:
         """Pick up commits made by an indexer in another process (checked every couple of seconds)."""
         now = time.monotonic()
         if now - self._last_refresh >= REFRESH_INTERVAL_S:
             self._last_refresh = now
-            self.store.refresh()
+            if self.store.refresh():
+                self.update_gauges()
 
     def classifier(self, names: list[str] | None) -> ZeroShotClassifier:
         if not names:
@@ -146,18 +167,68 @@ class Engine:
         return clf
 
     def embed_upload(self, data: bytes):
+        """Decode an uploaded photo and embed it: float32 ``(1, dim)``. Raises a 400/413 LookalikeError."""
         if not data:
             raise LookalikeError("the uploaded file is empty", code="empty", http_status=400)
+        t0 = time.perf_counter()
         try:
             image = image_from_bytes(data, max_pixels=self.max_pixels, draft_size=max(2 * self.model.identity.image_size, 224))
         except ImageError as e:
             status = 413 if e.reason in ("too_large", "decompression_bomb") else 400
             raise LookalikeError(f"cannot use the uploaded image: {e}", code=e.reason, http_status=status) from None
-        return self.model.embed_images([image])
+        vec = self.model.embed_images([image])
+        self.metrics.embed_seconds.labels("image").observe(time.perf_counter() - t0)
+        self.metrics.batch_size.labels("image").observe(1)
+        return vec
+
+    def embed_text(self, text: str):
+        t0 = time.perf_counter()
+        vec = self.model.embed_texts([text])
+        self.metrics.embed_seconds.labels("text").observe(time.perf_counter() - t0)
+        self.metrics.batch_size.labels("text").observe(1)
+        return vec
+
+    def search(self, vec, k: int, category: str | None, min_score: float | None):
+        self.refresh()
+        t0 = time.perf_counter()
+        hits = self.store.search(vec, k, category=category, min_score=min_score)[0]
+        self.metrics.search_seconds.observe(time.perf_counter() - t0)
+        return hits
+
+    def thumbnail(self, photo: dict, size: int | None) -> bytes:
+        """The photo as JPEG, its longest side at most ``size`` px; kept in an LRU cache by content hash."""
+        key = (photo["sha256"], size)
+        with self._lock:
+            data = self._thumbnails.get(key)
+            if data is not None:
+                self._thumbnails.move_to_end(key)
+                return data
+        raw = read_source_bytes(photo["image"], 64 * 1024 * 1024)
+        im = image_from_bytes(raw, max_pixels=self.max_pixels, draft_size=size)
+        if size:
+            im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        data = buf.getvalue()
+        if self.settings.thumbnail_cache_items:
+            with self._lock:
+                self._thumbnails[key] = data
+                while len(self._thumbnails) > self.settings.thumbnail_cache_items:
+                    self._thumbnails.popitem(last=False)
+        return data
+
+
+class NotReady(LookalikeError):
+    code = "not_ready"
+    http_status = 503
 
 
 def _engine(request: Request) -> Engine:
-    return request.app.state.engine
+    engine = request.app.state.engine
+    if engine is None:
+        error = request.app.state.load_error
+        raise NotReady(f"the server failed to load: {error}" if error else "the model and index are still loading")
+    return engine
 
 
 EngineDep = Annotated[Engine, Depends(_engine)]
@@ -179,42 +250,75 @@ ERRORS = {
     404: {"model": ErrorResponse, "description": "unknown product"},
     413: {"model": ErrorResponse, "description": "upload or image too large"},
     422: {"model": ErrorResponse, "description": "invalid parameters"},
+    503: {"model": ErrorResponse, "description": "the model and index are still loading"},
 }
 
 
 # --------------------------------------------------------------------- app
 def create_app(
-    index_dir: str | Path,
+    index_dir: str | Path | None = None,
     *,
-    model_name: str | None = None,
-    pretrained: str | None = None,
-    device: str = "auto",
+    settings: ServerSettings | None = None,
     model: ClipModel | None = None,
-    labels_file: str | Path | None = None,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background_load: bool = False,
+    **overrides,
 ) -> FastAPI:
     """Build the app for one index directory.
 
-    The model is the one the index records (or ``model_name``/``pretrained`` with
-    the same weights; or an already loaded ``model``). Loading happens at start-up
-    (FastAPI lifespan); a model that does not match the index stops start-up with
-    a ModelMismatch error.
+    settings: a :class:`ServerSettings` (default: read from the environment / config file);
+    ``overrides`` set single fields of it (``max_upload_bytes=...``, ``model=...``) and
+    ``index_dir`` sets ``index``. ``model`` passes an already loaded ClipModel.
+
+    The model is the one the index records (or ``settings.model``/``pretrained`` with the same
+    weights). With ``background_load`` the server answers at once: ``/healthz`` is 200,
+    ``/readyz`` and the query routes are 503 until loading finishes; a failure to load is
+    logged and reported by ``/readyz``. Otherwise loading happens before the first request.
     """
+    base = settings or ServerSettings()
+    if "model_name" in overrides:
+        overrides["model"] = overrides.pop("model_name")
+    unknown = set(overrides) - set(ServerSettings.model_fields)
+    if unknown:
+        raise TypeError(f"create_app got unknown settings: {', '.join(sorted(unknown))}")
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    if index_dir is not None:
+        updates["index"] = Path(index_dir)
+    cfg = base.model_copy(update=updates)
+    if cfg.index is None:
+        raise LookalikeError("no index to serve: give INDEX_DIR or set LOOKALIKE_INDEX")
+    metrics = Metrics()
+
+    def load(app: FastAPI) -> None:
+        try:
+            store = Store.open(cfg.index)
+            ident = store.identity
+            m = model
+            if m is None:
+                m = load_model(cfg.model or ident.name,
+                               cfg.pretrained or (ident.pretrained if cfg.model is None else None), cfg.device)
+            check_model(store, m.identity)
+            app.state.engine = Engine(store, m, LabelSet.load(cfg.labels_file), cfg, metrics)
+            metrics.model.info({k: str(v) for k, v in m.identity.to_dict().items()})
+            metrics.ready.set(1)
+            log.info("ready", extra={"index": str(cfg.index), "products": store.count_products(),
+                                     "model": m.identity.name})
+        except Exception as e:  # reported by /readyz and the log; the process keeps serving /healthz
+            app.state.load_error = str(e)
+            log.error("failed to load the model or index: %s", e)
+            if not background_load:
+                raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = Store.open(index_dir)
-        ident = store.identity
-        m = model
-        if m is None:
-            name = model_name or ident.name
-            m = load_model(name, pretrained or (ident.pretrained if model_name is None else None), device)
-        check_model(store, m.identity)
-        app.state.engine = Engine(store, m, LabelSet.load(labels_file), max_upload_bytes, max_pixels)
-        log.info("serving %s: %d products", index_dir, store.count_products())
+        app.state.engine = None
+        app.state.load_error = None
+        if background_load:
+            threading.Thread(target=load, args=(app,), name="lookalike-load", daemon=True).start()
+        else:
+            load(app)
         yield
-        store.close()
+        if app.state.engine is not None:
+            app.state.engine.store.close()
 
     app = FastAPI(
         title="lookalike",
@@ -223,6 +327,12 @@ def create_app(
         "and zero-shot category labels. Scores are cosine similarities of CLIP embeddings.",
         lifespan=lifespan,
     )
+    app.state.engine = None
+    app.state.load_error = None
+    app.state.settings = cfg
+    app.state.metrics = metrics
+    app.add_middleware(RequestObserver, metrics=metrics, access_log=cfg.access_log)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(LookalikeError)
     async def _lookalike_error(request: Request, exc: LookalikeError):
@@ -246,10 +356,32 @@ def create_app(
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, "internal_error", "internal error; the server log has details")
 
-    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Process alive, with index size")
-    def healthz(engine: EngineDep) -> Health:
-        return Health(status="ok", products=engine.store.count_products(), photos=engine.store.count_photos(),
+    @app.get("/", include_in_schema=False)
+    def index_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}}, tags=["operations"],
+             summary="Model and index loaded (503 until then)")
+    def readyz(engine: EngineDep) -> Health:
+        return Health(status="ready", products=engine.store.count_products(), photos=engine.store.count_photos(),
                       model=engine.model.identity.name)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    def metrics_route() -> Response:
+        engine = app.state.engine
+        if engine is not None:
+            engine.update_gauges()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/categories", response_model=list[CategoryCount], responses=ERRORS, tags=["products"],
+             summary="Every product category with its number of products")
+    def categories(engine: EngineDep) -> list[CategoryCount]:
+        return [CategoryCount(category=c, products=n) for c, n in engine.store.categories()]
 
     @app.post("/v1/search/image", response_model=SearchResponse, responses=ERRORS, tags=["search"],
               summary="Find products that look like an uploaded photo")
@@ -268,9 +400,8 @@ def create_app(
 
     def _search_image_sync(engine: Engine, data: bytes, k, category, min_score, labels) -> SearchResponse:
         t0 = time.perf_counter()
-        engine.refresh()
         vec = engine.embed_upload(data)
-        hits = engine.store.search(vec, k, category=category, min_score=min_score)[0]
+        hits = engine.search(vec, k, category, min_score)
         labs = engine.default_labels.top_k(vec, 5)[0] if labels else []
         return SearchResponse(results=[h.to_dict() for h in hits], labels=labs, took_ms=_ms(t0))
 
@@ -278,9 +409,8 @@ def create_app(
               summary="Find products that match a text, e.g. 'red running shoes'")
     def search_text(engine: EngineDep, body: TextQuery) -> SearchResponse:
         t0 = time.perf_counter()
-        engine.refresh()
-        vec = engine.model.embed_texts([body.query])
-        hits = engine.store.search(vec, body.k, category=body.category, min_score=body.min_score)[0]
+        vec = engine.embed_text(body.query)
+        hits = engine.search(vec, body.k, body.category, body.min_score)
         return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
 
     @app.post("/v1/labels", response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
@@ -320,6 +450,7 @@ def create_app(
     @app.get("/v1/products/{product_id:path}/image", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
              tags=["products"], summary="A product photo (only photos of catalogue products are served)")
     def product_image(
+        request: Request,
         engine: EngineDep,
         product_id: str,
         photo_id: Annotated[int | None, Query(description="which photo (default: the product's first)")] = None,
@@ -331,20 +462,18 @@ def create_app(
             photos = [p for p in photos if p["photo_id"] == photo_id]
         if not photos:
             raise NotFound(f"product {product_id!r} has no photo {photo_id}")
-        source = photos[0]["image"]
-        if source.lower().startswith(("http://", "https://")):
-            return RedirectResponse(source)
+        photo = photos[0]
+        if photo["image"].lower().startswith(("http://", "https://")):
+            return RedirectResponse(photo["image"])
+        etag = f'"{photo["sha256"][:32]}-{size or 0}"'
+        headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
         try:
-            data = read_source_bytes(source, 64 * 1024 * 1024)
-            im = image_from_bytes(data, max_pixels=engine.max_pixels, draft_size=size)
+            data = engine.thumbnail(photo, size)
         except ImageError as e:
             raise NotFound(f"photo of {product_id!r} is no longer readable: {e}") from None
-        if size:
-            im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
-        return Response(buf.getvalue(), media_type="image/jpeg",
-                        headers={"Cache-Control": "public, max-age=86400", "ETag": f'"{photos[0]["sha256"][:32]}-{size or 0}"'})
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     @app.get("/v1/products/{product_id:path}", response_model=ProductResponse, responses=ERRORS, tags=["products"],
              summary="A product with its photos and metadata")

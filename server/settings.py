@@ -1,0 +1,43 @@
+"""Server configuration: one pydantic-settings object, read from environment variables
+(prefix ``LOOKALIKE_``) and optionally a TOML file named by ``LOOKALIKE_CONFIG`` (or ``--config``).
+
+Precedence, highest first: arguments given to :func:`server.app.create_app` (the CLI's
+flags), environment variables, the TOML file, the defaults below.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from indexer.images import DEFAULT_MAX_PIXELS
+
+
+class ServerSettings(BaseSettings):
+    """Every server option, its environment variable and its default."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", extra="ignore")
+
+    index: Path | None = Field(None, description="index directory to serve (LOOKALIKE_INDEX)")
+    model: str | None = Field(None, description="model to load instead of the index's own (same weights)")
+    pretrained: str | None = Field(None, description="weights file or tag for the index's model")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    labels_file: Path | None = Field(None, description="default label set (YAML/JSON); data/labels/retail.yaml if unset")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest accepted upload, bytes (413 above)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, pixels (413 above)")
+    thumbnail_cache_items: int = Field(512, ge=0, description="resized product photos kept in memory")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
+    access_log: bool = Field(True, description="log one line per request")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get("LOOKALIKE_CONFIG")
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)

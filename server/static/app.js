@@ -1,0 +1,265 @@
+// lookalike web page: photo search (drop, pick, paste, camera), text search, "more like this",
+// product details, category and result-count filters. The query lives in the URL (?q=, ?similar=,
+// &category=, &k=) so a result page can be shared and reloaded. No build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  textForm: $("text-form"), textQuery: $("text-query"), dropZone: $("drop-zone"), fileInput: $("file-input"),
+  cameraInput: $("camera-input"), preview: $("query-preview"), queryImage: $("query-image"),
+  queryCaption: $("query-caption"), labels: $("labels"), labelList: $("label-list"), category: $("category"),
+  k: $("k"), status: $("status"), error: $("error"), results: $("results"), details: $("details"),
+  detailsBody: $("details-body"),
+};
+let lastPhoto = null; // the uploaded File, to re-run a photo search when a filter changes
+
+function params() { return new URLSearchParams(location.search); }
+
+function setUrl(updates) {
+  const p = params();
+  for (const [key, value] of Object.entries(updates)) {
+    if (value === null || value === undefined || value === "") p.delete(key); else p.set(key, value);
+  }
+  const qs = p.toString();
+  history.pushState(null, "", qs ? `?${qs}` : location.pathname);
+}
+
+function showError(message) {
+  els.error.textContent = message;
+  els.error.hidden = !message;
+}
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {
+    throw new Error("The server could not be reached. Is it running?");
+  }
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) {
+    const message = body && body.error ? body.error.message : `The server answered ${response.status}.`;
+    if (response.status === 413) throw new Error(`That file is too large. ${message}`);
+    if (response.status === 503) throw new Error(`The server is still starting. ${message}`);
+    throw new Error(message);
+  }
+  return body;
+}
+
+function filters() {
+  return { k: els.k.value, category: els.category.value };
+}
+
+function searchQuery() {
+  const f = filters();
+  const p = new URLSearchParams({ k: f.k });
+  if (f.category) p.set("category", f.category);
+  return p;
+}
+
+async function searchPhoto(file) {
+  if (!file) return;
+  if (file.type && !file.type.startsWith("image/")) {
+    showError(`"${file.name}" is not an image. Choose a JPEG, PNG or WebP photo.`);
+    return;
+  }
+  lastPhoto = file;
+  showError("");
+  els.queryImage.src = URL.createObjectURL(file);
+  els.queryCaption.textContent = file.name || "pasted image";
+  els.preview.hidden = false;
+  els.textQuery.value = "";
+  setUrl({ q: null, similar: null, ...filters() });
+  els.status.textContent = "Searching…";
+  const form = new FormData();
+  form.append("image", file, file.name || "photo.jpg");
+  try {
+    const body = await api(`/v1/search/image?${searchQuery()}`, { method: "POST", body: form });
+    renderLabels(body.labels);
+    renderResults(body.results, `${body.results.length} similar products (${Math.round(body.took_ms)} ms)`);
+  } catch (e) {
+    els.status.textContent = "";
+    renderLabels([]);
+    els.results.replaceChildren();
+    showError(e.message);
+  }
+}
+
+async function searchText(query) {
+  query = query.trim();
+  if (!query) return;
+  lastPhoto = null;
+  showError("");
+  els.preview.hidden = true;
+  renderLabels([]);
+  els.status.textContent = "Searching…";
+  try {
+    const f = filters();
+    const body = await api("/v1/search/text", {
+      method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ query, k: Number(f.k), category: f.category || null }),
+    });
+    renderResults(body.results, `${body.results.length} products for “${query}” (${Math.round(body.took_ms)} ms)`);
+  } catch (e) {
+    els.status.textContent = "";
+    els.results.replaceChildren();
+    showError(e.message);
+  }
+}
+
+async function searchSimilar(id) {
+  lastPhoto = null;
+  showError("");
+  renderLabels([]);
+  els.textQuery.value = "";
+  els.queryImage.src = `/v1/products/${encodeURIComponent(id)}/image?size=512`;
+  els.queryCaption.textContent = `More like ${id}`;
+  els.preview.hidden = false;
+  els.status.textContent = "Searching…";
+  try {
+    const body = await api(`/v1/products/${encodeURIComponent(id)}/similar?${searchQuery()}`);
+    renderResults(body.results, `${body.results.length} products like ${id} (${Math.round(body.took_ms)} ms)`);
+  } catch (e) {
+    els.status.textContent = "";
+    els.results.replaceChildren();
+    showError(e.message);
+  }
+}
+
+function renderLabels(labels) {
+  els.labelList.replaceChildren();
+  els.labels.hidden = !labels || labels.length === 0;
+  for (const lab of labels || []) {
+    const li = document.createElement("li");
+    li.className = "label";
+    const pct = (lab.score * 100).toFixed(1);
+    li.innerHTML = `<span class="name"></span><span class="bar"><span style="width:${pct}%"></span></span><span class="pct">${pct}%</span>`;
+    li.querySelector(".name").textContent = lab.label;
+    li.title = `cosine ${lab.cosine.toFixed(3)}`;
+    els.labelList.append(li);
+  }
+}
+
+function price(r) {
+  const value = (r.image_metadata && r.image_metadata.price) ?? (r.metadata && r.metadata.price);
+  if (value === undefined || value === null || value === "") return "";
+  const n = Number(value);
+  return Number.isFinite(n) ? `$${n.toFixed(2)}` : String(value);
+}
+
+function renderResults(results, statusText) {
+  els.status.textContent = statusText;
+  els.results.replaceChildren();
+  for (const r of results) {
+    const li = document.createElement("li");
+    li.className = "result";
+    li.dataset.id = r.id;
+    li.innerHTML = `
+      <img loading="lazy" alt="">
+      <div class="info">
+        <span class="title"></span>
+        <span class="category"></span>
+        <span class="price"></span>
+        <span class="score"></span>
+        <div class="actions">
+          <button type="button" class="more">More like this</button>
+          <button type="button" class="secondary open">Details</button>
+        </div>
+      </div>`;
+    const img = li.querySelector("img");
+    img.src = `/v1/products/${encodeURIComponent(r.id)}/image?size=256&photo_id=${r.photo_id}`;
+    img.alt = r.title || r.id;
+    li.querySelector(".title").textContent = r.title || r.id;
+    li.querySelector(".category").textContent = r.category || "";
+    li.querySelector(".price").textContent = price(r);
+    li.querySelector(".score").textContent = `similarity ${r.score.toFixed(3)}`;
+    li.querySelector(".more").addEventListener("click", () => { setUrl({ similar: r.id, q: null }); searchSimilar(r.id); });
+    const open = () => openDetails(r.id);
+    li.querySelector(".open").addEventListener("click", open);
+    img.addEventListener("click", open);
+    els.results.append(li);
+  }
+}
+
+async function openDetails(id) {
+  try {
+    const p = await api(`/v1/products/${encodeURIComponent(id)}`);
+    const body = els.detailsBody;
+    body.innerHTML = `<h2></h2><p class="category"></p><div class="photos"></div><table class="meta"></table>`;
+    body.querySelector("h2").textContent = p.title || p.id;
+    body.querySelector(".category").textContent = [p.category, p.label && `label: ${p.label}`].filter(Boolean).join(" · ");
+    for (const photo of p.images) {
+      const img = document.createElement("img");
+      img.src = `/v1/products/${encodeURIComponent(id)}/image?size=256&photo_id=${photo.photo_id}`;
+      img.alt = photo.image;
+      body.querySelector(".photos").append(img);
+    }
+    const rows = { id: p.id, ...p.metadata };
+    for (const [key, value] of Object.entries(rows)) {
+      const tr = document.createElement("tr");
+      tr.innerHTML = "<td></td><td></td>";
+      tr.children[0].textContent = key;
+      tr.children[1].textContent = typeof value === "object" ? JSON.stringify(value) : String(value);
+      body.querySelector(".meta").append(tr);
+    }
+    els.details.showModal();
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+async function loadCategories() {
+  try {
+    const cats = await api("/v1/categories");
+    for (const c of cats) {
+      const opt = document.createElement("option");
+      opt.value = c.category;
+      opt.textContent = `${c.category} (${c.products})`;
+      els.category.append(opt);
+    }
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function runFromUrl() {
+  const p = params();
+  if (p.get("k")) els.k.value = p.get("k");
+  els.category.value = p.get("category") || "";
+  if (p.get("q")) { els.textQuery.value = p.get("q"); searchText(p.get("q")); }
+  else if (p.get("similar")) searchSimilar(p.get("similar"));
+}
+
+function rerun() {
+  setUrl(filters());
+  const p = params();
+  if (lastPhoto) searchPhoto(lastPhoto);
+  else if (p.get("q")) searchText(p.get("q"));
+  else if (p.get("similar")) searchSimilar(p.get("similar"));
+}
+
+els.textForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  setUrl({ q: els.textQuery.value.trim(), similar: null, ...filters() });
+  searchText(els.textQuery.value);
+});
+for (const input of [els.fileInput, els.cameraInput]) {
+  input.addEventListener("change", () => { searchPhoto(input.files[0]); input.value = ""; });
+}
+els.dropZone.addEventListener("dragover", (e) => { e.preventDefault(); els.dropZone.classList.add("over"); });
+els.dropZone.addEventListener("dragleave", () => els.dropZone.classList.remove("over"));
+els.dropZone.addEventListener("drop", (e) => {
+  e.preventDefault();
+  els.dropZone.classList.remove("over");
+  searchPhoto(e.dataTransfer.files[0]);
+});
+document.addEventListener("paste", (e) => {
+  const file = [...(e.clipboardData ? e.clipboardData.files : [])].find((f) => f.type.startsWith("image/"));
+  if (file) { e.preventDefault(); searchPhoto(file); }
+});
+els.category.addEventListener("change", rerun);
+els.k.addEventListener("change", rerun);
+window.addEventListener("popstate", runFromUrl);
+
+loadCategories().then(runFromUrl);
