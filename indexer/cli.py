@@ -193,6 +193,41 @@ def _label_index(args, label_set) -> int:
     return 0
 
 
+def cmd_add(args) -> int:
+    from .store import Product
+    from .updates import PhotoUpload, upsert_product
+
+    meta = {}
+    for item in args.meta or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LookalikeError(f"--meta {item!r}: use KEY=VALUE")
+        meta[key] = value
+    photos = []
+    for path in args.images:
+        try:
+            photos.append(PhotoUpload(Path(path).read_bytes(), str(Path(path).resolve()), Path(path).name))
+        except OSError as e:
+            raise LookalikeError(f"cannot read {path}: {e.strerror or e}") from None
+    with _open_index(args.index, writable=True) as store:
+        model = _model_for_index(args, store)
+        product, created = upsert_product(store, model, Product(args.id, args.title, args.category, meta), photos)
+        store.save()
+    print(f"{'added' if created else 'updated'} {product['id']} with {len(product['images'])} photos")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    from .updates import delete_product
+
+    with _open_index(args.index, writable=True) as store:
+        for pid in args.ids:
+            delete_product(store, pid)
+        store.save()
+    print(f"deleted {len(args.ids)} products")
+    return 0
+
+
 def cmd_info(args) -> int:
     with _open_index(args.index) as store:
         m = store.manifest()
@@ -372,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _model_args(p, for_index=False)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("add", help="add or replace one product with its photos")
+    p.add_argument("index")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="the product's photos (replace its current ones)")
+    p.add_argument("--id", required=True)
+    p.add_argument("--title", default=None)
+    p.add_argument("--category", default=None)
+    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="other metadata (repeatable)")
+    _model_args(p, for_index=False)
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("delete", help="delete products and their photos")
+    p.add_argument("index")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("info", help="what an index holds")
     p.add_argument("index")

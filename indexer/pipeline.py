@@ -9,7 +9,10 @@ worker and a photo whose hash is unchanged is not decoded or embedded again.
 
 Crash safety: photos are committed to the store every ``commit_every`` photos
 (one SQLite transaction each, see :mod:`indexer.store`); a killed run loses at
-most the batch in flight, and the next run skips everything committed.
+most the photos embedded since the last commit, and the next run skips
+everything committed. The environment variable ``LOOKALIKE_COMMIT_EVERY``
+overrides the default of 1024 (the crash tests commit every few photos, so that
+a kill lands between commits).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .catalogue import Catalogue, CatalogueRow, read_source_bytes
+from .errors import LookalikeError
 from .images import DEFAULT_MAX_PIXELS, ImageError, open_image
 from .model import ClipModel
 from .store import KnownPhoto, PhotoRecord, Product, Store
@@ -33,6 +37,8 @@ from .store import KnownPhoto, PhotoRecord, Product, Store
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+DEFAULT_COMMIT_EVERY = 1024
+COMMIT_EVERY_ENV = "LOOKALIKE_COMMIT_EVERY"
 
 
 @dataclass
@@ -137,6 +143,15 @@ class IndexReport:
         return "\n".join(lines)
 
 
+def _commit_every_from_env() -> int:
+    value = os.environ.get(COMMIT_EVERY_ENV, "").strip()
+    if not value:
+        return DEFAULT_COMMIT_EVERY
+    if not value.isdigit() or int(value) < 1:
+        raise LookalikeError(f"{COMMIT_EVERY_ENV}={value!r}: give a whole number of photos, 1 or more (default {DEFAULT_COMMIT_EVERY})")
+    return int(value)
+
+
 def _stat(source: str) -> tuple[int | None, int | None]:
     if "://" in source or "::" in source:
         return None, None
@@ -156,7 +171,7 @@ def index_catalogue(
     batch_size: int = 64,
     workers: int | None = None,
     prune: bool = False,
-    commit_every: int = 1024,
+    commit_every: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     progress: bool = True,
@@ -166,8 +181,13 @@ def index_catalogue(
     batch_size: photos per forward pass. workers: decoding processes (default:
     the number of CPU cores, at most 8; 0 decodes in this process).
     prune: delete products, and photos of products, that are no longer in the catalogue.
+    commit_every: photos (embedded or found unchanged) per store commit; default
+    ``$LOOKALIKE_COMMIT_EVERY`` if set, else 1024. Raises LookalikeError if that
+    variable is not a whole number of 1 or more.
     Returns the run's report, which is also written to ``INDEX_DIR/report.json``.
     """
+    if commit_every is None:
+        commit_every = _commit_every_from_env()
     t0 = time.perf_counter()
     report = IndexReport(
         catalogue=catalogue_name,

@@ -369,6 +369,14 @@ class Store:
         )
         return [(r[0], r[1]) for r in rows]
 
+    def has_product(self, product_id: str) -> bool:
+        return self._db().execute("SELECT 1 FROM products WHERE id = ?", (product_id,)).fetchone() is not None
+
+    def saved_generation(self) -> int:
+        """The generation of the FAISS snapshot on disk (-1 if none)."""
+        gens = [int(p.name[len("vectors.g"):-len(".faiss")]) for p in self.path.glob("vectors.g*.faiss")]
+        return max(gens, default=-1)
+
     def get_product(self, product_id: str) -> dict:
         """The product with its photos. Raises NotFound."""
         db = self._db()

@@ -6,7 +6,9 @@ with a 4xx status; nothing a client sends can produce a 500.
 """
 from __future__ import annotations
 
+import hmac
 import io
+import json
 import logging
 import threading
 import time
@@ -29,7 +31,8 @@ from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError, image_from_bytes
 from indexer.labels import LabelSet, ZeroShotClassifier
 from indexer.model import ClipModel, load_model
-from indexer.store import Store, check_model
+from indexer.store import Product, Store, StoreError, check_model
+from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
 
 from .observability import Metrics, RequestObserver
 from .settings import ServerSettings
@@ -114,6 +117,12 @@ class Health(BaseModel):
     model: str
 
 
+class ProductPatch(BaseModel):
+    title: str | None = Field(None, max_length=2000)
+    category: str | None = Field(None, max_length=2000)
+    metadata: dict | None = Field(None, description="keys to set; a key set to null is removed")
+
+
 class CategoryCount(BaseModel):
     category: str
     products: int
@@ -136,7 +145,38 @@ class Engine:
         self._thumbnails: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._last_refresh = time.monotonic()
+        self.write_block: LookalikeError | None = None
+        if settings.read_only:
+            self.write_block = LookalikeError("this server is read-only (read_only = true)", code="read_only", http_status=403)
+        elif not store.writable:
+            self.write_block = LookalikeError("the index is being written by another process (lookalike index?); "
+                                              "retry when it is done", code="index_locked", http_status=409)
+        self._stop = threading.Event()
+        self._saver = None
+        if store.writable:
+            self._saver = threading.Thread(target=self._save_loop, name="lookalike-snapshot", daemon=True)
+            self._saver.start()
         self.update_gauges()
+
+    def _save_loop(self) -> None:
+        """Write the FAISS snapshot after live writes, at most every snapshot_interval_s. SQLite already
+        holds every acknowledged write durably; the snapshot only saves a rebuild at the next start."""
+        while not self._stop.wait(self.settings.snapshot_interval_s):
+            self.save_snapshot()
+
+    def save_snapshot(self) -> None:
+        try:
+            if self.store.generation() != self.store.saved_generation():
+                self.store.save()
+        except Exception:  # the next round or the next start repairs it
+            log.exception("saving the FAISS snapshot failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._saver is not None:
+            self._saver.join(timeout=10)
+            self.save_snapshot()
+        self.store.close()
 
     def update_gauges(self) -> None:
         self.metrics.products.set(self.store.count_products())
@@ -234,6 +274,40 @@ def _engine(request: Request) -> Engine:
 EngineDep = Annotated[Engine, Depends(_engine)]
 
 
+def _check_key(request: Request) -> None:
+    """Bearer API key check, compared in constant time (hmac.compare_digest) against every configured key."""
+    keys = request.app.state.settings.keys()
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise LookalikeError("this route needs an API key: send 'Authorization: Bearer KEY'", code="unauthorized",
+                             http_status=401)
+    token_b = token.strip().encode()
+    valid = False
+    for key in keys:
+        valid |= hmac.compare_digest(token_b, key.encode())
+    if not valid:
+        raise LookalikeError("the API key is not valid", code="forbidden", http_status=403)
+
+
+def require_read(request: Request) -> None:
+    if request.app.state.settings.auth_reads:
+        _check_key(request)
+
+
+def require_write(request: Request) -> None:
+    if not request.app.state.settings.keys():
+        raise LookalikeError("writes are disabled on this server: configure api_keys (LOOKALIKE_API_KEYS)",
+                             code="writes_disabled", http_status=403)
+    _check_key(request)
+
+
+def _writable(engine: Engine) -> Engine:
+    if engine.write_block is not None:
+        raise engine.write_block
+    return engine
+
+
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:
     data = await upload.read(limit + 1)
     if len(data) > limit:
@@ -290,7 +364,12 @@ def create_app(
 
     def load(app: FastAPI) -> None:
         try:
-            store = Store.open(cfg.index)
+            try:
+                store = Store.open(cfg.index, writable=not cfg.read_only)
+            except StoreError as e:
+                if "another process" not in str(e):
+                    raise
+                store = Store.open(cfg.index)  # an indexer holds the write lock: serve, refuse writes
             ident = store.identity
             m = model
             if m is None:
@@ -318,8 +397,10 @@ def create_app(
             load(app)
         yield
         if app.state.engine is not None:
-            app.state.engine.store.close()
+            app.state.engine.close()
 
+    read_auth = [Depends(require_read)]
+    write_auth = [Depends(require_write)]
     app = FastAPI(
         title="lookalike",
         version="0.1.0",
@@ -336,7 +417,10 @@ def create_app(
 
     @app.exception_handler(LookalikeError)
     async def _lookalike_error(request: Request, exc: LookalikeError):
-        return _error(exc.http_status, exc.code, str(exc))
+        response = _error(exc.http_status, exc.code, str(exc))
+        if exc.http_status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -378,12 +462,12 @@ def create_app(
             engine.update_gauges()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/categories", response_model=list[CategoryCount], responses=ERRORS, tags=["products"],
+    @app.get("/v1/categories", dependencies=read_auth, response_model=list[CategoryCount], responses=ERRORS, tags=["products"],
              summary="Every product category with its number of products")
     def categories(engine: EngineDep) -> list[CategoryCount]:
         return [CategoryCount(category=c, products=n) for c, n in engine.store.categories()]
 
-    @app.post("/v1/search/image", response_model=SearchResponse, responses=ERRORS, tags=["search"],
+    @app.post("/v1/search/image", dependencies=read_auth, response_model=SearchResponse, responses=ERRORS, tags=["search"],
               summary="Find products that look like an uploaded photo")
     async def search_image(
         engine: EngineDep,
@@ -405,7 +489,7 @@ def create_app(
         labs = engine.default_labels.top_k(vec, 5)[0] if labels else []
         return SearchResponse(results=[h.to_dict() for h in hits], labels=labs, took_ms=_ms(t0))
 
-    @app.post("/v1/search/text", response_model=SearchResponse, responses=ERRORS, tags=["search"],
+    @app.post("/v1/search/text", dependencies=read_auth, response_model=SearchResponse, responses=ERRORS, tags=["search"],
               summary="Find products that match a text, e.g. 'red running shoes'")
     def search_text(engine: EngineDep, body: TextQuery) -> SearchResponse:
         t0 = time.perf_counter()
@@ -413,7 +497,7 @@ def create_app(
         hits = engine.search(vec, body.k, body.category, body.min_score)
         return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
 
-    @app.post("/v1/labels", response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
+    @app.post("/v1/labels", dependencies=read_auth, response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
               summary="Zero-shot labels for a photo")
     async def labels_route(
         engine: EngineDep,
@@ -434,7 +518,7 @@ def create_app(
 
         return await run_in_threadpool(run)
 
-    @app.get("/v1/products/{product_id:path}/similar", response_model=SearchResponse, responses=ERRORS,
+    @app.get("/v1/products/{product_id:path}/similar", dependencies=read_auth, response_model=SearchResponse, responses=ERRORS,
              tags=["products"], summary="Products that look like a catalogue product")
     def similar(
         engine: EngineDep,
@@ -447,7 +531,7 @@ def create_app(
         hits = engine.store.similar(product_id, k, category=category)
         return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
 
-    @app.get("/v1/products/{product_id:path}/image", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
+    @app.get("/v1/products/{product_id:path}/image", dependencies=read_auth, responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
              tags=["products"], summary="A product photo (only photos of catalogue products are served)")
     def product_image(
         request: Request,
@@ -475,10 +559,57 @@ def create_app(
             raise NotFound(f"photo of {product_id!r} is no longer readable: {e}") from None
         return Response(data, media_type="image/jpeg", headers=headers)
 
-    @app.get("/v1/products/{product_id:path}", response_model=ProductResponse, responses=ERRORS, tags=["products"],
+    @app.get("/v1/products/{product_id:path}", dependencies=read_auth, response_model=ProductResponse, responses=ERRORS, tags=["products"],
              summary="A product with its photos and metadata")
     def product(engine: EngineDep, product_id: str) -> ProductResponse:
         return engine.store.get_product(product_id)
+
+    @app.post("/v1/products", response_model=ProductResponse, status_code=201, dependencies=write_auth,
+              responses={**ERRORS, 200: {"model": ProductResponse, "description": "an existing product was replaced"},
+                         401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+              tags=["catalogue updates"], summary="Add or replace a product (upsert by id) with its photos")
+    async def add_product(
+        engine: EngineDep,
+        metadata: Annotated[str, Form(description='JSON object: {"id": ..., "title"?, "category"?, any other keys}')],
+        images: Annotated[list[UploadFile] | None, File(description="the product's photos; they replace its current "
+                                                        "photos (none: only the metadata changes)")] = None,
+    ):
+        engine = _writable(engine)
+        try:
+            meta = json.loads(metadata)
+        except ValueError as e:
+            raise LookalikeError(f"metadata is not valid JSON: {e}", code="bad_product", http_status=422) from None
+        if not isinstance(meta, dict):
+            raise LookalikeError("metadata must be a JSON object", code="bad_product", http_status=422)
+        uploads = [PhotoUpload(await _read_upload(f, engine.max_upload_bytes), None, f.filename or "")
+                   for f in images or []]
+        pid = meta.pop("id", None)
+        title, category = meta.pop("title", None), meta.pop("category", None)
+        for name, value in (("title", title), ("category", category)):
+            if value is not None and not isinstance(value, str):
+                raise LookalikeError(f"{name} must be a string", code="bad_product", http_status=422)
+        from starlette.concurrency import run_in_threadpool
+
+        product, created = await run_in_threadpool(
+            upsert_product, engine.store, engine.model, Product(pid, title, category, meta), uploads, engine.max_pixels)
+        engine.update_gauges()
+        return JSONResponse(ProductResponse(**product).model_dump(), status_code=201 if created else 200)
+
+    @app.patch("/v1/products/{product_id:path}", response_model=ProductResponse, dependencies=write_auth,
+               responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+               tags=["catalogue updates"], summary="Change a product's title, category or metadata")
+    def change_product(engine: EngineDep, product_id: str, body: ProductPatch) -> ProductResponse:
+        engine = _writable(engine)
+        return patch_product(engine.store, product_id, body.title, body.category, body.metadata)
+
+    @app.delete("/v1/products/{product_id:path}", status_code=204, dependencies=write_auth,
+                responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+                tags=["catalogue updates"], summary="Delete a product and its photos")
+    def remove_product(engine: EngineDep, product_id: str) -> Response:
+        engine = _writable(engine)
+        delete_product(engine.store, product_id)
+        engine.update_gauges()
+        return Response(status_code=204)
 
     return app
 

@@ -29,9 +29,17 @@ class ServerSettings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest accepted upload, bytes (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, pixels (413 above)")
     thumbnail_cache_items: int = Field(512, ge=0, description="resized product photos kept in memory")
+    api_keys: str = Field("", description="comma-separated API keys; write routes need one (Authorization: Bearer KEY); "
+                                      "with none set, writes are disabled")
+    auth_reads: bool = Field(False, description="read routes (search, labels, products) need an API key too")
+    read_only: bool = Field(False, description="never write to the index (the write routes answer 403)")
+    snapshot_interval_s: float = Field(30.0, gt=0, description="how often live writes are saved to the FAISS snapshot, seconds")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     access_log: bool = Field(True, description="log one line per request")
+
+    def keys(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,

@@ -1,0 +1,229 @@
+"""Live catalogue updates over HTTP and the CLI: auth, upsert/patch/delete, durability, and
+searches running concurrently with writes."""
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from indexer.store import Store
+from server.app import create_app
+
+KEY = "s3cret-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def index_copy(magento_index, tmp_path):
+    dst = tmp_path / "index"
+    shutil.copytree(magento_index, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def _photo(color, size=(300, 400), shape=0) -> bytes:
+    im = Image.new("RGB", size, (255, 255, 255))
+    im.paste(Image.new("RGB", (120 + 40 * shape, 200 - 30 * shape), color), (60, 80))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _add(c, pid, photos, **meta):
+    files = [("images", (f"p{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
+    return c.post("/v1/products", data={"metadata": json.dumps({"id": pid, **meta})}, files=files or None, headers=AUTH)
+
+
+def test_write_routes_need_a_valid_key(index_copy, tiny_model):
+    photo = _photo((200, 0, 0))
+    with TestClient(create_app(index_copy, model=tiny_model)) as c:  # no keys configured
+        r = _add(c, "N1", [photo], title="t")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "writes_disabled"
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=f"other,{KEY}")) as c:
+        files = {"images": ("p.jpg", photo, "image/jpeg")}
+        r = c.post("/v1/products", data={"metadata": '{"id": "N1"}'}, files=files)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        r = c.post("/v1/products", data={"metadata": '{"id": "N1"}'}, files=files, headers={"authorization": "Bearer nope"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        assert c.delete("/v1/products/N1", headers={"authorization": "Basic x"}).status_code == 401
+        assert c.post("/v1/search/text", json={"query": "bag"}).status_code == 200  # reads stay open
+        assert _add(c, "N1", [photo], title="t").status_code == 201
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY, auth_reads=True)) as c:
+        assert c.post("/v1/search/text", json={"query": "bag"}).status_code == 401
+        assert c.post("/v1/search/text", json={"query": "bag"}, headers=AUTH).status_code == 200
+        assert c.get("/v1/products/N1", headers=AUTH).status_code == 200
+        assert c.get("/healthz").status_code == 200
+
+
+def test_upsert_patch_delete_and_durability(index_copy, tiny_model):
+    red, blue, green = _photo((220, 20, 20)), _photo((20, 20, 220), shape=2), _photo((20, 200, 20), shape=1)
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY)) as c:
+        before = c.get("/readyz").json()["products"]
+        r = _add(c, "NEW-1", [red, blue], title="Red thing", category="Test/Things", price=9.5)
+        assert r.status_code == 201, r.text
+        p = r.json()
+        assert len(p["images"]) == 2 and p["metadata"] == {"price": 9.5} and p["category"] == "Test/Things"
+        hit = c.post("/v1/search/image?k=1", files={"image": ("q.jpg", blue, "image/jpeg")}).json()["results"][0]
+        assert hit["id"] == "NEW-1" and hit["score"] >= 0.99
+        assert c.get(f"/v1/products/NEW-1/image?photo_id={hit['photo_id']}").status_code == 200
+
+        r = _add(c, "NEW-1", [green], title="Green thing")  # replace: photos and metadata
+        assert r.status_code == 200
+        assert len(r.json()["images"]) == 1 and r.json()["title"] == "Green thing"
+        top = c.post("/v1/search/image?k=3", files={"image": ("q.jpg", blue, "image/jpeg")}).json()["results"]
+        assert all(not (x["id"] == "NEW-1" and x["score"] > 0.9999) for x in top)  # the old photo is gone
+
+        r = c.patch("/v1/products/NEW-1", json={"category": "Test/Other", "metadata": {"price": 3, "colour": "green"}},
+                    headers=AUTH)
+        assert r.status_code == 200 and r.json()["metadata"] == {"price": 3, "colour": "green"}
+        r = c.patch("/v1/products/NEW-1", json={"metadata": {"colour": None}}, headers=AUTH)
+        assert r.json()["metadata"] == {"price": 3} and r.json()["category"] == "Test/Other"
+        assert c.patch("/v1/products/NOPE", json={"title": "x"}, headers=AUTH).status_code == 404
+
+        assert _add(c, "NEW-2", [red], title="Red").status_code == 201
+        assert c.delete("/v1/products/NEW-2", headers=AUTH).status_code == 204
+        assert c.delete("/v1/products/NEW-2", headers=AUTH).status_code == 404
+        assert c.get("/v1/products/NEW-2").status_code == 404
+        hits = c.post("/v1/search/image?k=50", files={"image": ("q.jpg", red, "image/jpeg")}).json()["results"]
+        assert "NEW-2" not in {h["id"] for h in hits}
+        assert c.get("/readyz").json()["products"] == before + 1
+    # acknowledged writes survive a restart, and the store is consistent
+    with Store.open(index_copy) as store:
+        assert store.has_product("NEW-1") and not store.has_product("NEW-2")
+        assert store.get_product("NEW-1")["metadata"] == {"price": 3}
+        assert store.check()["ok"], store.check()["problems"]
+
+
+def test_bad_writes_change_nothing(index_copy, tiny_model):
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY)) as c:
+        count = c.get("/readyz").json()["photos"]
+        cases = [
+            (_add(c, "B1", [_photo((1, 2, 3)), b"not an image"], title="x"), 400),
+            (_add(c, "B2", [], title="new product without photos"), 400),
+            (c.post("/v1/products", data={"metadata": "{nope"}, headers=AUTH), 422),
+            (c.post("/v1/products", data={"metadata": "[1]"}, headers=AUTH), 422),
+            (_add(c, "", [_photo((1, 2, 3))]), 400),
+            (_add(c, "B3", [_photo((1, 2, 3))], title=5), 422),
+            (c.post("/v1/products", files={"images": ("a.jpg", b"x", "image/jpeg")}, headers=AUTH), 422),
+        ]
+        for response, status in cases:
+            assert response.status_code == status, response.text
+            assert response.json()["error"]["message"]
+        assert c.get("/readyz").json()["photos"] == count
+        assert c.get("/v1/products/B1").status_code == 404
+
+
+def test_read_only_and_locked_index_refuse_writes(index_copy, tiny_model):
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY, read_only=True)) as c:
+        r = _add(c, "R1", [_photo((9, 9, 9))])
+        assert r.status_code == 403 and r.json()["error"]["code"] == "read_only"
+    with Store.open(index_copy, writable=True):  # e.g. 'lookalike index' running
+        with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY)) as c:
+            assert c.post("/v1/search/text", json={"query": "bag"}).status_code == 200
+            r = _add(c, "R1", [_photo((9, 9, 9))])
+            assert r.status_code == 409 and r.json()["error"]["code"] == "index_locked"
+
+
+def test_cli_add_and_delete(index_copy, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "lookalike")
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(_photo((10, 120, 200)))
+    r = subprocess.run([exe, "add", str(index_copy), str(photo), "--id", "CLI-1", "--title", "From CLI",
+                        "--meta", "price=12"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with Store.open(index_copy) as store:
+        p = store.get_product("CLI-1")
+        assert p["title"] == "From CLI" and p["metadata"] == {"price": "12"} and p["images"][0]["image"] == str(photo)
+    r = subprocess.run([exe, "delete", str(index_copy), "CLI-1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([exe, "delete", str(index_copy), "CLI-1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no product with id 'CLI-1'" in r.stderr
+    r = subprocess.run([exe, "check", str(index_copy)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout
+
+
+def test_searches_concurrent_with_writes_never_fail_or_see_deleted(index_copy, tiny_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(index_copy, model=tiny_model, api_keys=KEY, snapshot_interval_s=0.5)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    photos = [_photo((30 * i % 255, 90, 200 - 20 * i % 255), shape=i % 3) for i in range(6)]
+    deleted_at: dict[str, float] = {}
+    problems: list[str] = []
+    stop = threading.Event()
+    acknowledged: list[str] = []
+
+    def writer(n: int) -> None:
+        with httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
+            for i in range(8):
+                pid = f"LIVE-{n}-{i}"
+                files = [("images", ("p.jpg", photos[(n + i) % 6], "image/jpeg"))]
+                r = c.post("/v1/products", data={"metadata": json.dumps({"id": pid, "title": "live"})}, files=files)
+                if r.status_code != 201:
+                    problems.append(f"add {pid}: {r.status_code} {r.text}")
+                    continue
+                if i % 2:
+                    r = c.delete(f"/v1/products/{pid}")
+                    if r.status_code != 204:
+                        problems.append(f"delete {pid}: {r.status_code}")
+                    deleted_at[pid] = time.monotonic()
+                else:
+                    acknowledged.append(pid)
+
+    def searcher(n: int) -> None:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            while not stop.is_set():
+                started = time.monotonic()
+                if n % 2:
+                    r = c.post("/v1/search/image?k=30", files={"image": ("q.jpg", photos[n % 6], "image/jpeg")})
+                else:
+                    r = c.post("/v1/search/text", json={"query": "live", "k": 30})
+                if r.status_code != 200:
+                    problems.append(f"search: {r.status_code} {r.text}")
+                    continue
+                for hit in r.json()["results"]:
+                    gone = deleted_at.get(hit["id"])
+                    if gone is not None and gone < started:
+                        problems.append(f"search returned {hit['id']}, deleted before the search started")
+                    if hit["id"].startswith("LIVE-") and hit["title"] != "live":
+                        problems.append(f"half-written product {hit['id']}: {hit}")
+
+    writers = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    searchers = [threading.Thread(target=searcher, args=(n,)) for n in range(4)]
+    for t in writers + searchers:
+        t.start()
+    for t in writers:
+        t.join(timeout=300)
+    stop.set()
+    for t in searchers:
+        t.join(timeout=60)
+    server.should_exit = True
+    thread.join(timeout=30)
+    assert problems == []
+    assert len(acknowledged) == 8 and len(deleted_at) == 8
+    with Store.open(index_copy) as store:
+        for pid in acknowledged:
+            assert store.has_product(pid), pid  # every acknowledged write is there after the restart
+        assert not any(store.has_product(pid) for pid in deleted_at)
+        assert store.check()["ok"], store.check()["problems"]
