@@ -265,6 +265,8 @@ def cmd_check(args) -> int:
               f"generation {result['generation']}")
         for p in result["problems"]:
             print(f"  problem: {p}")
+        for n in result.get("notes", []):
+            print(f"  note: {n}")
     return 0 if result["ok"] else 1
 
 

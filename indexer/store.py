@@ -80,6 +80,10 @@ class StoreError(LookalikeError):
     code = "index_error"
 
 
+class IncompleteIndex(StoreError):
+    """The index directory's database exists but its creation never committed."""
+
+
 class ModelMismatch(LookalikeError):
     code = "model_mismatch"
     http_status = 409
@@ -199,27 +203,32 @@ class Store:
         """
         path = Path(path)
         if (path / DB_NAME).exists():
-            store = cls.open(path, writable=True)
-            if not store.identity.same_weights(identity):
-                store.close()
-                raise ModelMismatch(_mismatch_message(path, store.identity, identity))
-            return store
+            try:
+                store = cls.open(path, writable=True)
+            except IncompleteIndex:
+                pass  # a run killed while creating it: create it again below
+            else:
+                if not store.identity.same_weights(identity):
+                    store.close()
+                    raise ModelMismatch(_mismatch_message(path, store.identity, identity))
+                return store
         path.mkdir(parents=True, exist_ok=True)
         store = cls(path, writable=True)
         store._acquire_lock()
         db = store._db()
-        with db:
-            db.executescript(SCHEMA)
-            now = _now()
-            for key, value in (
-                ("format_version", str(FORMAT_VERSION)),
-                ("model", json.dumps(identity.to_dict())),
-                ("created_at", now),
-                ("updated_at", now),
-                ("generation", "0"),
-                ("index_type", "Flat"),
-            ):
-                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        db.executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: idempotent
+        now = _now()
+        db.execute("BEGIN IMMEDIATE")  # all meta rows or none: an open never sees half of them
+        for key, value in (
+            ("format_version", str(FORMAT_VERSION)),
+            ("model", json.dumps(identity.to_dict())),
+            ("created_at", now),
+            ("updated_at", now),
+            ("generation", "0"),
+            ("index_type", "Flat"),
+        ):
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        db.execute("COMMIT")
         store.identity = identity
         store._index = store._new_index()
         store._index_generation = 0
@@ -235,7 +244,16 @@ class Store:
         store = cls(path, writable)
         if writable:
             store._acquire_lock()
-        meta = store.meta()
+        try:
+            meta = store.meta()
+        except sqlite3.DatabaseError as e:
+            store.close()
+            if "no such table" in str(e):
+                raise IncompleteIndex(f"{path} was not fully created (interrupted?); run 'lookalike index' again") from None
+            raise StoreError(f"{path / DB_NAME} is not a readable SQLite database: {e}") from None
+        if "model" not in meta or "format_version" not in meta:
+            store.close()
+            raise IncompleteIndex(f"{path} was not fully created (interrupted?); run 'lookalike index' again")
         version = int(meta.get("format_version", "0"))
         if version != FORMAT_VERSION:
             raise StoreError(f"{path} has index format {version}; this lookalike reads format {FORMAT_VERSION}")
@@ -610,10 +628,11 @@ class Store:
         """Verify that FAISS, SQLite and the manifest agree.
 
         Returns ``{"ok": bool, "problems": [str], "products": n, "photos": n, ...}``.
-        Checks: SQLite integrity; the snapshot for the committed generation exists
-        and holds exactly the photo ids of SQLite, without duplicates, with the same
-        vectors; every photo's product exists; vectors have unit norm; the manifest
-        counts match.
+        Checks: SQLite integrity; the snapshot for the committed generation holds exactly
+        the photo ids of SQLite, without duplicates, with the same vectors; every photo's
+        product exists; vectors have unit norm; the manifest counts match. A snapshot or
+        manifest that lags behind SQLite after an interrupted run is a note, not a problem:
+        SQLite holds every commit, and the next writable open rebuilds both.
         """
         problems: list[str] = []
         db = self._db()
@@ -629,15 +648,21 @@ class Store:
             problems.append(f"{orphans} photos belong to no product")
         snap = self._snapshot_path(gen)
         index, faiss_ids = None, None
+        notes: list[str] = []
         if not snap.is_file():
-            problems.append(f"no FAISS snapshot for generation {gen} (it is rebuilt from SQLite when opened for writing)")
+            # A run stopped between commits (kill, Ctrl-C): SQLite holds every committed photo; the
+            # snapshot and manifest lag behind and are rebuilt from SQLite on the next open.
+            saved = self.saved_generation()
+            notes.append(f"the FAISS snapshot is of generation {saved}, the store of {gen} (a run was interrupted); "
+                         "it is rebuilt from SQLite when the index is next opened for writing")
+            index = self._rebuild_index()
+            faiss_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         else:
             try:
                 index = faiss.read_index(str(snap))
                 faiss_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
             except (RuntimeError, AttributeError) as e:
                 problems.append(f"FAISS snapshot {snap.name} is unreadable: {str(e).splitlines()[0] if str(e) else e}")
-                index, faiss_ids = None, None
         if faiss_ids is not None:
             if len(np.unique(faiss_ids)) != len(faiss_ids):
                 problems.append(f"FAISS holds {len(faiss_ids) - len(np.unique(faiss_ids))} duplicate ids")
@@ -677,12 +702,14 @@ class Store:
                     f"differ from the store ({n_products}, {n_photos})"
                 )
             elif manifest.get("generation") != gen:
-                problems.append(f"manifest is of generation {manifest.get('generation')}, store of {gen}")
+                notes.append(f"manifest.json is of generation {manifest.get('generation')}, the store of {gen}; "
+                             "it is rewritten when the index is next saved")
         except (OSError, ValueError) as e:
             problems.append(f"manifest unreadable: {e}")
         return {
             "ok": not problems,
             "problems": problems,
+            "notes": notes,
             "products": n_products,
             "photos": n_photos,
             "generation": gen,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -45,6 +46,10 @@ class PhotoHost(ThreadingHTTPServer):
         self.photos = photos
         self.hits: Counter[str] = Counter()
         self.lock = threading.Lock()
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients hang up on purpose here
+            super().handle_error(request, client_address)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
