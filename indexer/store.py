@@ -156,7 +156,8 @@ class Hit:
         }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file: temp file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -589,8 +590,8 @@ class Store:
             data = faiss.serialize_index(self._index)
         snap = self._snapshot_path(gen)
         if replace_snapshot or not snap.exists():
-            _atomic_write(snap, data.tobytes())
-        _atomic_write(self.path / MANIFEST_NAME, json.dumps(self.manifest(), indent=2).encode())
+            atomic_write(snap, data.tobytes())
+        atomic_write(self.path / MANIFEST_NAME, json.dumps(self.manifest(), indent=2).encode())
         for old in self.path.glob("vectors.g*.faiss"):
             if old != snap:
                 old.unlink(missing_ok=True)
@@ -611,7 +612,7 @@ class Store:
 
     def write_report(self, report: dict) -> Path:
         path = self.path / REPORT_NAME
-        _atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False).encode())
+        atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False).encode())
         return path
 
     def set_labels(self, labels: dict[str, tuple[str, float]]) -> None:

@@ -7,14 +7,13 @@ Used by the server's ``/v1/products`` routes and by ``lookalike add`` / ``lookal
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LookalikeError, NotFound
 from .images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
 from .model import ClipModel
-from .store import PhotoRecord, Product, Store
+from .store import PhotoRecord, Product, Store, atomic_write
 
 MAX_PHOTOS_PER_PRODUCT = 64
 MAX_ID_LENGTH = 512
@@ -46,12 +45,7 @@ def _keep_copy(store: Store, data: bytes, sha: str, filename: str) -> str:
         ext = ".img"
     path = folder / f"{sha}{ext}"
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
     return str(path)
 
 

@@ -1,7 +1,6 @@
 """End to end, as a user runs it: prepare the Magento catalogue, index it with the CLI,
 start the real server on a loopback port and query it over HTTP."""
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -5,17 +5,14 @@ that the write routes are fuzzed too. LOOKALIKE_FUZZ_EXAMPLES sets the examples 
 """
 import os
 import shutil
-import socket
-import threading
-import time
 
-import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, Phase, settings
 
 from server.app import create_app
+
+from conftest import LiveServer
 
 KEY = "fuzz-key"
 EXAMPLES = int(os.environ.get("LOOKALIKE_FUZZ_EXAMPLES", "25"))
@@ -25,24 +22,8 @@ EXAMPLES = int(os.environ.get("LOOKALIKE_FUZZ_EXAMPLES", "25"))
 def base_url(magento_index, tiny_model, tmp_path_factory):
     index = tmp_path_factory.mktemp("fuzz") / "index"
     shutil.copytree(magento_index, index, ignore=shutil.ignore_patterns(".lock"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(index, model=tiny_model, api_keys=KEY, access_log=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with LiveServer(create_app(index, model=tiny_model, api_keys=KEY, access_log=False)) as live:
+        yield live.url
 
 
 def test_no_server_errors(base_url):

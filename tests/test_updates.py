@@ -3,18 +3,18 @@ searches running concurrently with writes."""
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from indexer.store import Store
 from server.app import create_app
+
+from conftest import LiveServer
 
 KEY = "s3cret-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -153,21 +153,8 @@ def test_cli_add_and_delete(index_copy, tmp_path):
 
 
 def test_searches_concurrent_with_writes_never_fail_or_see_deleted(index_copy, tiny_model):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(index_copy, model=tiny_model, api_keys=KEY, snapshot_interval_s=0.5)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    live = LiveServer(create_app(index_copy, model=tiny_model, api_keys=KEY, snapshot_interval_s=0.5)).__enter__()
+    base = live.url
     photos = [_photo((30 * i % 255, 90, 200 - 20 * i % 255), shape=i % 3) for i in range(6)]
     deleted_at: dict[str, float] = {}
     problems: list[str] = []
@@ -218,8 +205,7 @@ def test_searches_concurrent_with_writes_never_fail_or_see_deleted(index_copy, t
     stop.set()
     for t in searchers:
         t.join(timeout=60)
-    server.should_exit = True
-    thread.join(timeout=30)
+    live.__exit__(None, None, None)
     assert problems == []
     assert len(acknowledged) == 8 and len(deleted_at) == 8
     with Store.open(index_copy) as store:
