@@ -148,6 +148,9 @@ class Engine:
         self.write_block: LookalikeError | None = None
         if settings.read_only:
             self.write_block = LookalikeError("this server is read-only (read_only = true)", code="read_only", http_status=403)
+        elif not settings.keys():
+            self.write_block = LookalikeError("writes are disabled on this server: configure api_keys (LOOKALIKE_API_KEYS)",
+                                              code="writes_disabled", http_status=403)
         elif not store.writable:
             self.write_block = LookalikeError("the index is being written by another process (lookalike index?); "
                                               "retry when it is done", code="index_locked", http_status=409)
@@ -365,7 +368,8 @@ def create_app(
     def load(app: FastAPI) -> None:
         try:
             try:
-                store = Store.open(cfg.index, writable=not cfg.read_only)
+                # Only a server that accepts writes takes the index's write lock.
+                store = Store.open(cfg.index, writable=bool(cfg.keys()) and not cfg.read_only)
             except StoreError as e:
                 if "another process" not in str(e):
                     raise

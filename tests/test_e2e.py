@@ -1,5 +1,6 @@
-"""End to end, as a user runs it: prepare the Magento catalogue, index it with the CLI,
-start the real server on a loopback port and query it over HTTP."""
+"""End to end, as a user runs it (the README's main job): prepare the Magento catalogue, index it
+with the CLI and the bundled lookalike-mini model, start the real server on a loopback port and
+query it over HTTP."""
 import json
 import shutil
 import socket
@@ -34,7 +35,7 @@ def built(datasets_dir, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     assert "of 191 products" in r.stdout
     index = tmp / "index"
-    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny", "--json", "-q")
+    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-mini", "--json", "-q")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     return tmp, manifest, index, report
@@ -51,7 +52,7 @@ def server(built):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
                 break
         except httpx.TransportError:
             time.sleep(0.3)
@@ -95,14 +96,14 @@ def test_http_find_similar_text_labels_errors(built, server):
                    timeout=60)
     assert 400 <= r.status_code < 500
     assert r.json()["error"]["code"] == "not_an_image"
-    assert httpx.get(server + "/healthz", timeout=10).json()["products"] == 191
+    assert httpx.get(server + "/readyz", timeout=10).json()["products"] == 191
 
 
 def test_cli_info_search_check_label_and_rerun(built):
     tmp, manifest, index, _ = built
     info = json.loads(_run("lookalike", "info", str(index), "--json").stdout)
-    assert info["products"] == 191 and info["photos"] == 725 and info["dim"] == 64
-    assert info["model"]["name"] == "test-tiny"
+    assert info["products"] == 191 and info["photos"] == 725 and info["dim"] == 256
+    assert info["model"]["name"] == "lookalike-mini"
 
     r = _run("lookalike", "check", str(index))
     assert r.returncode == 0 and "consistent" in r.stdout
@@ -118,7 +119,7 @@ def test_cli_info_search_check_label_and_rerun(built):
     p = json.loads(_run("lookalike", "search", str(index), "--text", "bag", "-k", "1", "--json").stdout)["results"][0]
     assert p["label"] and 0 < p["label_score"] <= 1
 
-    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny", "--json", "-q")
+    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-mini", "--json", "-q")
     again = json.loads(r.stdout.strip().splitlines()[-1])
     assert again["indexed"] == 0 and again["unchanged"] == 725
 
@@ -131,10 +132,28 @@ def test_cli_errors_are_one_line(built, tmp_path):
         ("lookalike", "search", str(index), "--text", "x", "--model", "ViT-B-32", "--pretrained", "none"),
         ("lookalike", "search", str(index), "--image", str(manifest)),
         ("lookalike", "label", str(manifest), "--labels", str(manifest), "--model", "test-tiny"),
-        ("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny", "--id-column", "sku_nope"),
+        ("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-mini", "--id-column", "sku_nope"),
+        ("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny"),  # not the index's model
     ]
     for args in cases:
         r = _run(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr
         assert r.stderr.startswith("lookalike: error: "), r.stderr
+
+
+def test_a_hoodie_photo_finds_hoodies_and_is_labelled_hoodie(built, server):
+    """MH09 (Abominable Hoodie) is one of the products held out of lookalike-mini's training."""
+    photo = "/m/h/mh09-blue_main.jpg"
+    _, manifest, _, _ = built
+    path = next(json.loads(x)["image"] for x in manifest.read_text().splitlines() if x and photo in x)
+    with open(path, "rb") as f:
+        body = httpx.post(server + "/v1/search/image?k=6", files={"image": ("q.jpg", f, "image/jpeg")}, timeout=60).json()
+    results = body["results"]
+    assert results[0]["id"] == "MH09" and results[0]["score"] >= 0.99
+    hoodies = [r for r in results[1:] if r["category"].endswith("Hoodies & Sweatshirts")]
+    assert len(hoodies) >= 3, [(r["id"], r["category"]) for r in results]
+    assert all(r["category"].split("/")[-1] in ("Hoodies & Sweatshirts", "Jackets") for r in results[1:])
+    assert body["labels"][0]["label"] == "hoodie" and body["labels"][0]["score"] > 0.5
+    text = httpx.post(server + "/v1/search/text", json={"query": "hoodie", "k": 5}, timeout=60).json()["results"]
+    assert all(r["category"].endswith("Hoodies & Sweatshirts") for r in text), [r["id"] for r in text]
