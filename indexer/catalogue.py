@@ -305,13 +305,6 @@ def _read_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
     return data.decode("utf-8", "replace").strip() or None
 
 
-def group_rows(rows: Iterable[CatalogueRow]) -> dict[str, list[CatalogueRow]]:
-    out: dict[str, list[CatalogueRow]] = {}
-    for r in rows:
-        out.setdefault(r.product_id, []).append(r)
-    return out
-
-
 def tar_member(source: str) -> tuple[str, str] | None:
     """Split ``shard.tar::member`` into (shard path, member name); None for other sources."""
     if TAR_SEPARATOR in source and not source.lower().startswith(("http://", "https://")):
