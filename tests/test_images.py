@@ -542,7 +542,7 @@ def test_our_limit_governs_and_warning_filters_untouched(messy: Path, monkeypatc
     # (catch_warnings is not thread-safe and the server decodes in threads).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     filters = list(warnings.filters)
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ImageError) as info, pytest.warns(Image.DecompressionBombWarning):
         open_image(messy / "hopper.jpg", max_pixels=10_000)
     assert info.value.reason in ("too_large", "decompression_bomb")
     with warnings.catch_warnings():
