@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,48 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextmanager
+def served(index: Path, extra_env: dict | None = None):
+    """``lookalike serve INDEX`` as a real subprocess on a free loopback port; yields its base URL
+    once /readyz answers 200. Its output goes to a log file (a pipe nobody reads could fill up)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("lookalike", path=str(Path(sys.executable).parent))
+    env = dict(os.environ, **(extra_env or {}))
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([exe, "serve", str(index), "--port", str(port)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"lookalike serve exited: {log.read()[-2000:]}")
+                try:
+                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail("lookalike serve did not become ready in 120 s")
+                time.sleep(0.3)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

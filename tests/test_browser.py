@@ -5,15 +5,11 @@ LOOKALIKE_CHROMIUM to use another binary, LOOKALIKE_TEST_ARTIFACTS to keep the s
 """
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from conftest import served
 
 CHROMIUM = os.environ.get("LOOKALIKE_CHROMIUM", "/usr/bin/chromium")
 # As this machine's probe ran it: no sandbox as root, no GPU, no background traffic.
@@ -23,29 +19,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture(scope="module")
 def live_server(magento_index):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("lookalike", path=str(Path(sys.executable).parent))
-    env = dict(os.environ, LOOKALIKE_ACCESS_LOG="false")
-    proc = subprocess.Popen([exe, "serve", str(magento_index), "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not become ready")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
+    with served(magento_index, {"LOOKALIKE_ACCESS_LOG": "false"}) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

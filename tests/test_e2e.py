@@ -3,14 +3,14 @@ with the CLI and the bundled lookalike-mini model, start the real server on a lo
 query it over HTTP."""
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from conftest import served
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -19,12 +19,6 @@ BIN = Path(sys.executable).parent
 def _run(*args, **kw):
     exe = shutil.which(args[0], path=str(BIN)) or args[0]
     return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=600, cwd=ROOT, **kw)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +37,8 @@ def built(datasets_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(built):
-    _, _, index, _ = built
-    port = _free_port()
-    exe = shutil.which("lookalike", path=str(BIN))
-    proc = subprocess.Popen([exe, "serve", str(index), "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
-        assert proc.poll() is None, proc.stdout.read()
-    else:
-        proc.kill()
-        pytest.fail("server did not start")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
+    with served(built[2]) as base:
+        yield base
 
 
 def test_full_catalogue_indexed(built):
