@@ -111,7 +111,7 @@ def eval_magento(model: ClipModel, rows: list[dict], held_out: set[str], limit: 
     rows: manifest rows (``id``, ``image``, ``category``), one per photo of a product.
     """
     files = sorted({r["image"] for r in rows})
-    draft = max(2 * model.identity.image_size, 224)
+    draft = model.draft_size
     gallery = np.concatenate([model.embed_images([open_image(f, draft_size=draft) for f in files[i:i + 64]])
                               for i in range(0, len(files), 64)])
     file_pos = {f: i for i, f in enumerate(files)}

@@ -137,6 +137,12 @@ class ClipModel:
         self._text_lock = threading.Lock()
 
     @property
+    def draft_size(self) -> int:
+        """Shorter side (px) to decode JPEGs at with Pillow's draft mode: twice the model's input size,
+        at least 224, so decoding at 1/2, 1/4 or 1/8 scale never costs quality the model can see."""
+        return max(2 * self.identity.image_size, 224)
+
+    @property
     def logit_scale(self) -> float:
         """exp of the learned temperature (CLIP paper, Radford et al. 2021, sec. 2.5); 100 for trained CLIP."""
         return float(self.model.logit_scale.detach().exp().clamp(max=100).item())

@@ -215,7 +215,7 @@ def index_catalogue(
     stored_products = {pid for pid, _ in known}
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    dataset = _PhotoDataset(tasks, model.preprocess, max_pixels, max_file_bytes, draft_size=max(2 * model.identity.image_size, 224))
+    dataset = _PhotoDataset(tasks, model.preprocess, max_pixels, max_file_bytes, draft_size=model.draft_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -304,7 +304,7 @@ def embed_paths(model: ClipModel, paths: list[str | Path], max_pixels: int = DEF
     images, ok, errors = [], [], {}
     for p in paths:
         try:
-            images.append(open_image(p, max_pixels=max_pixels, draft_size=max(2 * model.identity.image_size, 224)))
+            images.append(open_image(p, max_pixels=max_pixels, draft_size=model.draft_size))
             ok.append(str(p))
         except ImageError as e:
             errors[str(p)] = f"{e.reason}: {e}"

@@ -28,6 +28,18 @@ class PhotoUpload:
     filename: str = ""
 
 
+def decode_upload(data: bytes, model: ClipModel, max_pixels: int, what: str):
+    """Decode uploaded image bytes for ``model``: an RGB PIL image. Errors a client caused become a
+    LookalikeError: 400 (empty, not an image, broken), 413 (too many pixels); ``what`` names the upload."""
+    if not data:
+        raise LookalikeError(f"{what}: the file is empty", code="empty", http_status=400)
+    try:
+        return image_from_bytes(data, max_pixels=max_pixels, draft_size=model.draft_size)
+    except ImageError as e:
+        status = 413 if e.reason in ("too_large", "decompression_bomb") else 400
+        raise LookalikeError(f"{what}: {e}", code=e.reason, http_status=status) from None
+
+
 def validate_product_id(product_id) -> str:
     if not isinstance(product_id, str) or not product_id.strip():
         raise LookalikeError("a product needs a non-empty string 'id'", code="bad_product")
@@ -65,14 +77,7 @@ def upsert_product(store: Store, model: ClipModel, product: Product, photos: lis
         raise LookalikeError(f"product {pid!r} is new: give at least one photo", code="bad_product")
     records = []
     for n, photo in enumerate(photos):
-        if not photo.data:
-            raise LookalikeError(f"photo {n + 1} ({photo.filename or 'upload'}) is empty", code="empty")
-        try:
-            image = image_from_bytes(photo.data, max_pixels=max_pixels, draft_size=max(2 * model.identity.image_size, 224))
-        except ImageError as e:
-            status = 413 if e.reason in ("too_large", "decompression_bomb") else 400
-            raise LookalikeError(f"photo {n + 1} ({photo.filename or 'upload'}): {e}", code=e.reason,
-                                 http_status=status) from None
+        image = decode_upload(photo.data, model, max_pixels, f"cannot use photo {n + 1} ({photo.filename or 'upload'})")
         sha = hashlib.sha256(photo.data).hexdigest()
         vec = model.embed_images([image])[0]
         w, h = image.info.get("original_size", image.size)

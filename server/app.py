@@ -32,7 +32,7 @@ from indexer.images import ImageError, image_from_bytes
 from indexer.labels import LabelSet, ZeroShotClassifier
 from indexer.model import ClipModel, load_model
 from indexer.store import Product, Store, StoreError, check_model
-from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
+from indexer.updates import PhotoUpload, decode_upload, delete_product, patch_product, upsert_product
 
 from .observability import Metrics, RequestObserver
 from .settings import ServerSettings
@@ -211,14 +211,8 @@ class Engine:
 
     def embed_upload(self, data: bytes):
         """Decode an uploaded photo and embed it: float32 ``(1, dim)``. Raises a 400/413 LookalikeError."""
-        if not data:
-            raise LookalikeError("the uploaded file is empty", code="empty", http_status=400)
         t0 = time.perf_counter()
-        try:
-            image = image_from_bytes(data, max_pixels=self.max_pixels, draft_size=max(2 * self.model.identity.image_size, 224))
-        except ImageError as e:
-            status = 413 if e.reason in ("too_large", "decompression_bomb") else 400
-            raise LookalikeError(f"cannot use the uploaded image: {e}", code=e.reason, http_status=status) from None
+        image = decode_upload(data, self.model, self.max_pixels, "cannot use the uploaded image")
         vec = self.model.embed_images([image])
         self.metrics.embed_seconds.labels("image").observe(time.perf_counter() - t0)
         self.metrics.batch_size.labels("image").observe(1)
