@@ -209,7 +209,7 @@ def _build_model(cfg: FinetuneConfig):
         if model_cfg is None:
             raise FinetuneError(f"unknown architecture {cfg.model!r}")
         return open_clip.model.CLIP(**model_cfg), _preprocess_cfg({}), model_cfg
-    loaded = load_model(cfg.model, cfg.pretrained, "cpu")
+    loaded = load_model(cfg.model, cfg.pretrained, "cpu", precision="fp32")  # trained in fp32 (bf16 autocast)
     model = loaded.model
     ident, _ = _open_clip_name(cfg.model)
     if ident.startswith("local-dir:"):

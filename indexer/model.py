@@ -14,6 +14,13 @@ checkpoint loading, preprocessing or tokenisation):
 * a name bundled under ``data/models/`` (``test-tiny``, and the project's own models).
 
 Every embedding returned is an L2-normalised float32 numpy array of shape ``(n, dim)``.
+
+Precision (``precision=``): ``fp32``; ``bf16`` (on CPU the weights are converted to
+bfloat16, which Intel AMX / AVX512-BF16 run about 2.7x faster than fp32 for ViT-B-32;
+on CUDA, bf16 autocast); ``fp16`` (CUDA autocast only); ``auto`` (the default) picks
+fp16 autocast on CUDA, bf16 on CPUs with AMX or AVX512-BF16, fp32 elsewhere.
+bf16 embeddings agree with fp32 ones to a cosine of about 0.9999 (tests/test_model.py
+checks >= 0.999); an index made in one precision can be queried in another.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from .errors import LookalikeError
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 log = logging.getLogger(__name__)
@@ -82,6 +90,42 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (Intel AMX-BF16 or AVX512-BF16).
+
+    Read from torch's CPU feature probe, or else from the ``flags`` of ``/proc/cpuinfo``.
+    """
+    probe = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        if any(f is not None and f() for f in probe):
+            return True
+    except RuntimeError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``auto``/None -> fp16 on CUDA, bf16 on CPUs with fast bf16 (:func:`cpu_has_fast_bf16`), else fp32.
+
+    Raises ModelLoadError for an unknown name, or fp16 on CPU (PyTorch's CPU fp16 kernels are slow).
+    """
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ModelLoadError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    return precision
+
+
 def hf_cache_dir() -> str:
     """The Hugging Face hub cache that open_clip downloads pretrained weights into."""
     from huggingface_hub import constants
@@ -126,13 +170,18 @@ class ClipModel:
     is never mutated after loading, so several threads may embed concurrently.
     """
 
-    def __init__(self, model, preprocess: Callable, tokenizer, identity: ModelIdentity, device: torch.device):
+    def __init__(self, model, preprocess: Callable, tokenizer, identity: ModelIdentity, device: torch.device,
+                 precision: str = "fp32"):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.identity = identity
         self.device = device
+        self.precision = precision
         self.dim = identity.dim
+        # CPU bf16 runs on converted weights (autocast on CPU was slower than fp32 in our measurements);
+        # CUDA keeps fp32 weights under autocast.
+        self._input_dtype = torch.bfloat16 if device.type == "cpu" and precision == "bf16" else None
         self._text_cache: dict[str, np.ndarray] = {}
         self._text_lock = threading.Lock()
 
@@ -148,9 +197,9 @@ class ClipModel:
         return float(self.model.logit_scale.detach().exp().clamp(max=100).item())
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return torch.autocast("cpu", enabled=False)
+        if self.device.type == "cuda" and self.precision != "fp32":
+            return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
+        return contextlib.nullcontext()
 
     def embed_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """Embed preprocessed images.
@@ -159,7 +208,7 @@ class ClipModel:
         Returns float32 ``(n, dim)``, each row of unit L2 norm.
         """
         with torch.inference_mode(), self._autocast():
-            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            feats = self.model.encode_image(pixels.to(self.device, dtype=self._input_dtype, non_blocking=True))
         return _normalise(feats)
 
     def embed_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
@@ -197,7 +246,8 @@ def _normalise(feats: torch.Tensor) -> np.ndarray:
     return feats.cpu().numpy().astype(np.float32, copy=False)
 
 
-def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device: str | None = "auto") -> ClipModel:
+def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device: str | None = "auto",
+               precision: str | None = "auto") -> ClipModel:
     """Build an open_clip model, its eval preprocessing and tokenizer.
 
     name: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo``, a model folder,
@@ -205,6 +255,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     pretrained: an open_clip pretrained tag or a checkpoint file; ignored for folders and hub ids;
       None or ``"none"`` builds the architecture with random weights (for speed benchmarks).
     device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (see the module docstring); training needs ``fp32``.
 
     Raises ModelLoadError with a message that says what to do (weights missing,
     unknown name, bad file); never lets open_clip's or the hub's exception escape.
@@ -212,6 +263,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     import open_clip
 
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     ident, extra = _open_clip_name(name)
     if ident.startswith(("hf-hub:", "local-dir:")):
         pretrained = None
@@ -242,8 +294,10 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     identity = ModelIdentity(
         name=name, pretrained=pretrained or None, weights_sha256=_weights_sha256(model), dim=dim, image_size=image_size
     )
-    log.info("loaded model %s (%s) on %s, dim %d", name, pretrained, dev, dim)
-    return ClipModel(model, preprocess, tokenizer, identity, dev)
+    if dev.type == "cpu" and precision == "bf16":
+        model.to(torch.bfloat16)  # after hashing: the identity is of the weights as stored
+    log.info("loaded model %s (%s) on %s, %s, dim %d", name, pretrained, dev, precision, dim)
+    return ClipModel(model, preprocess, tokenizer, identity, dev, precision)
 
 
 @contextlib.contextmanager

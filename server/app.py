@@ -372,7 +372,8 @@ def create_app(
             m = model
             if m is None:
                 m = load_model(cfg.model or ident.name,
-                               cfg.pretrained or (ident.pretrained if cfg.model is None else None), cfg.device)
+                               cfg.pretrained or (ident.pretrained if cfg.model is None else None), cfg.device,
+                               cfg.precision)
             check_model(store, m.identity)
             app.state.engine = Engine(store, m, LabelSet.load(cfg.labels_file), cfg, metrics)
             metrics.model.info({k: str(v) for k, v in m.identity.to_dict().items()})

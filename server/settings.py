@@ -25,6 +25,8 @@ class ServerSettings(BaseSettings):
     model: str | None = Field(None, description="model to load instead of the index's own (same weights)")
     pretrained: str | None = Field(None, description="weights file or tag for the index's model")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32")
     labels_file: Path | None = Field(None, description="default label set (YAML/JSON); data/labels/retail.yaml if unset")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest accepted upload, bytes (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, pixels (413 above)")

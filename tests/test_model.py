@@ -36,7 +36,9 @@ def _model_folder(tmp_path, tiny_model):
     cfg = json.loads((BUNDLED_MODELS_DIR / "test-tiny" / "open_clip_config.json").read_text())
     cfg.pop("lookalike")
     (folder / "open_clip_config.json").write_text(json.dumps(cfg))
-    torch.save(tiny_model.model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    # the weights as stored (fp32), not the bf16 copy a CPU with AMX runs
+    fp32 = load_model("test-tiny", None, "cpu", precision="fp32")
+    torch.save(fp32.model.state_dict(), folder / "open_clip_pytorch_model.bin")
     return folder, cfg
 
 
@@ -90,3 +92,50 @@ def test_missing_pretrained_weights_give_one_clear_message(tmp_path):
     assert "--pretrained PATH" in r.stderr
     assert str(tmp_path / "hf") in r.stderr  # the cache location it looked in
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+def _magento_photos(datasets_dir, n):
+    photos = sorted((datasets_dir / "magento" / "images").rglob("*.jpg"))[:n]
+    from indexer.images import open_image
+
+    return [open_image(p, draft_size=224) for p in photos]
+
+
+@pytest.mark.parametrize("name", ["test-tiny", "lookalike-mini"])
+def test_bf16_embeddings_agree_with_fp32(datasets_dir, name):
+    """The bf16 fast path (CPU weights converted to bfloat16) against the fp32 reference, on real photos
+    and texts: every embedding's cosine to its fp32 twin >= 0.995, and the nearest neighbours agree."""
+    fp32 = load_model(name, None, "cpu", precision="fp32")
+    bf16 = load_model(name, None, "cpu", precision="bf16")
+    assert bf16.identity == fp32.identity  # the identity is of the stored weights, whatever the precision
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    images = _magento_photos(datasets_dir, 48)
+    a, b = fp32.embed_images(images, batch_size=16), bf16.embed_images(images, batch_size=16)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    cos = np.sum(a * b, axis=1)
+    assert cos.min() >= 0.995, cos.min()
+    # the same top-5 neighbours within the set (each photo's own row excluded)
+    sa, sb = a @ a.T, b @ b.T
+    np.fill_diagonal(sa, -2)
+    np.fill_diagonal(sb, -2)
+    top_a, top_b = np.argsort(-sa, axis=1)[:, :5], np.argsort(-sb, axis=1)[:, :5]
+    overlap = np.mean([len(set(x) & set(y)) / 5 for x, y in zip(top_a, top_b)])
+    assert overlap >= 0.9, overlap
+    texts = ["a hoodie", "a yoga mat", "a watch"]
+    assert np.sum(fp32.embed_texts(texts) * bf16.embed_texts(texts), axis=1).min() >= 0.995
+
+
+def test_precision_choice():
+    from indexer.model import cpu_has_fast_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(ModelLoadError, match="fp16 needs a CUDA device"):
+        load_model("test-tiny", None, "cpu", precision="fp16")
+    with pytest.raises(ModelLoadError, match="unknown precision"):
+        load_model("test-tiny", None, "cpu", precision="int3")
+    m = load_model("test-tiny", None, "cpu", precision="fp32")
+    assert m.precision == "fp32" and next(m.model.parameters()).dtype == torch.float32
