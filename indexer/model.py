@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,6 +43,7 @@ from .errors import LookalikeError
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEXT_CACHE_ITEMS = 10_000
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 log = logging.getLogger(__name__)
@@ -182,7 +184,7 @@ class ClipModel:
         # CPU bf16 runs on converted weights (autocast on CPU was slower than fp32 in our measurements);
         # CUDA keeps fp32 weights under autocast.
         self._input_dtype = torch.bfloat16 if device.type == "cpu" and precision == "bf16" else None
-        self._text_cache: dict[str, np.ndarray] = {}
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_lock = threading.Lock()
 
     @property
@@ -222,22 +224,29 @@ class ClipModel:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts with the model's tokenizer; float32 ``(n, dim)``, unit-norm rows.
 
-        Results are cached per text (the cache is bounded to 10,000 entries).
+        Results are kept in an LRU cache of ``TEXT_CACHE_ITEMS`` texts (a repeated query,
+        a label prompt, costs a dictionary lookup instead of a forward pass).
         """
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        with self._text_lock:
+            known = {t: self._text_cache[t] for t in dict.fromkeys(texts) if t in self._text_cache}
+            for t in known:
+                self._text_cache.move_to_end(t)
+        missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
             vecs = []
             for i in range(0, len(missing), 256):
                 tokens = self.tokenizer(missing[i : i + 256]).to(self.device)
                 with torch.inference_mode(), self._autocast():
                     vecs.append(_normalise(self.model.encode_text(tokens)))
+            fresh = dict(zip(missing, np.concatenate(vecs)))
+            known.update(fresh)
             with self._text_lock:
-                if len(self._text_cache) > 10_000:
-                    self._text_cache.clear()
-                self._text_cache.update(zip(missing, np.concatenate(vecs)))
+                self._text_cache.update(fresh)
+                while len(self._text_cache) > TEXT_CACHE_ITEMS:
+                    self._text_cache.popitem(last=False)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._text_cache[t] for t in texts])
+        return np.stack([known[t] for t in texts])
 
 
 def _normalise(feats: torch.Tensor) -> np.ndarray:

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from indexer.batching import MicroBatcher
 from indexer.catalogue import read_source_bytes
 from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError, image_from_bytes
@@ -154,6 +155,10 @@ class Engine:
         elif not store.writable:
             self.write_block = LookalikeError("the index is being written by another process (lookalike index?); "
                                               "retry when it is done", code="index_locked", http_status=409)
+        self.batcher = None
+        if settings.batch_window_ms > 0 and settings.max_batch > 1:
+            self.batcher = MicroBatcher(model.embed_image_tensors, settings.max_batch, settings.batch_window_ms,
+                                        on_batch=metrics.batch_size.labels("image").observe)
         self._stop = threading.Event()
         self._saver = None
         if store.writable:
@@ -175,6 +180,8 @@ class Engine:
             log.exception("saving the FAISS snapshot failed")
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self._stop.set()
         if self._saver is not None:
             self._saver.join(timeout=10)
@@ -210,12 +217,22 @@ class Engine:
         return clf
 
     def embed_upload(self, data: bytes):
-        """Decode an uploaded photo and embed it: float32 ``(1, dim)``. Raises a 400/413 LookalikeError."""
+        """Decode an uploaded photo and embed it: float32 ``(1, dim)``. Raises a 400/413 LookalikeError.
+
+        With micro-batching on (``batch_window_ms`` > 0), concurrent uploads share a forward pass.
+        """
         t0 = time.perf_counter()
-        image = decode_upload(data, self.model, self.max_pixels, "cannot use the uploaded image")
-        vec = self.model.embed_images([image])
+
+        def prepare():
+            image = decode_upload(data, self.model, self.max_pixels, "cannot use the uploaded image")
+            return self.model.preprocess(image)
+
+        if self.batcher is not None:
+            vec = self.batcher.embed(prepare)[None, :]
+        else:
+            vec = self.model.embed_image_tensors(prepare()[None])
+            self.metrics.batch_size.labels("image").observe(1)
         self.metrics.embed_seconds.labels("image").observe(time.perf_counter() - t0)
-        self.metrics.batch_size.labels("image").observe(1)
         return vec
 
     def embed_text(self, text: str):

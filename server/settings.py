@@ -36,6 +36,10 @@ class ServerSettings(BaseSettings):
     auth_reads: bool = Field(False, description="read routes (search, labels, products) need an API key too")
     read_only: bool = Field(False, description="never write to the index (the write routes answer 403)")
     snapshot_interval_s: float = Field(30.0, gt=0, description="how often live writes are saved to the FAISS snapshot, seconds")
+    batch_window_ms: float = Field(4.0, ge=0, le=1000,
+                                   description="micro-batching: longest wait, ms, for concurrent image queries to share "
+                                               "a forward pass (0 = embed each query alone)")
+    max_batch: int = Field(16, ge=1, le=256, description="micro-batching: most image queries per forward pass")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     access_log: bool = Field(True, description="log one line per request")

@@ -1,0 +1,119 @@
+"""Micro-batching: concurrent image queries share one forward pass.
+
+A query server gets image queries one at a time, from many clients at once. Embedding
+each alone wastes the CPU's matrix units (and the GPU's) on batches of one; this
+module queues the preprocessed pixels of concurrent queries and embeds up to
+``max_batch`` of them together, the technique of inference servers such as NVIDIA
+Triton's dynamic batcher and TorchServe's batch_size / max_batch_delay.
+
+The window only costs latency when it can pay off: the worker waits (at most
+``window_ms``) for more queries only while other requests are still decoding and
+preprocessing their photos; a lone query is embedded at once.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+class MicroBatcher:
+    """Embed image queries in batches on one worker thread.
+
+    embed: the batch function, float ``(n, 3, H, W)`` pixels -> float32 ``(n, dim)``
+      (``ClipModel.embed_image_tensors``).
+    max_batch: most queries per forward pass. window_ms: longest wait, in milliseconds,
+      for more queries once the first has arrived.
+    on_batch: called with each batch's size (for metrics).
+    """
+
+    def __init__(self, embed: Callable[[torch.Tensor], np.ndarray], max_batch: int = 16, window_ms: float = 4.0,
+                 on_batch: Callable[[int], None] | None = None):
+        if max_batch < 1 or window_ms < 0:
+            raise ValueError("max_batch must be >= 1 and window_ms >= 0")
+        self._embed = embed
+        self.max_batch = max_batch
+        self.window_s = window_ms / 1000
+        self._on_batch = on_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._preparing = 0
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="lookalike-batcher", daemon=True)
+        self._worker.start()
+
+    def embed(self, prepare: Callable[[], torch.Tensor]) -> np.ndarray:
+        """Run ``prepare`` (decode + preprocess, in the calling thread) and embed its pixels
+        ``(3, H, W)`` with whatever other queries arrive meanwhile.
+
+        Returns float32 ``(dim,)`` of unit norm. Exceptions of ``prepare`` and of the model
+        propagate to the caller; RuntimeError after :meth:`close`.
+        """
+        with self._lock:
+            self._preparing += 1
+        try:
+            pixels = prepare()
+        except BaseException:
+            with self._lock:
+                self._preparing -= 1
+            raise
+        future: Future = Future()
+        with self._lock:
+            self._preparing -= 1
+            if self._closed:
+                raise RuntimeError("the query batcher is closed")
+            self._queue.put((pixels, future))
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the worker after the queued queries are answered."""
+        with self._lock:
+            self._closed = True
+            self._queue.put(None)
+        self._worker.join(timeout=30)
+
+    def _others_coming(self) -> bool:
+        with self._lock:
+            return self._preparing > 0 or not self._queue.empty()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0 or not self._others_coming():
+                        break
+                    try:
+                        item = self._queue.get(timeout=min(wait, 0.001))
+                    except queue.Empty:
+                        continue
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[torch.Tensor, Future]]) -> None:
+        try:
+            vectors = self._embed(torch.stack([pixels for pixels, _ in batch]))
+        except BaseException as e:  # every waiting request gets the error, the worker lives on
+            for _, future in batch:
+                future.set_exception(e)
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        for (_, future), vec in zip(batch, vectors):
+            future.set_result(vec)

@@ -1,0 +1,96 @@
+"""Micro-batching of image queries: batched embeddings agree with one-at-a-time ones, errors reach
+their own request, a lone query does not wait, and the server answers the same with it on or off."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.batching import MicroBatcher
+from indexer.images import ImageError, open_image
+from server.app import create_app
+
+
+@pytest.fixture(scope="module")
+def photos(datasets_dir):
+    return sorted((datasets_dir / "magento" / "images").rglob("*.jpg"))[:12]
+
+
+def test_concurrent_queries_share_a_forward_pass_and_agree_with_single_ones(tiny_model, photos):
+    sizes: list[int] = []
+    batcher = MicroBatcher(tiny_model.embed_image_tensors, max_batch=16, window_ms=500, on_batch=sizes.append)
+    start = threading.Barrier(len(photos))
+
+    def query(path):
+        def prepare():
+            start.wait()  # every request is decoding at once, as under load
+            return tiny_model.preprocess(open_image(path, draft_size=tiny_model.draft_size))
+        return batcher.embed(prepare)
+
+    try:
+        with ThreadPoolExecutor(len(photos)) as pool:
+            batched = np.stack(list(pool.map(query, photos)))
+    finally:
+        batcher.close()
+    single = np.concatenate([tiny_model.embed_images([open_image(p, draft_size=tiny_model.draft_size)]) for p in photos])
+    assert sum(sizes) == len(photos) and max(sizes) > 1, sizes
+    assert batched.dtype == np.float32 and batched.shape == single.shape
+    assert np.sum(batched * single, axis=1).min() >= 0.999
+    # each request got its own photo's vector, not a neighbour's
+    assert (np.argmax(batched @ single.T, axis=1) == np.arange(len(photos))).all()
+
+
+def test_errors_reach_their_own_request_and_the_worker_survives(tiny_model, photos):
+    calls = {"n": 0}
+
+    def flaky(pixels):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("model failed")
+        return tiny_model.embed_image_tensors(pixels)
+
+    batcher = MicroBatcher(flaky, window_ms=0)
+    pixels = tiny_model.preprocess(open_image(photos[0], draft_size=tiny_model.draft_size))
+    try:
+        with pytest.raises(RuntimeError, match="model failed"):
+            batcher.embed(lambda: pixels)
+        with pytest.raises(ImageError):
+            batcher.embed(lambda: open_image(b"not an image"))
+        assert batcher.embed(lambda: pixels).shape == (tiny_model.dim,)
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.embed(lambda: pixels)
+
+
+def test_a_lone_query_is_embedded_without_waiting_for_the_window(tiny_model, photos):
+    batcher = MicroBatcher(tiny_model.embed_image_tensors, window_ms=5000)
+    pixels = tiny_model.preprocess(open_image(photos[0], draft_size=tiny_model.draft_size))
+    try:
+        t0 = time.monotonic()
+        batcher.embed(lambda: pixels)
+        assert time.monotonic() - t0 < 2.5  # far below the 5 s window: nothing else was coming
+    finally:
+        batcher.close()
+
+
+def test_server_answers_the_same_with_and_without_batching(magento_index, tiny_model, photos):
+    results = []
+    for window in (0, 4):
+        app = create_app(magento_index, model=tiny_model, batch_window_ms=window)
+        with TestClient(app) as client:
+            assert (app.state.engine.batcher is None) == (window == 0)
+            with ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(
+                    lambda p: client.post("/v1/search/image?k=5", files={"image": ("q.jpg", p.read_bytes(), "image/jpeg")}),
+                    photos[:8]))
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+            results.append([[(h["id"], round(h["score"], 3)) for h in r.json()["results"]] for r in responses])
+            metrics = client.get("/metrics").text
+            # 8 photos embedded: in 8 passes of one without batching, in 8 or fewer passes with it
+            assert 'lookalike_embed_batch_size_sum{kind="image"} 8.0' in metrics
+            if window == 0:
+                assert 'lookalike_embed_batch_size_count{kind="image"} 8.0' in metrics
+    assert [[pid for pid, _ in q] for q in results[0]] == [[pid for pid, _ in q] for q in results[1]]
