@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +27,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serverproc  # noqa: E402
 
 KEY = "load-test-key"
 
@@ -51,37 +51,15 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(index: Path, port: int) -> subprocess.Popen:
-    exe = shutil.which("lookalike", path=str(Path(sys.executable).parent)) or "lookalike"
-    env = dict(os.environ, LOOKALIKE_API_KEYS=KEY, LOOKALIKE_ACCESS_LOG="false", LOOKALIKE_SNAPSHOT_INTERVAL_S="5")
-    proc = subprocess.Popen([exe, "serve", str(index), "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 180 s")
-
-
 def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path], seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(tmp) / "index"
         shutil.copytree(index_dir, index, ignore=shutil.ignore_patterns(".lock"))
-        port = _free_port()
-        proc = start_server(index, port)
+        port = serverproc.free_port()
+        log_path = Path(tmp) / "server.log"
+        proc = serverproc.spawn(index, port, {"LOOKALIKE_API_KEYS": KEY, "LOOKALIKE_ACCESS_LOG": "false",
+                                              "LOOKALIKE_SNAPSHOT_INTERVAL_S": "5"}, log_path)
+        serverproc.wait_ready(proc, port, log_path)
         base = f"http://127.0.0.1:{port}"
         latencies: dict[str, list[float]] = {"image": [], "text": [], "add": [], "delete": []}
         errors: list[str] = []
@@ -161,8 +139,7 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
             for pid in sorted(deleted):
                 if c.get(f"/v1/products/{pid}").status_code != 404:
                     resurrected.append(pid)
-        proc.terminate()
-        proc.wait(timeout=30)
+        serverproc.stop(proc)
 
     def pct(values, q):
         return round(float(np.percentile(values, q)), 2) if values else None

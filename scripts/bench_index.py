@@ -1,0 +1,333 @@
+"""Bulk indexing throughput: a plain open_clip loop against `lookalike index`, on the same photos.
+
+    python scripts/bench_index.py [--quick] [--json] [--device cpu|cuda] [--levers]
+
+For each image set (Magento catalogue photos, and CIFAR-10 test images; each at least
+``--images`` images, the Magento photos repeated to get there), two runs with the same
+ViT-B-32 weights (random, seeded: speed does not depend on the weights, and pretrained
+weights cannot be downloaded here):
+
+(a) baseline: open_clip's model and preprocessing called in a plain Python loop, batch by
+    batch, fp32: ``Image.open(path).convert("RGB")`` -> ``preprocess`` -> ``encode_image``
+    -> normalise, the way simple tools do it;
+(b) ours: the ``lookalike index`` command on a JSONL manifest of the same files, in a
+    subprocess, with its defaults (decode workers, JPEG draft mode, bf16 on CPUs with AMX).
+
+Images/s excludes model loading in both (ours is the ``images_per_s`` of the run's
+report: catalogue scan, change detection, decode, embed and SQLite/FAISS commits).
+Agreement: the mean cosine between the two embeddings of each photo, and the mean overlap
+of the top-10 neighbours (among the distinct photos, the query itself left out) of 100
+fixed query photos under either set of embeddings.
+
+``--levers`` also times each lever alone on the Magento photos, in this process (see
+docs/PERFORMANCE.md): decode workers, JPEG draft mode, bf16, batch size, torch threads.
+``--device cuda`` runs both on the GPU (fp32 baseline; ours with fp16 autocast, pinned
+memory, non-blocking copies) and samples GPU utilisation with nvidia-smi.
+
+The last line with ``--json`` is one JSON object: ``baseline_images_per_s``,
+``images_per_s``, ``ratio``, ``top10_overlap``, ``mean_cosine`` (over all image sets:
+total images / total seconds; agreement averaged), plus ``sets`` with each set's figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+ARCH = "ViT-B-32"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- data
+def magento_paths(n: int) -> list[str]:
+    """The catalogue's photos, sorted, repeated until there are ``n``."""
+    photos = sorted(str(p) for p in (DATASETS / "magento" / "images").rglob("*.jpg"))
+    if not photos:
+        raise SystemExit(f"error: no photos under {DATASETS / 'magento' / 'images'} (set LOOKALIKE_DATASETS)")
+    return [photos[i % len(photos)] for i in range(n)]
+
+
+def cifar_paths(n: int, work: Path) -> list[str]:
+    """The first ``n`` CIFAR-10 test images (32x32 JPEG), extracted to ``work/cifar``."""
+    out = work / "cifar"
+    out.mkdir(exist_ok=True)
+    paths: list[str] = []
+    with tarfile.open(DATASETS / "cifar10" / "test.tar.gz") as tar:
+        for member in tar:
+            if len(paths) >= n:
+                break
+            if member.isfile() and member.name.endswith(".jpg"):
+                dest = out / member.name.replace("/", "_")
+                dest.write_bytes(tar.extractfile(member).read())
+                paths.append(str(dest))
+    while len(paths) < n:  # fewer images than asked: repeat them
+        paths.append(paths[len(paths) % max(1, len(paths))])
+    return paths
+
+
+def write_manifest(paths: list[str], path: Path) -> None:
+    with path.open("w") as f:
+        for i, p in enumerate(paths):
+            f.write(json.dumps({"id": f"p{i:06d}", "image": p, "title": f"photo {i}"}) + "\n")
+
+
+# ------------------------------------------------------------------------ baseline
+def random_weights(work: Path) -> Path:
+    """ViT-B-32 with seeded random weights, saved as a checkpoint both runs load."""
+    import open_clip
+    import torch
+
+    path = work / "vit-b-32-random.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = open_clip.create_model(ARCH, pretrained=None)
+        torch.save(model.state_dict(), path)
+    return path
+
+
+def baseline(paths: list[str], weights: Path, device: str, batch_size: int) -> tuple[np.ndarray, float]:
+    """The plain loop: returns (embeddings float32 (n, 512), images/s)."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(weights))
+    model.eval().to(device)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]])
+        with torch.no_grad():
+            feats = model.encode_image(batch.to(device)).float()
+        out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+    seconds = time.perf_counter() - t0
+    return np.concatenate(out), len(paths) / seconds
+
+
+# ----------------------------------------------------------------------------- ours
+class GpuSampler:
+    """Mean GPU utilisation (%) from ``nvidia-smi`` every 0.2 s while running."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+
+    def __enter__(self) -> "GpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(float(np.mean(self.samples)), 1) if self.samples else None
+
+
+def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, extra: list[str]) -> tuple[np.ndarray, float, float | None]:
+    """`lookalike index` in a subprocess: returns (embeddings in ``paths`` order, images/s, GPU %)."""
+    manifest = work / f"{name}.jsonl"
+    write_manifest(paths, manifest)
+    out = work / f"index-{name}"
+    cmd = [sys.executable, "-m", "indexer.cli", "index", str(manifest), "--out", str(out), "--model", ARCH,
+           "--pretrained", str(weights), "--device", device, "--offline", "--quiet", "--json", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with GpuSampler() if device.startswith("cuda") else _Null() as sampler:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: lookalike index failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads((out / "report.json").read_text())
+    if report["indexed"] != len(paths):
+        raise SystemExit(f"error: lookalike index embedded {report['indexed']} of {len(paths)} photos: {report['failures'][:3]}")
+    db = sqlite3.connect(out / "catalogue.sqlite")
+    vecs = {pid: np.frombuffer(blob, np.float32) for pid, blob in db.execute("SELECT product_id, vector FROM photos")}
+    db.close()
+    emb = np.stack([vecs[f"p{i:06d}"] for i in range(len(paths))])
+    return emb, float(report["images_per_s"]), getattr(sampler, "mean", None)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+# ------------------------------------------------------------------------ agreement
+def agreement(paths: list[str], a: np.ndarray, b: np.ndarray, queries: int = 100, k: int = 10) -> tuple[float, float]:
+    """(mean top-k overlap of ``queries`` fixed query photos among the distinct photos, mean cosine a.b per photo)."""
+    mean_cos = float(np.mean(np.sum(a * b, axis=1)))
+    first = {}
+    for i, p in enumerate(paths):
+        first.setdefault(p, i)
+    distinct = np.array(sorted(first.values()))
+    a, b = a[distinct], b[distinct]
+    q = np.linspace(0, len(distinct) - 1, min(queries, len(distinct))).astype(int)
+    overlaps = []
+    for x in (a, b):
+        s = x[q] @ x.T
+        s[np.arange(len(q)), q] = -np.inf
+        overlaps.append(np.argsort(-s, axis=1)[:, :k])
+    top10 = float(np.mean([len(set(u) & set(v)) / k for u, v in zip(*overlaps)]))
+    return top10, mean_cos
+
+
+# --------------------------------------------------------------------------- levers
+def levers(paths: list[str], weights: Path, work: Path) -> list[dict]:
+    """Each lever alone and stacked, in this process, on ``paths`` (decode+embed+store, images/s)."""
+    import torch
+
+    from indexer.catalogue import read_catalogue
+    from indexer.model import ClipModel, load_model
+    from indexer.pipeline import index_catalogue
+    from indexer.store import Store
+
+    manifest = work / "levers.jsonl"
+    write_manifest(paths, manifest)
+    catalogue = read_catalogue(manifest)
+
+    class NoDraft(ClipModel):
+        draft_size = None  # decode every JPEG at full size
+
+    def run(label: str, precision: str, workers: int, draft: bool, batch_size: int = 64, threads: int | None = None) -> dict:
+        model = load_model(ARCH, str(weights), "cpu", precision)
+        if not draft:
+            model.__class__ = NoDraft
+        old_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        out = work / f"levers-{len(rows)}"
+        try:
+            with Store.create(out, model.identity) as store:
+                report = index_catalogue(catalogue, store, model, batch_size=batch_size, workers=workers, progress=False)
+        finally:
+            torch.set_num_threads(old_threads)
+        row = {"lever": label, "precision": precision, "workers": workers, "draft": draft, "batch_size": batch_size,
+               "threads": threads or old_threads, "images_per_s": report.images_per_s}
+        log(f"  {label:<44} {report.images_per_s:7.1f} images/s")
+        rows.append(row)
+        return row
+
+    rows: list[dict] = []
+    cores = os.cpu_count() or 1
+    run("fp32, decode in the main process, no draft", "fp32", 0, False)
+    run("fp32, no draft, decode workers", "fp32", cores, False)
+    run("fp32, decode workers, JPEG draft", "fp32", cores, True)
+    run("bf16, decode in the main process, no draft", "bf16", 0, False)
+    run("bf16, decode workers, JPEG draft (default)", "bf16", cores, True)
+    run("bf16, 1 decode worker, JPEG draft", "bf16", 1, True)
+    for bs in (16, 32, 128):
+        run(f"bf16, workers, draft, batch {bs}", "bf16", cores, True, batch_size=bs)
+    if cores > 1:
+        run("bf16, workers, draft, 1 torch thread", "bf16", cores, True, threads=1)
+    return rows
+
+
+def machine() -> dict:
+    import faiss
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "faiss": faiss.__version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000, help="images per set (default 2000)")
+    ap.add_argument("--sets", default="magento,cifar10", help="comma-separated: magento, cifar10")
+    ap.add_argument("--quick", action="store_true", help="160 images per set: under a minute")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=64, help="baseline batch size (ours: lookalike index's default)")
+    ap.add_argument("--levers", action="store_true", help="also time each lever alone on the Magento photos")
+    ap.add_argument("--work", default=None, help="folder for the manifests and indexes (default: a temporary one)")
+    ap.add_argument("--index-args", default="", help="extra arguments for lookalike index, e.g. '--precision fp32'")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = ap.parse_args(argv)
+    n = 160 if args.quick else args.images
+    tmp = tempfile.TemporaryDirectory(prefix="bench-index-") if args.work is None else None
+    work = Path(args.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    weights = random_weights(work)
+    results: dict = {"model": f"{ARCH} (random weights)", "device": args.device, "machine": machine(), "sets": {}}
+    total_base = total_ours = 0.0
+    for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
+        paths = magento_paths(n) if name == "magento" else cifar_paths(n, work) if name == "cifar10" else None
+        if paths is None:
+            raise SystemExit(f"error: unknown set {name!r}: use magento, cifar10")
+        log(f"{name}: {len(paths)} images ({len(set(paths))} distinct)")
+        base_emb, base_ips = baseline(paths, weights, args.device, args.batch_size)
+        log(f"  baseline (plain open_clip loop, fp32): {base_ips:.1f} images/s")
+        our_emb, our_ips, gpu = ours(paths, weights, args.device, work, name, args.index_args.split())
+        log(f"  lookalike index:                       {our_ips:.1f} images/s" + (f", GPU {gpu}% busy" if gpu is not None else ""))
+        top10, cos = agreement(paths, base_emb, our_emb)
+        results["sets"][name] = {"images": len(paths), "baseline_images_per_s": round(base_ips, 2),
+                                 "images_per_s": round(our_ips, 2), "ratio": round(our_ips / base_ips, 2),
+                                 "top10_overlap": round(top10, 4), "mean_cosine": round(cos, 5), "gpu_util_pct": gpu}
+        total_base += len(paths) / base_ips
+        total_ours += len(paths) / our_ips
+    total = sum(s["images"] for s in results["sets"].values())
+    sets = results["sets"].values()
+    results.update({
+        "baseline_images_per_s": round(total / total_base, 2),
+        "images_per_s": round(total / total_ours, 2),
+        "ratio": round(total_base / total_ours, 2),
+        "top10_overlap": round(float(np.mean([s["top10_overlap"] for s in sets])), 4),
+        "mean_cosine": round(float(np.mean([s["mean_cosine"] for s in sets])), 5),
+    })
+    if args.levers:
+        log("levers (Magento photos, in-process pipeline, CPU):")
+        results["levers"] = levers(magento_paths(n), weights, work)
+
+    print(f"\n{'set':<10}{'images':>8}{'baseline img/s':>16}{'ours img/s':>12}{'ratio':>8}{'top-10 overlap':>16}{'mean cos':>10}")
+    for name, s in results["sets"].items():
+        print(f"{name:<10}{s['images']:>8}{s['baseline_images_per_s']:>16.1f}{s['images_per_s']:>12.1f}"
+              f"{s['ratio']:>8.2f}{s['top10_overlap']:>16.3f}{s['mean_cosine']:>10.4f}")
+    print(f"{'all':<10}{total:>8}{results['baseline_images_per_s']:>16.1f}{results['images_per_s']:>12.1f}"
+          f"{results['ratio']:>8.2f}{results['top10_overlap']:>16.3f}{results['mean_cosine']:>10.4f}")
+    if args.json:
+        print(json.dumps(results))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Query latency, concurrency and cold start of `lookalike serve` on loopback, with and without
+micro-batching, in one run.
+
+    python scripts/bench_query.py [--index DIR] [--model ViT-B-32|lookalike-mini] [--quick] [--json]
+
+Without ``--index`` it first indexes the Magento catalogue photos (all 725; 120 with
+``--quick``) with ``--model`` (ViT-B-32 with seeded random weights by default: the
+architecture of the default model, whose pretrained weights cannot be downloaded here).
+Then, for each mode (micro-batching off: ``LOOKALIKE_BATCH_WINDOW_MS=0``; on: the default
+window), it starts the real server as a subprocess and measures:
+
+- cold start: seconds from spawning ``lookalike serve`` to the first answered image query;
+- latency, one client: p50/p99 of ``--queries`` image searches (Magento photos as uploads,
+  k=10) and of text searches, first of distinct texts (not cached) and then repeated ones
+  (answered from the text-embedding LRU cache);
+- throughput: image searches per second with 1, 4 and 16 concurrent clients, each
+  sending its next query as soon as the last is answered, for ``--seconds`` per level.
+
+The client runs on the same machine, so it takes some CPU from the server (on 2 cores,
+noticeably). The last line with ``--json`` is one JSON object: ``image_p50_ms``,
+``image_p99_ms``, ``text_p50_ms``, ``text_p99_ms``, ``text_cached_p50_ms``, ``qps``
+(``{"1": {"batched": x, "unbatched": y}, ...}``), ``cold_start_s``, plus per-mode details.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serverproc  # noqa: E402
+
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+TEXTS = ["hoodie", "red running shoes", "black yoga pants", "a leather bag", "a sports watch", "striped tee",
+         "rain jacket", "white tank top", "green shorts", "a water bottle", "blue sweatshirt", "gym bag",
+         "fitness ball", "grey hoodie with zipper", "purple bra", "running jacket", "a backpack", "yoga mat",
+         "men's polo shirt", "women's capri pants"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_index(work: Path, model: str, photos: list[Path]) -> Path:
+    """Index ``photos`` (one product each) with ``model`` via ``lookalike index``."""
+    manifest = work / "catalogue.jsonl"
+    with manifest.open("w") as f:
+        for i, p in enumerate(photos):
+            f.write(json.dumps({"id": f"p{i:05d}", "image": str(p), "title": p.stem}) + "\n")
+    args = ["--model", model]
+    if model == "ViT-B-32":
+        import open_clip
+        import torch
+
+        torch.manual_seed(0)
+        weights = work / "vit-b-32-random.pt"
+        torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), weights)
+        args += ["--pretrained", str(weights)]
+    out = work / "index"
+    cmd = [sys.executable, "-m", "indexer.cli", "index", str(manifest), "--out", str(out), "--quiet", "--offline", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if proc.returncode != 0:
+        raise SystemExit(f"error: lookalike index failed:\n{proc.stderr[-2000:]}")
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if values else float("nan")
+
+
+def image_query(client: httpx.Client, data: bytes) -> float:
+    t0 = time.perf_counter()
+    r = client.post("/v1/search/image", params={"k": 10}, files={"image": ("q.jpg", data, "image/jpeg")})
+    if r.status_code != 200:
+        raise RuntimeError(f"image search answered {r.status_code}: {r.text[:300]}")
+    return (time.perf_counter() - t0) * 1000
+
+
+def text_query(client: httpx.Client, text: str) -> float:
+    t0 = time.perf_counter()
+    r = client.post("/v1/search/text", json={"query": text, "k": 10})
+    if r.status_code != 200:
+        raise RuntimeError(f"text search answered {r.status_code}: {r.text[:300]}")
+    return (time.perf_counter() - t0) * 1000
+
+
+def throughput(base: str, uploads: list[bytes], clients: int, seconds: float) -> dict:
+    """Closed loop: ``clients`` threads, each sends its next image query when the last is answered."""
+    done: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def worker(n: int) -> None:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            image_query(c, uploads[n % len(uploads)])  # connection set up outside the timed window
+            start.wait()
+            i = n
+            while time.monotonic() < stop_at[0]:
+                try:
+                    done[n].append(image_query(c, uploads[i % len(uploads)]))
+                except (RuntimeError, httpx.HTTPError) as e:
+                    errors.append(str(e))
+                i += clients
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.monotonic() + 3600
+    start.wait()
+    t0 = time.monotonic()
+    stop_at[0] = t0 + seconds
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    lat = [x for d in done for x in d]
+    return {"clients": clients, "qps": round(len(lat) / elapsed, 2), "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99), "errors": len(errors)}
+
+
+def run_mode(index: Path, work: Path, batched: bool, uploads: list[bytes], args) -> dict:
+    env = {"LOOKALIKE_ACCESS_LOG": "false", "LOOKALIKE_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+    if not batched:
+        env["LOOKALIKE_BATCH_WINDOW_MS"] = "0"
+    port = serverproc.free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = work / f"server-{'batched' if batched else 'unbatched'}.log"
+    t0 = time.perf_counter()
+    proc = serverproc.spawn(index, port, env, log_path)
+    try:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            while True:  # cold start: until the first image query is answered
+                if proc.poll() is not None:
+                    raise SystemExit(f"error: server exited: {log_path.read_text()[-2000:]}")
+                try:
+                    r = c.post("/v1/search/image", files={"image": ("q.jpg", uploads[0], "image/jpeg")})
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.02)
+            cold = time.perf_counter() - t0
+            image = [image_query(c, uploads[i % len(uploads)]) for i in range(args.queries)]
+            texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(args.queries)]  # distinct: never cached
+            text = [text_query(c, t) for t in texts]
+            cached = [text_query(c, t) for t in texts]
+        levels = [throughput(base, uploads, n, args.seconds) for n in args.clients]
+    finally:
+        serverproc.stop(proc)
+    mode = "batched" if batched else "unbatched"
+    log(f"{mode}: cold start {cold:.2f} s; image p50/p99 {percentile(image, 50)}/{percentile(image, 99)} ms; "
+        f"text p50/p99 {percentile(text, 50)}/{percentile(text, 99)} ms (cached p50 {percentile(cached, 50)} ms); "
+        + ", ".join(f"{lv['clients']} clients {lv['qps']} q/s" for lv in levels))
+    return {"cold_start_s": round(cold, 2), "image_p50_ms": percentile(image, 50), "image_p99_ms": percentile(image, 99),
+            "text_p50_ms": percentile(text, 50), "text_p99_ms": percentile(text, 99),
+            "text_cached_p50_ms": percentile(cached, 50), "levels": levels}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--index", default=None, help="serve this index instead of building one from the Magento photos")
+    ap.add_argument("--model", default="ViT-B-32", help="model for the index built here (ViT-B-32 random weights, or a bundled name)")
+    ap.add_argument("--quick", action="store_true", help="small index, short levels: under a minute")
+    ap.add_argument("--queries", type=int, default=100, help="queries per latency measurement (default 100)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="seconds per concurrency level (default 15)")
+    ap.add_argument("--clients", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = ap.parse_args(argv)
+    args.clients = [int(x) for x in args.clients.split(",")]
+    if args.quick:
+        args.queries, args.seconds = min(args.queries, 20), min(args.seconds, 2.0)
+    photos = sorted((DATASETS / "magento" / "images").rglob("*.jpg"))
+    if not photos:
+        raise SystemExit(f"error: no photos under {DATASETS / 'magento' / 'images'} (set LOOKALIKE_DATASETS)")
+    with tempfile.TemporaryDirectory(prefix="bench-query-") as tmp:
+        work = Path(tmp)
+        if args.index:
+            index = Path(args.index)
+        else:
+            chosen = photos[:: max(1, len(photos) // 120)] if args.quick else photos
+            log(f"indexing {len(chosen)} Magento photos with {args.model} ...")
+            index = build_index(work, args.model, chosen)
+        uploads = [p.read_bytes() for p in photos[1::7][:40]]
+        modes = {"unbatched": run_mode(index, work, False, uploads, args),
+                 "batched": run_mode(index, work, True, uploads, args)}
+    u, b = modes["unbatched"], modes["batched"]
+    qps = {str(lu["clients"]): {"batched": lb["qps"], "unbatched": lu["qps"], "ratio": round(lb["qps"] / lu["qps"], 2)}
+           for lu, lb in zip(u["levels"], b["levels"])}
+    result = {"model": args.model, "index": str(args.index or "Magento photos"),
+              "image_p50_ms": b["image_p50_ms"], "image_p99_ms": b["image_p99_ms"],
+              "text_p50_ms": b["text_p50_ms"], "text_p99_ms": b["text_p99_ms"],
+              "text_cached_p50_ms": b["text_cached_p50_ms"], "qps": qps, "cold_start_s": u["cold_start_s"],
+              "modes": modes}
+    print(f"\nlatency, one client (batching on): image p50 {result['image_p50_ms']} ms, p99 {result['image_p99_ms']} ms; "
+          f"text p50 {result['text_p50_ms']} ms, p99 {result['text_p99_ms']} ms, cached p50 {result['text_cached_p50_ms']} ms")
+    print(f"cold start (spawn -> first answered image query): {u['cold_start_s']} s, {b['cold_start_s']} s")
+    print(f"{'clients':>8}{'q/s unbatched':>15}{'q/s batched':>13}{'ratio':>8}{'p50 ms unb.':>13}{'p50 ms bat.':>13}")
+    for lu, lb in zip(u["levels"], b["levels"]):
+        print(f"{lu['clients']:>8}{lu['qps']:>15.1f}{lb['qps']:>13.1f}{lb['qps'] / lu['qps']:>8.2f}"
+              f"{lu['p50_ms']:>13.1f}{lb['p50_ms']:>13.1f}")
+    errors = sum(lv["errors"] for m in modes.values() for lv in m["levels"])
+    if errors:
+        print(f"{errors} queries failed during the throughput runs")
+    if args.json:
+        print(json.dumps(result))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
