@@ -27,6 +27,8 @@ def _model_args(p: argparse.ArgumentParser, for_index: bool) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32")
+    g.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                   help="image tower runtime: auto = OpenVINO on CPU (when installed), torch on CUDA")
     g.add_argument("--offline", action="store_true",
                    help="never contact the model hub: use cached or local weights only (also: HF_HUB_OFFLINE=1)")
 
@@ -44,7 +46,7 @@ def _load_model(args, index_identity: dict | None = None):
         pretrained = args.pretrained
         if pretrained is None and name == DEFAULT_MODEL:
             pretrained = DEFAULT_PRETRAINED
-    return load_model(name, pretrained, args.device, getattr(args, "precision", "auto"))
+    return load_model(name, pretrained, args.device, args.precision, args.backend)
 
 
 def _open_index(path: str, writable: bool = False):
@@ -112,7 +114,8 @@ def cmd_serve(args) -> int:
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(index, settings=settings, model_name=args.model, pretrained=args.pretrained,
                      device=None if args.device == "auto" else args.device,
-                     precision=None if args.precision == "auto" else args.precision, background_load=True)
+                     precision=None if args.precision == "auto" else args.precision,
+                     backend=None if args.backend == "auto" else args.backend, background_load=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

@@ -173,7 +173,7 @@ class ClipModel:
     """
 
     def __init__(self, model, preprocess: Callable, tokenizer, identity: ModelIdentity, device: torch.device,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -184,6 +184,9 @@ class ClipModel:
         # CPU bf16 runs on converted weights (autocast on CPU was slower than fp32 in our measurements);
         # CUDA keeps fp32 weights under autocast.
         self._input_dtype = torch.bfloat16 if device.type == "cpu" and precision == "bf16" else None
+        # a runtime back-end for the image tower (indexer.backends); None: the torch module itself
+        self.image_encoder = image_encoder
+        self.backend = "torch" if image_encoder is None else type(image_encoder).__name__.replace("ImageEncoder", "").lower()
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_lock = threading.Lock()
 
@@ -209,6 +212,8 @@ class ClipModel:
         pixels: float tensor ``(n, 3, H, W)`` as produced by ``self.preprocess``.
         Returns float32 ``(n, dim)``, each row of unit L2 norm.
         """
+        if self.image_encoder is not None:
+            return _normalise(self.image_encoder(pixels))
         with torch.inference_mode(), self._autocast():
             feats = self.model.encode_image(pixels.to(self.device, dtype=self._input_dtype, non_blocking=True))
         return _normalise(feats)
@@ -256,7 +261,7 @@ def _normalise(feats: torch.Tensor) -> np.ndarray:
 
 
 def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device: str | None = "auto",
-               precision: str | None = "auto") -> ClipModel:
+               precision: str | None = "auto", backend: str | None = "auto") -> ClipModel:
     """Build an open_clip model, its eval preprocessing and tokenizer.
 
     name: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo``, a model folder,
@@ -265,6 +270,9 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
       None or ``"none"`` builds the architecture with random weights (for speed benchmarks).
     device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (see the module docstring); training needs ``fp32``.
+    backend: runtime of the image tower: ``torch``, ``openvino`` (CPU only; see :mod:`indexer.backends`),
+      or ``auto`` = openvino on CPU when it is installed, else torch. A model OpenVINO cannot convert
+      falls back to torch under ``auto`` (logged) and raises ModelLoadError under ``openvino``.
 
     Raises ModelLoadError with a message that says what to do (weights missing,
     unknown name, bad file); never lets open_clip's or the hub's exception escape.
@@ -303,10 +311,34 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     identity = ModelIdentity(
         name=name, pretrained=pretrained or None, weights_sha256=_weights_sha256(model), dim=dim, image_size=image_size
     )
+    encoder = _image_backend(backend, model, dev, precision, identity)
     if dev.type == "cpu" and precision == "bf16":
-        model.to(torch.bfloat16)  # after hashing: the identity is of the weights as stored
-    log.info("loaded model %s (%s) on %s, %s, dim %d", name, pretrained, dev, precision, dim)
-    return ClipModel(model, preprocess, tokenizer, identity, dev, precision)
+        model.to(torch.bfloat16)  # after hashing and converting: the identity is of the weights as stored
+    clip = ClipModel(model, preprocess, tokenizer, identity, dev, precision, encoder)
+    log.info("loaded model %s (%s) on %s, %s, %s back-end, dim %d", name, pretrained, dev, precision, clip.backend, dim)
+    return clip
+
+
+def _image_backend(backend: str | None, model, dev: torch.device, precision: str, identity: ModelIdentity):
+    """The image tower's runtime back-end (:mod:`indexer.backends`), or None for plain torch."""
+    from .backends import BACKENDS, OpenVINOImageEncoder, openvino_available
+
+    backend = (backend or "auto").lower()
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown back-end {backend!r}: use {', '.join(BACKENDS)}")
+    if backend == "torch" or (backend == "auto" and (dev.type != "cpu" or not openvino_available())):
+        return None
+    if dev.type != "cpu":
+        raise ModelLoadError("the openvino back-end runs on the CPU: use --device cpu, or --backend torch on CUDA")
+    if not openvino_available():
+        raise ModelLoadError("the openvino back-end needs the openvino package: pip install openvino")
+    try:
+        return OpenVINOImageEncoder(model.visual, identity.image_size, precision, identity.weights_sha256[:24])
+    except Exception as e:  # TorchScript tracing or OpenVINO conversion of an unusual architecture
+        if backend == "openvino":
+            raise ModelLoadError(f"OpenVINO cannot run the image tower of {identity.name}: {e}") from e
+        log.warning("OpenVINO cannot run the image tower of %s (%s); using torch", identity.name, e)
+        return None
 
 
 @contextlib.contextmanager

@@ -390,7 +390,7 @@ def create_app(
             if m is None:
                 m = load_model(cfg.model or ident.name,
                                cfg.pretrained or (ident.pretrained if cfg.model is None else None), cfg.device,
-                               cfg.precision)
+                               cfg.precision, cfg.backend)
             check_model(store, m.identity)
             app.state.engine = Engine(store, m, LabelSet.load(cfg.labels_file), cfg, metrics)
             metrics.model.info({k: str(v) for k, v in m.identity.to_dict().items()})

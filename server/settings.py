@@ -36,6 +36,8 @@ class ServerSettings(BaseSettings):
     auth_reads: bool = Field(False, description="read routes (search, labels, products) need an API key too")
     read_only: bool = Field(False, description="never write to the index (the write routes answer 403)")
     snapshot_interval_s: float = Field(30.0, gt=0, description="how often live writes are saved to the FAISS snapshot, seconds")
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="image tower runtime: auto = OpenVINO on CPU (when installed), torch on CUDA")
     batch_window_ms: float = Field(4.0, ge=0, le=1000,
                                    description="micro-batching: longest wait, ms, for concurrent image queries to share "
                                                "a forward pass (0 = embed each query alone)")

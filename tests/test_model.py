@@ -101,14 +101,18 @@ def _magento_photos(datasets_dir, n):
     return [open_image(p, draft_size=224) for p in photos]
 
 
+@pytest.mark.parametrize("backend,precision", [("torch", "bf16"), ("openvino", "bf16"), ("openvino", "fp32")])
 @pytest.mark.parametrize("name", ["test-tiny", "lookalike-mini"])
-def test_bf16_embeddings_agree_with_fp32(datasets_dir, name):
-    """The bf16 fast path (CPU weights converted to bfloat16) against the fp32 reference, on real photos
-    and texts: every embedding's cosine to its fp32 twin >= 0.995, and the nearest neighbours agree."""
-    fp32 = load_model(name, None, "cpu", precision="fp32")
-    bf16 = load_model(name, None, "cpu", precision="bf16")
+def test_fast_paths_agree_with_torch_fp32(datasets_dir, name, backend, precision, tmp_path, monkeypatch):
+    """Each fast path (bf16 weights in torch; the image tower run by OpenVINO in bf16 or fp32) against
+    the torch fp32 reference, on real photos and texts: every embedding's cosine to its fp32 twin
+    >= 0.995, and the nearest neighbours agree."""
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    fp32 = load_model(name, None, "cpu", precision="fp32", backend="torch")
+    bf16 = load_model(name, None, "cpu", precision=precision, backend=backend)
+    assert bf16.backend == backend and fp32.backend == "torch"
     assert bf16.identity == fp32.identity  # the identity is of the stored weights, whatever the precision
-    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert next(bf16.model.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     images = _magento_photos(datasets_dir, 48)
     a, b = fp32.embed_images(images, batch_size=16), bf16.embed_images(images, batch_size=16)
     assert b.dtype == np.float32
@@ -139,3 +143,19 @@ def test_precision_choice():
         load_model("test-tiny", None, "cpu", precision="int3")
     m = load_model("test-tiny", None, "cpu", precision="fp32")
     assert m.precision == "fp32" and next(m.model.parameters()).dtype == torch.float32
+
+
+def test_openvino_model_is_cached_and_a_damaged_cache_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    x = torch.rand(3, 3, 64, 64)
+    first = load_model("test-tiny", None, "cpu", precision="fp32", backend="openvino")
+    cached = list((tmp_path / "openvino").glob("*.xml"))
+    assert len(cached) == 1 and cached[0].with_suffix(".bin").is_file()
+    again = load_model("test-tiny", None, "cpu", precision="fp32", backend="openvino")  # read from the cache
+    np.testing.assert_allclose(again.embed_image_tensors(x), first.embed_image_tensors(x), atol=1e-5)
+    cached[0].write_text("<not a model")
+    repaired = load_model("test-tiny", None, "cpu", precision="fp32", backend="openvino")
+    np.testing.assert_allclose(repaired.embed_image_tensors(x), first.embed_image_tensors(x), atol=1e-5)
+    assert cached[0].read_text().startswith("<?xml")
+    with pytest.raises(ModelLoadError, match="unknown back-end"):
+        load_model("test-tiny", None, "cpu", backend="tensorrt")
