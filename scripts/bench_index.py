@@ -11,7 +11,8 @@ weights cannot be downloaded here):
     batch, fp32: ``Image.open(path).convert("RGB")`` -> ``preprocess`` -> ``encode_image``
     -> normalise, the way simple tools do it;
 (b) ours: the ``lookalike index`` command on a JSONL manifest of the same files, in a
-    subprocess, with its defaults (decode workers, JPEG draft mode, bf16 on CPUs with AMX).
+    subprocess, with its defaults (decode workers, JPEG draft mode, the image tower run by
+    OpenVINO in bf16 on CPUs with AMX; fp16 autocast with torch on CUDA).
 
 Images/s excludes model loading in both (ours is the ``images_per_s`` of the run's
 report: catalogue scan, change detection, decode, embed and SQLite/FAISS commits).
@@ -20,7 +21,7 @@ of the top-10 neighbours (among the distinct photos, the query itself left out) 
 fixed query photos under either set of embeddings.
 
 ``--levers`` also times each lever alone on the Magento photos, in this process (see
-docs/PERFORMANCE.md): decode workers, JPEG draft mode, bf16, batch size, torch threads.
+docs/PERFORMANCE.md): decode workers, JPEG draft mode, bf16, OpenVINO, batch size.
 ``--device cuda`` runs both on the GPU (fp32 baseline; ours with fp16 autocast, pinned
 memory, non-blocking copies) and samples GPU utilisation with nvidia-smi.
 
@@ -205,8 +206,6 @@ def agreement(paths: list[str], a: np.ndarray, b: np.ndarray, queries: int = 100
 # --------------------------------------------------------------------------- levers
 def levers(paths: list[str], weights: Path, work: Path) -> list[dict]:
     """Each lever alone and stacked, in this process, on ``paths`` (decode+embed+store, images/s)."""
-    import torch
-
     from indexer.catalogue import read_catalogue
     from indexer.model import ClipModel, load_model
     from indexer.pipeline import index_catalogue
@@ -219,37 +218,31 @@ def levers(paths: list[str], weights: Path, work: Path) -> list[dict]:
     class NoDraft(ClipModel):
         draft_size = None  # decode every JPEG at full size
 
-    def run(label: str, precision: str, workers: int, draft: bool, batch_size: int = 64, threads: int | None = None) -> dict:
-        model = load_model(ARCH, str(weights), "cpu", precision)
+    def run(label: str, backend: str, precision: str, workers: int, draft: bool, batch_size: int = 64) -> dict:
+        model = load_model(ARCH, str(weights), "cpu", precision, backend)
         if not draft:
             model.__class__ = NoDraft
-        old_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
         out = work / f"levers-{len(rows)}"
-        try:
-            with Store.create(out, model.identity) as store:
-                report = index_catalogue(catalogue, store, model, batch_size=batch_size, workers=workers, progress=False)
-        finally:
-            torch.set_num_threads(old_threads)
-        row = {"lever": label, "precision": precision, "workers": workers, "draft": draft, "batch_size": batch_size,
-               "threads": threads or old_threads, "images_per_s": report.images_per_s}
-        log(f"  {label:<44} {report.images_per_s:7.1f} images/s")
+        with Store.create(out, model.identity) as store:
+            report = index_catalogue(catalogue, store, model, batch_size=batch_size, workers=workers, progress=False)
+        row = {"lever": label, "backend": backend, "precision": precision, "workers": workers, "draft": draft,
+               "batch_size": batch_size, "images_per_s": report.images_per_s}
+        log(f"  {label:<48} {report.images_per_s:7.1f} images/s")
         rows.append(row)
         return row
 
     rows: list[dict] = []
     cores = os.cpu_count() or 1
-    run("fp32, decode in the main process, no draft", "fp32", 0, False)
-    run("fp32, no draft, decode workers", "fp32", cores, False)
-    run("fp32, decode workers, JPEG draft", "fp32", cores, True)
-    run("bf16, decode in the main process, no draft", "bf16", 0, False)
-    run("bf16, decode workers, JPEG draft (default)", "bf16", cores, True)
-    run("bf16, 1 decode worker, JPEG draft", "bf16", 1, True)
+    run("torch fp32, decode in the main process, no draft", "torch", "fp32", 0, False)
+    run("torch fp32, decode workers, no draft", "torch", "fp32", cores, False)
+    run("torch fp32, decode workers, JPEG draft", "torch", "fp32", cores, True)
+    run("torch bf16, decode workers, JPEG draft", "torch", "bf16", cores, True)
+    run("openvino fp32, decode workers, JPEG draft", "openvino", "fp32", cores, True)
+    run("openvino bf16, decode in the main process, no draft", "openvino", "bf16", 0, False)
+    run("openvino bf16, decode workers, JPEG draft (default)", "openvino", "bf16", cores, True)
+    run("openvino bf16, 1 decode worker, JPEG draft", "openvino", "bf16", 1, True)
     for bs in (16, 32, 128):
-        run(f"bf16, workers, draft, batch {bs}", "bf16", cores, True, batch_size=bs)
-    if cores > 1:
-        run("bf16, workers, draft, 1 torch thread", "bf16", cores, True, threads=1)
+        run(f"openvino bf16, workers, draft, batch {bs}", "openvino", "bf16", cores, True, batch_size=bs)
     return rows
 
 
@@ -273,7 +266,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000, help="images per set (default 2000)")
     ap.add_argument("--sets", default="magento,cifar10", help="comma-separated: magento, cifar10")
-    ap.add_argument("--quick", action="store_true", help="160 images per set: under a minute")
+    ap.add_argument("--quick", action="store_true", help="96 images per set: under a minute")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch-size", type=int, default=64, help="baseline batch size (ours: lookalike index's default)")
     ap.add_argument("--levers", action="store_true", help="also time each lever alone on the Magento photos")
@@ -281,7 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--index-args", default="", help="extra arguments for lookalike index, e.g. '--precision fp32'")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args(argv)
-    n = 160 if args.quick else args.images
+    n = 96 if args.quick else args.images
     tmp = tempfile.TemporaryDirectory(prefix="bench-index-") if args.work is None else None
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
