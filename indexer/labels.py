@@ -16,14 +16,20 @@ the model's own learned logit scale.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .backends import cache_dir
 from .errors import LookalikeError
 from .model import ClipModel
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LABELS_FILE = Path(__file__).resolve().parents[1] / "data" / "labels" / "retail.yaml"
 DEFAULT_TEMPLATES = (
@@ -122,8 +128,22 @@ class ZeroShotClassifier:
         self.weights = self._label_embeddings()  # (n_labels, dim)
 
     def _label_embeddings(self) -> np.ndarray:
+        """One unit vector per label: the normalised mean of its prompt x template text embeddings
+        (prompt ensembling, Radford et al. 2021, sec. 3.1.4). Float32 ``(n_labels, dim)``.
+
+        Kept on disk under ``cache_dir()/labels`` (:func:`indexer.backends.cache_dir`), keyed by the
+        model's weights, precision and the prompt texts: a server starts without re-embedding its
+        label set (hundreds of prompts, seconds of text-tower time on a CPU)."""
         ls = self.label_set
         texts = [t.format(p) for lab in ls.labels for p in lab.prompts for t in ls.templates]
+        key = hashlib.sha256(json.dumps([self.model.identity.weights_sha256, self.model.precision, texts]).encode())
+        path = cache_dir() / "labels" / f"{key.hexdigest()[:32]}.npy"
+        try:
+            cached = np.load(path)
+            if cached.shape == (len(ls.labels), self.model.dim) and cached.dtype == np.float32:
+                return cached
+        except (OSError, ValueError):
+            pass  # not cached yet, or a damaged entry: compute it again
         emb = self.model.embed_texts(texts)
         out, i = [], 0
         for lab in ls.labels:
@@ -131,7 +151,15 @@ class ZeroShotClassifier:
             mean = emb[i : i + n].mean(axis=0)
             out.append(mean / max(np.linalg.norm(mean), 1e-12))
             i += n
-        return np.stack(out).astype(np.float32)
+        weights = np.stack(out).astype(np.float32)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+            np.save(tmp, weights)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only home: compute at every start instead
+            log.warning("cannot cache label embeddings in %s: %s", path.parent, e)
+        return weights
 
     def scores(self, image_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """image_embeddings: float32 ``(n, dim)`` unit rows -> (probabilities, cosines), each ``(n, n_labels)``.

@@ -10,6 +10,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
 
+# Converted OpenVINO models and label embeddings go to a cache of this test run (inherited by the
+# `lookalike` subprocesses the tests start), so every run converts and embeds from scratch.
+_CACHE = __import__("tempfile").TemporaryDirectory(prefix="lookalike-test-cache-")
+os.environ["LOOKALIKE_CACHE_DIR"] = _CACHE.name
+
 
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:

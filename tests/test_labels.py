@@ -76,3 +76,23 @@ def test_prompt_ensemble_is_mean_of_template_embeddings(tiny_model):
     texts = ["a photo of a bag.", "a bag for sale.", "a photo of a tote.", "a tote for sale."]
     mean = tiny_model.embed_texts(texts).mean(axis=0)
     np.testing.assert_allclose(clf.weights[0], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_label_embeddings_are_cached_on_disk_by_model_and_prompts(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    ls = LabelSet.from_dict({"labels": ["hoodie", "watch", "yoga mat"]})
+    first = ZeroShotClassifier(tiny_model, ls)
+    assert len(list((tmp_path / "labels").glob("*.npy"))) == 1
+
+    def no_text_tower(texts):
+        raise AssertionError("the cached label embeddings should have been used")
+
+    monkeypatch.setattr(tiny_model, "embed_texts", no_text_tower)
+    np.testing.assert_array_equal(ZeroShotClassifier(tiny_model, ls).weights, first.weights)
+    other = LabelSet.from_dict({"labels": ["hoodie", "watch", "backpack"]})
+    with pytest.raises(AssertionError, match="cached label embeddings"):
+        ZeroShotClassifier(tiny_model, other)  # other prompts: not a cache hit
+    monkeypatch.undo()
+    next((tmp_path / "labels").glob("*.npy")).write_bytes(b"damaged")
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    np.testing.assert_allclose(ZeroShotClassifier(tiny_model, ls).weights, first.weights, atol=1e-6)
