@@ -270,6 +270,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch-size", type=int, default=64, help="baseline batch size (ours: lookalike index's default)")
     ap.add_argument("--levers", action="store_true", help="also time each lever alone on the Magento photos")
+    ap.add_argument("--lever-images", type=int, default=725, help="Magento photos per lever run (default 725, all once)")
     ap.add_argument("--work", default=None, help="folder for the manifests and indexes (default: a temporary one)")
     ap.add_argument("--index-args", default="", help="extra arguments for lookalike index, e.g. '--precision fp32'")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
     })
     if args.levers:
         log("levers (Magento photos, in-process pipeline, CPU):")
-        results["levers"] = levers(magento_paths(n), weights, work)
+        results["levers"] = levers(magento_paths(min(n, args.lever_images)), weights, work)
 
     print(f"\n{'set':<10}{'images':>8}{'baseline img/s':>16}{'ours img/s':>12}{'ratio':>8}{'top-10 overlap':>16}{'mean cos':>10}")
     for name, s in results["sets"].items():
