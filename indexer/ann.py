@@ -1,0 +1,362 @@
+"""Choosing, building and searching the FAISS index types: exact Flat, HNSW graph, IVF-PQ.
+
+All three use inner product on L2-normalised float32 vectors (= cosine) and hold
+caller-chosen int64 ids (photo ids in the store):
+
+* ``Flat``  — ``IndexIDMap2(IndexFlatIP)``: exact, ``4*d`` bytes per vector, search time
+  linear in the catalogue size.
+* ``HNSW``  — ``IndexIDMap(IndexHNSWFlat)``: a graph over the full vectors (Malkov & Yashunin,
+  2018, arXiv:1603.09320). Scores are exact cosines of the photos it finds. FAISS cannot remove
+  a vector from the graph, so deleted ids stay in it as tombstones (:func:`remove_ids`).
+* ``IVFPQ`` — ``IndexIVFPQ`` with its own ids: a k-means coarse quantiser (``nlist`` lists) and
+  product-quantised residuals of ``pq_m`` bytes (Jégou et al., 2011, "Product quantization for
+  nearest neighbor search"). It keeps only the codes in memory; the ``rerank * k`` best PQ
+  candidates are re-scored with their exact vectors, supplied by the caller (the store reads them
+  from SQLite), so returned scores are exact cosines.
+
+Per-request knobs (``ef_search`` for HNSW, ``nprobe`` for IVF-PQ) go to FAISS as a
+``SearchParameters`` object on each call and never change the index's stored defaults, so
+concurrent searches with different knobs do not interfere. ``IndexIDMap`` passes the parameters
+through to the HNSW index it wraps (FAISS >= 1.7.3, ``IndexIDMapTemplate::search``).
+IVF-PQ does not go through an id map: ``IndexIDMap.remove_ids`` compacts its id table by
+position, which is wrong for an IVF index (whose lists keep the positions they were given), so
+the IVF index stores the photo ids itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import faiss
+import numpy as np
+
+FLAT, HNSW, IVFPQ = "Flat", "HNSW", "IVFPQ"
+#: ``--index-type`` names and the index type each selects ("auto" chooses by size and budget).
+REQUESTABLE = {"auto": None, "flat": FLAT, "hnsw": HNSW, "ivfpq": IVFPQ}
+
+#: Auto choice keeps exact search below this many vectors. At 200,000 CLIP vectors (512-d) Flat
+#: holds 0.4 GB and a single query scans them in ~10-20 ms on one core (``scripts/bench_search.py``
+#: measures ~300-450 batched queries/s over 100,000 on 2 cores); above it the latency keeps
+#: growing linearly while HNSW stays at ~1 ms with recall@10 >= 0.95, so the approximate index
+#: starts to pay for its build time and recall loss.
+EXACT_UP_TO = 200_000
+#: Default memory budget for the in-memory index (``--memory-budget``).
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+#: HNSW neighbours per node (2*M on the bottom layer). 32 is the FAISS wiki's middle choice for
+#: high-dimensional data; memory grows by 8 bytes per vector per unit of M.
+HNSW_M = 32
+#: Candidate list size while building (FAISS's default, 40): build time grows about linearly with it.
+HNSW_EF_CONSTRUCTION = 40
+#: Default candidate list size while searching: recall@10 >= 0.95 at 1M on the bench data.
+HNSW_EF_SEARCH = 96
+#: Bits per PQ sub-quantiser code (256 centroids each), the standard setting.
+IVFPQ_NBITS = 8
+#: PQ candidates re-scored with exact vectors per result wanted (recall@10 at 1M on the bench
+#: data, 32 of 1024 lists: 0.963 with 4, 0.970 with 8 and 16: the lists probed limit it, not PQ).
+IVFPQ_RERANK = 4
+#: Fewest lists an IVF-PQ search visits by default: with fewer, the true top 10 of the bench's
+#: clustered data often lie in lists not visited (recall@10 0.89 with 16 of 128 lists at 100k,
+#: 0.94 with 16 of 1024 at 1M; 0.96 with 32 at both).
+IVFPQ_MIN_NPROBE = 32
+#: IVF-PQ needs this many vectors to train its 256-centroid PQ codebooks (FAISS warns below 39
+#: training points per centroid); smaller catalogues stay exact.
+IVFPQ_MIN_VECTORS = 39 * 2**IVFPQ_NBITS
+#: k-means iterations for the coarse quantiser and the PQ codebooks: 10 instead of FAISS's 25
+#: trains 2.5x faster; the recall that scripts/bench_search.py reports is with 10.
+IVF_KMEANS_ITERATIONS = 10
+#: PQ codebook training uses at most this many vectors per centroid (FAISS: 256). Each of the
+#: ``pq_m`` low-dimensional k-means is slow in FAISS (BLAS on 4-d slices), and 64 points per
+#: centroid suffice for 4 dimensions.
+PQ_TRAIN_PER_CENTROID = 64
+#: Training vectors per IVF list (FAISS warns under 39; k-means subsamples above 256).
+IVF_TRAIN_PER_LIST = 40
+
+#: Largest ``ef_search`` / ``nprobe`` accepted per request.
+MAX_EF_SEARCH = 4096
+MAX_NPROBE = 65536
+
+_STRUCTURAL = {FLAT: (), HNSW: ("M",), IVFPQ: ("nlist", "pq_m", "nbits")}
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """An index type and its parameters.
+
+    ``params`` for HNSW: ``M``, ``ef_construction``, ``ef_search`` (default per query).
+    For IVFPQ: ``nlist`` (inverted lists), ``pq_m`` (bytes per code), ``nbits`` (bits per
+    sub-quantiser), ``nprobe`` (default lists visited per query), ``rerank`` (exactly re-scored
+    candidates per result). Flat has none.
+    """
+
+    type: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def removes(self) -> bool:
+        """Whether deleted ids leave the index (False for HNSW: they stay as tombstones)."""
+        return self.type != HNSW
+
+    @property
+    def exact(self) -> bool:
+        return self.type == FLAT
+
+    def structure(self) -> dict:
+        """The parameters that fix the index's layout (a snapshot must match them)."""
+        return {k: self.params[k] for k in _STRUCTURAL[self.type]}
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "params": dict(self.params)}
+
+
+def hnsw_spec(M: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH) -> IndexSpec:
+    return IndexSpec(HNSW, {"M": M, "ef_construction": ef_construction, "ef_search": ef_search})
+
+
+def ivfpq_spec(n: int, dim: int, rerank: int = IVFPQ_RERANK) -> IndexSpec:
+    """IVF-PQ parameters for ``n`` vectors of ``dim`` values.
+
+    ``nlist`` is the power of two nearest ``n/1000`` up to a million vectors and ``sqrt(n)``
+    beyond (pgvector's starting point, "Choose an appropriate number of lists", pgvector README):
+    it keeps k-means training affordable on a few cores, where the FAISS wiki's ``4*sqrt(n)``
+    (4096 lists at 1M) did not finish training within 10 minutes on the 2-core bench machine.
+    ``nprobe`` is ``sqrt(nlist)`` (pgvector's starting point too) but at least
+    :data:`IVFPQ_MIN_NPROBE`. ``pq_m`` is the largest divisor of ``dim`` not
+    above ``dim/4`` (128 one-byte codes for 512-d, 4 dimensions per sub-quantiser): with 64 codes
+    the PQ ranking capped recall@10 at ~0.94 after re-ranking at 1M.
+    """
+    target = n / 1000 if n <= 1_000_000 else math.sqrt(n)
+    nlist = 2 ** max(0, round(math.log2(max(target, 1))))
+    nlist = max(1, min(nlist, n // IVF_TRAIN_PER_LIST or 1))
+    pq_m = max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+    nprobe = min(nlist, max(IVFPQ_MIN_NPROBE, round(math.sqrt(nlist))))
+    return IndexSpec(IVFPQ, {"nlist": nlist, "pq_m": pq_m, "nbits": IVFPQ_NBITS, "nprobe": nprobe, "rerank": rerank})
+
+
+def bytes_per_vector(spec: IndexSpec, dim: int, n: int) -> float:
+    """Estimated in-memory bytes per vector of an index of ``n`` vectors.
+
+    From the FAISS wiki, "Guidelines to choose an index": Flat stores ``4*d`` bytes; HNSW ``4*d +
+    2*M*4`` (its bottom layer's links; upper layers add ``M*4/(M-1)`` on average, each vector
+    also has a level and an offset, 12 bytes); IVF-PQ stores ``pq_m*nbits/8`` bytes of code plus
+    its 8-byte id in the inverted list, and shares the ``nlist*d*4`` centroids and ``d*256*4``
+    codebook bytes. Flat and HNSW add the 8-byte id map. The hash table of ``IndexIDMap2`` (Flat)
+    is not serialised and not counted.
+    """
+    d = dim
+    if spec.type == FLAT:
+        return 4 * d + 8
+    if spec.type == HNSW:
+        M = spec.params["M"]
+        return 4 * d + 8 * M + 4 * M / (M - 1) + 12 + 8
+    p = spec.params
+    shared = p["nlist"] * d * 4 + d * 2 ** p["nbits"] * 4
+    return p["pq_m"] * p["nbits"] / 8 + 8 + shared / max(n, 1)
+
+
+def choose_index(n: int, dim: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, requested: str = "auto") -> IndexSpec:
+    """The index to build for ``n`` vectors of ``dim`` values.
+
+    ``requested``: "auto", "flat", "hnsw" or "ivfpq" (case-insensitive). Auto keeps Flat below
+    :data:`EXACT_UP_TO` vectors; above, HNSW when ``n * bytes_per_vector`` fits
+    ``memory_budget_bytes``, else IVF-PQ (whose re-ranking vectors stay on disk). IVF-PQ, asked
+    for or chosen, falls back to Flat below :data:`IVFPQ_MIN_VECTORS` (too few to train on).
+    An explicit type is built even when it exceeds the budget. Raises ValueError for an unknown
+    ``requested``.
+    """
+    key = requested.lower()
+    if key not in REQUESTABLE:
+        raise ValueError(f"unknown index type {requested!r}; use one of {', '.join(REQUESTABLE)}")
+    wanted = REQUESTABLE[key]
+    if wanted is None:
+        if n < EXACT_UP_TO:
+            wanted = FLAT
+        elif n * bytes_per_vector(hnsw_spec(), dim, n) <= memory_budget_bytes:
+            wanted = HNSW
+        else:
+            wanted = IVFPQ
+    if wanted == HNSW:
+        return hnsw_spec()
+    if wanted == IVFPQ and n >= IVFPQ_MIN_VECTORS:
+        return ivfpq_spec(n, dim)
+    return IndexSpec(FLAT)
+
+
+def training_size(spec: IndexSpec, n: int) -> int:
+    """How many of ``n`` vectors :func:`new_index` needs to train ``spec`` (0: no training)."""
+    if spec.type != IVFPQ:
+        return 0
+    return min(n, max(IVF_TRAIN_PER_LIST * spec.params["nlist"], IVFPQ_MIN_VECTORS))
+
+
+def new_index(spec: IndexSpec, dim: int, training: np.ndarray | None = None) -> faiss.Index:
+    """An empty index of type ``spec`` for ``dim``-d vectors, trained on ``training`` if it needs it.
+
+    training: float32 ``(t, dim)`` unit vectors, ``t >= training_size(spec, n)``; IVF-PQ only.
+    Raises ValueError when IVF-PQ gets fewer than ``nlist`` or 256 training vectors.
+    """
+    if spec.type == FLAT:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    p = spec.params
+    if spec.type == HNSW:
+        graph = faiss.IndexHNSWFlat(dim, p["M"], faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = p["ef_construction"]
+        graph.hnsw.efSearch = p["ef_search"]
+        return faiss.IndexIDMap(graph)
+    training = np.ascontiguousarray(training, dtype=np.float32) if training is not None else np.zeros((0, dim), np.float32)
+    if len(training) < max(p["nlist"], 2 ** p["nbits"]):
+        raise ValueError(f"IVF-PQ with {p['nlist']} lists needs at least {max(p['nlist'], 2 ** p['nbits'])} "
+                         f"training vectors, got {len(training)}")
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, p["nlist"], p["pq_m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = IVF_KMEANS_ITERATIONS
+    index.cp.spherical = True  # unit-norm centroids: the right k-means for inner product on the sphere
+    index.pq.cp.niter = IVF_KMEANS_ITERATIONS
+    index.pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CENTROID
+    index.nprobe = p["nprobe"]
+    index.train(training)
+    return index
+
+
+def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """An index of type ``spec`` holding ``vectors`` (float32 ``(n, dim)``, unit rows) under ``ids``
+    (int64 ``(n,)``, unique). IVF-PQ trains on a seeded random sample of ``vectors``."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    training = None
+    if spec.type == IVFPQ:
+        pick = np.random.default_rng(0).choice(len(vectors), training_size(spec, len(vectors)), replace=False)
+        training = vectors[np.sort(pick)]
+    index = new_index(spec, vectors.shape[1], training)
+    index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def describe(index: faiss.Index) -> IndexSpec | None:
+    """The type and layout parameters of a loaded index, or None if it is none of ours."""
+    if isinstance(index, faiss.IndexIVFPQ):
+        return IndexSpec(IVFPQ, {"nlist": index.nlist, "pq_m": index.pq.M, "nbits": index.pq.nbits})
+    inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else None
+    if isinstance(inner, faiss.IndexFlatIP):
+        return IndexSpec(FLAT)
+    if isinstance(inner, faiss.IndexHNSWFlat) and inner.metric_type == faiss.METRIC_INNER_PRODUCT:
+        return IndexSpec(HNSW, {"M": inner.hnsw.nb_neighbors(1)})
+    return None
+
+
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """int64 ``(ntotal,)``: every id the index holds, tombstones included, in storage order."""
+    if isinstance(index, faiss.IndexIVF):
+        lists = index.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                 for i in range(index.nlist) if lists.list_size(i)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def remove_ids(index: faiss.Index, spec: IndexSpec, ids: np.ndarray) -> None:
+    """Remove ``ids`` from the index; for HNSW, which cannot, leave them as tombstones.
+
+    Callers must drop tombstone ids from results (the store drops every id not in SQLite).
+    """
+    if spec.removes:
+        index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def stored_vectors(index: faiss.Index) -> np.ndarray | None:
+    """float32 ``(ntotal, d)`` vectors of a Flat or HNSW index in :func:`held_ids` order (a view),
+    or None for IVF-PQ, which keeps only codes (see :func:`reconstruct`)."""
+    if isinstance(index, faiss.IndexIVF):
+        return None
+    inner = faiss.downcast_index(index.index)
+    flat = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def reconstruct(index: faiss.IndexIVFPQ, ids: np.ndarray) -> np.ndarray:
+    """float32 ``(len(ids), d)`` PQ reconstructions (centroid + decoded residual) of ``ids``.
+
+    Builds a hash-table direct map on ``index`` (extra memory: use on a copy, e.g. one read for
+    a check). Raises RuntimeError for an id the index does not hold.
+    """
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+VectorLookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def candidates(
+    index: faiss.Index,
+    spec: IndexSpec,
+    queries: np.ndarray,
+    k: int,
+    *,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The raw FAISS search: for Flat and HNSW the top-``k``; for IVF-PQ the ``k * rerank`` best
+    by PQ-approximate score, to pass to :func:`rerank`.
+
+    queries: float32 ``(q, d)`` unit rows. ``ef_search`` (HNSW) and ``nprobe`` (IVF-PQ) override
+    the spec's defaults for this call only; each is ignored by the other types and by Flat.
+    Returns (scores float32 ``(q, c)``, ids int64 ``(q, c)``), best first, id -1 where FAISS found
+    fewer.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if spec.type == FLAT:
+        return index.search(queries, k)
+    if spec.type == HNSW:
+        return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=ef_search or spec.params["ef_search"]))
+    params = faiss.SearchParametersIVF(nprobe=nprobe or spec.params["nprobe"])
+    return index.search(queries, k * spec.params["rerank"], params=params)
+
+
+def search(
+    index: faiss.Index,
+    spec: IndexSpec,
+    queries: np.ndarray,
+    k: int,
+    *,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    lookup: VectorLookup | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` ids by inner product for each query: :func:`candidates`, re-ranked for IVF-PQ.
+
+    lookup: required for IVF-PQ, see :func:`rerank`. Returns (scores float32 ``(q, k)``, ids int64
+    ``(q, k)``), best first, id -1 where fewer were found. Scores are exact cosines for every type.
+    Raises ValueError for IVF-PQ without ``lookup``.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if spec.type == IVFPQ and lookup is None:
+        raise ValueError("IVF-PQ search needs a lookup of exact vectors to re-rank its candidates")
+    scores, ids = candidates(index, spec, queries, k, ef_search=ef_search, nprobe=nprobe)
+    if spec.type == IVFPQ:
+        return rerank(queries, ids, k, lookup)
+    return scores, ids
+
+
+def rerank(queries: np.ndarray, cand: np.ndarray, k: int, lookup: VectorLookup) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate ids ``cand`` (int64 ``(q, c)``, -1 = none) with exact vectors; keep the best ``k``.
+
+    queries: float32 ``(q, d)``. lookup: ``ids -> (found_ids, vectors)``, the exact float32
+    ``(m, d)`` vectors of the ids it knows with ``found_ids`` ascending; ids it does not know
+    (deleted photos) are dropped. Returns (scores float32 ``(q, k)``, ids int64 ``(q, k)``),
+    best first, padded with -inf / -1.
+    """
+    found, vecs = lookup(np.unique(cand[cand >= 0]))
+    found = np.asarray(found, dtype=np.int64)
+    pos = np.clip(np.searchsorted(found, cand), 0, max(len(found) - 1, 0))
+    known = (cand >= 0) & (found[pos] == cand) if len(found) else np.zeros(cand.shape, bool)
+    scores = np.full(cand.shape, -np.inf, np.float32)
+    rows, cols = np.nonzero(known)
+    if len(rows):
+        scores[rows, cols] = np.einsum("ij,ij->i", queries[rows], vecs[pos[rows, cols]])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_ids = np.where(np.isfinite(top_scores), np.take_along_axis(cand, order, axis=1), -1)
+    if top_scores.shape[1] < k:
+        pad = k - top_scores.shape[1]
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+    return top_scores, top_ids
