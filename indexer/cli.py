@@ -76,6 +76,7 @@ def cmd_index(args) -> int:
         raise LookalikeError(f"no photos found in {args.catalogue}" + (f" ({problems})" if problems else ""))
     model = _load_model(args)
     with Store.create(args.out, model.identity) as store:
+        store.set_index_choice(args.index_type, args.memory_budget)  # applied by the pipeline's final save
         report = index_catalogue(
             catalogue, store, model, catalogue_name=str(args.catalogue), batch_size=args.batch_size,
             workers=args.workers, prune=args.prune, progress=not args.quiet,
@@ -131,7 +132,7 @@ def cmd_search(args) -> int:
                 raise LookalikeError(f"cannot use {args.image}: {errors[args.image]}")
         else:
             vecs = model.embed_texts([args.text])
-        hits = store.search(vecs, args.k, category=args.category)[0]
+        hits = store.search(vecs, args.k, category=args.category, ef_search=args.ef_search, nprobe=args.nprobe)[0]
     if args.json:
         print(json.dumps({"results": [h.to_dict() for h in hits]}, ensure_ascii=False))
     else:
@@ -254,9 +255,22 @@ def cmd_info(args) -> int:
         print(f"{info['path']}: {info['products']} products, {info['photos']} photos")
         print(f"model: {m['model']['name']} (pretrained={m['model']['pretrained']}), dim {info['dim']}, "
               f"weights sha256 {m['model']['weights_sha256'][:16]}")
-        print(f"index: {m['index']['type']} ({m['index']['metric']}); updated {info['updated_at']}")
+        idx = m["index"]
+        params = ", ".join(f"{k}={v}" for k, v in idx["params"].items())
+        budget = idx["choice"]["memory_budget_bytes"] / 2**30
+        print(f"index: {idx['type']}{f' ({params})' if params else ''}, {idx['metric']}; chosen by "
+              f"--index-type {idx['choice']['requested']}, memory budget {budget:g} GiB; updated {info['updated_at']}")
         for cat, n in list(info["categories"].items())[:30]:
             print(f"  {n:>6}  {cat}")
+    return 0
+
+
+def cmd_rebuild(args) -> int:
+    with _open_index(args.index, writable=True) as store:
+        store.set_index_choice(args.index_type, args.memory_budget)
+        store.rebuild_index()
+        spec = store.index_spec()
+    print(f"rebuilt {args.index}: {spec.type} index" + "".join(f", {k}={v}" for k, v in spec.params.items()))
     return 0
 
 
@@ -350,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category-column", default="category")
     p.add_argument("--image-root", default=None, help="folder that relative image paths start from (default: the manifest's)")
     p.add_argument("--allow-outside-root", action="store_true", help="read relative image paths that lead outside the root")
+    _index_type_args(p)
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
@@ -369,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", help="query text, e.g. 'red running shoes'")
     p.add_argument("-k", type=_positive, default=10, help="number of products (default 10)")
     p.add_argument("--category", default=None, help="only products in this category (or below it)")
+    p.add_argument("--ef-search", type=_positive, default=None,
+                   help="HNSW index: candidates explored per query, more = better recall, slower (default: the index's)")
+    p.add_argument("--nprobe", type=_positive, default=None,
+                   help="IVF-PQ index: inverted lists visited per query, more = better recall, slower (default: the index's)")
     p.add_argument("--json", action="store_true")
     _model_args(p, for_index=False)
     p.set_defaults(func=cmd_search)
@@ -436,11 +455,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("rebuild", help="rebuild an index's FAISS vectors from its database, e.g. as another index type")
+    p.add_argument("index")
+    _index_type_args(p)
+    p.set_defaults(func=cmd_rebuild)
+
     p = sub.add_parser("check", help="verify that an index's vectors and metadata agree (exit 1 if not)")
     p.add_argument("index")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
     return parser
+
+
+def _index_type_args(p: argparse.ArgumentParser) -> None:
+    from .ann import EXACT_UP_TO, REQUESTABLE
+
+    g = p.add_argument_group("index type")
+    g.add_argument("--index-type", choices=list(REQUESTABLE), default=None,
+                   help=f"auto: exact (flat) below {EXACT_UP_TO:,} photos, else hnsw if it fits --memory-budget, "
+                        "else ivfpq; an explicit type is kept as the catalogue grows (default: the index's "
+                        "recorded choice, auto for a new one)")
+    g.add_argument("--memory-budget", type=_byte_size, default=None, metavar="SIZE",
+                   help="memory the FAISS index may use, e.g. 4GB, 512MiB (default: the index's, 4GiB for a new one)")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """An argparse type: a size such as 4GB, 1.5GiB, 512MB or 1000000 (bytes)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 4GB, 512MiB or a number of bytes")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return size
 
 
 def _int_at_least(minimum: int):

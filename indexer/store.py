@@ -3,7 +3,7 @@
 Layout of an index directory::
 
     catalogue.sqlite        products, photos (with each photo's embedding), meta
-    vectors.g<N>.faiss      FAISS snapshot of generation N (IndexIDMap2 over IndexFlatIP)
+    vectors.g<N>.faiss      FAISS snapshot of generation N (Flat, HNSW or IVF-PQ: see indexer.ann)
     manifest.json           format version, model identity, counts, times (a mirror of meta)
     report.json             the last indexing run's report (written by the pipeline)
 
@@ -17,9 +17,15 @@ any moment leaves either the old or the new state, and FAISS can never drift fro
 the metadata. Photo ids come from ``AUTOINCREMENT`` and are never reused, so a
 stale id cannot point at another photo.
 
-Search is inner product on L2-normalised vectors (= cosine similarity), exact
-(``IndexFlatIP``), with photos grouped by product: a product ranks by its
-best-matching photo.
+Search is inner product on L2-normalised vectors (= cosine similarity), with photos
+grouped by product: a product ranks by its best-matching photo. The FAISS index type is
+chosen by :func:`indexer.ann.choose_index` from the photo count, a memory budget and the
+user's request (meta rows ``index_type``, ``index_params``, ``index_choice``): exact Flat
+for small catalogues, HNSW or IVF-PQ above. :meth:`Store.save` switches type when the
+catalogue outgrows its choice, and rebuilds an HNSW graph once deleted photos, which stay
+in it as tombstones, pass :data:`MAX_TOMBSTONE_FRACTION` of it. A type change commits to
+SQLite with a new generation, so a crash before its snapshot is written rebuilds the new
+type from SQLite on the next open.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from typing import Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
+from . import ann
 from .errors import LookalikeError, NotFound
 from .model import ModelIdentity
 
@@ -43,6 +50,12 @@ FORMAT_VERSION = 1
 DB_NAME = "catalogue.sqlite"
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
+#: An HNSW graph is rebuilt from SQLite at the next save once tombstones (deleted photos it
+#: cannot drop) exceed this fraction of it: they cost memory and over-fetching on every search.
+MAX_TOMBSTONE_FRACTION = 0.2
+#: check(): an IVF-PQ code whose reconstruction has a lower cosine with its photo's stored
+#: embedding is reported (PQ error gives ~0.8-0.95; an unrelated vector ~0).
+MIN_RECONSTRUCTION_COSINE = 0.5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -191,7 +204,10 @@ class Store:
         self._local = threading.local()
         self._faiss_lock = threading.RLock()
         self._lock_fd: int | None = None
-        self._index: faiss.IndexIDMap2 | None = None
+        self._write_lock = threading.RLock()  # transactions and index switches: one at a time
+        self._index: faiss.Index | None = None
+        self._spec = ann.IndexSpec(ann.FLAT)
+        self._tombstones = 0  # ids in an HNSW graph whose photos were deleted
         self._index_generation = -1
         self.identity: ModelIdentity | None = None
 
@@ -226,7 +242,9 @@ class Store:
             ("created_at", now),
             ("updated_at", now),
             ("generation", "0"),
-            ("index_type", "Flat"),
+            ("index_type", ann.FLAT),
+            ("index_params", "{}"),
+            ("index_choice", json.dumps({"requested": "auto", "memory_budget_bytes": ann.DEFAULT_MEMORY_BUDGET})),
         ):
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
         db.execute("COMMIT")
@@ -309,14 +327,44 @@ class Store:
         return int(row[0])
 
     # ------------------------------------------------------------------- FAISS
-    def _new_index(self) -> faiss.IndexIDMap2:
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.identity.dim))
+    def _new_index(self) -> faiss.Index:
+        return ann.new_index(ann.IndexSpec(ann.FLAT), self.identity.dim)
 
     def _snapshot_path(self, generation: int) -> Path:
         return self.path / f"vectors.g{generation}.faiss"
 
+    def index_spec(self) -> ann.IndexSpec:
+        """The index type and parameters SQLite records (what a rebuild builds)."""
+        meta = self.meta()
+        return ann.IndexSpec(meta.get("index_type", ann.FLAT), json.loads(meta.get("index_params", "{}")))
+
+    def index_choice(self) -> dict:
+        """How the index type is chosen: ``{"requested": "auto"|"flat"|"hnsw"|"ivfpq", "memory_budget_bytes": int}``."""
+        default = {"requested": "auto", "memory_budget_bytes": ann.DEFAULT_MEMORY_BUDGET}
+        return {**default, **json.loads(self.meta().get("index_choice", "{}"))}
+
+    def set_index_choice(self, requested: str | None = None, memory_budget_bytes: int | None = None) -> None:
+        """Record how to choose the index type; the next :meth:`save` builds what it chooses.
+
+        requested: "auto", "flat", "hnsw" or "ivfpq"; memory_budget_bytes: > 0, for auto.
+        None keeps the recorded value. Raises StoreError for other values.
+        """
+        self._require_writable()
+        choice = self.index_choice()
+        if requested is not None:
+            if requested.lower() not in ann.REQUESTABLE:
+                raise StoreError(f"unknown index type {requested!r}; use one of {', '.join(ann.REQUESTABLE)}")
+            choice["requested"] = requested.lower()
+        if memory_budget_bytes is not None:
+            if memory_budget_bytes <= 0:
+                raise StoreError(f"memory budget must be positive, got {memory_budget_bytes}")
+            choice["memory_budget_bytes"] = int(memory_budget_bytes)
+        with self._write_lock:
+            self._db().execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('index_choice', ?)", (json.dumps(choice),))
+
     def _load_index(self) -> None:
         gen = self.generation()
+        spec = self.index_spec()
         snap = self._snapshot_path(gen)
         index = None
         if snap.is_file():
@@ -324,31 +372,55 @@ class Store:
                 index = faiss.read_index(str(snap))
             except RuntimeError:
                 index = None
-            if index is not None and not self._same_ids(index):
+            if index is not None and not self._same_ids(index, spec):
                 index = None
         rebuilt = index is None
         if rebuilt:
-            index = self._rebuild_index()
+            spec = self._buildable(spec)
+            index = self._rebuild_index(spec)
+        tombstones = 0 if spec.removes else max(0, index.ntotal - self.count_photos())
         with self._faiss_lock:
-            self._index = index
+            self._index, self._spec, self._tombstones = index, spec, tombstones
             self._index_generation = gen
         if self.writable and rebuilt:
             self.save(replace_snapshot=True)
 
-    def _same_ids(self, index) -> bool:
-        """Whether a snapshot holds exactly SQLite's photo ids, each once."""
-        try:
-            ids = np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
-        except AttributeError:
+    def _same_ids(self, index, spec: ann.IndexSpec) -> bool:
+        """Whether a snapshot has ``spec``'s type and layout and holds each of SQLite's photo ids
+        once: exactly those, or, for HNSW, those and tombstones."""
+        described = ann.describe(index)
+        if described is None or described.type != spec.type or described.params != spec.structure():
             return False
+        if index.d != self.identity.dim:
+            return False
+        ids = np.sort(ann.held_ids(index))
         sql_ids = np.fromiter((r[0] for r in self._db().execute("SELECT photo_id FROM photos ORDER BY photo_id")),
                               dtype=np.int64)
-        return index.d == self.identity.dim and np.array_equal(ids, sql_ids)
+        if spec.removes:
+            return np.array_equal(ids, sql_ids)
+        return bool(np.all(ids[1:] != ids[:-1])) and bool(np.isin(sql_ids, ids, assume_unique=True).all())
 
-    def _rebuild_index(self) -> faiss.IndexIDMap2:
-        """Build the FAISS index from the vectors stored in SQLite."""
-        index = self._new_index()
-        cur = self._db().execute("SELECT photo_id, vector FROM photos ORDER BY photo_id")
+    def _buildable(self, spec: ann.IndexSpec) -> ann.IndexSpec:
+        """``spec``, or Flat when it is IVF-PQ and the store has too few photos left to train it."""
+        if spec.type == ann.IVFPQ and self.count_photos() < ann.IVFPQ_MIN_VECTORS:
+            return ann.IndexSpec(ann.FLAT)
+        return spec
+
+    def _rebuild_index(self, spec: ann.IndexSpec | None = None) -> faiss.Index:
+        """Build the FAISS index (``spec``, default the current one) from the vectors stored in SQLite.
+
+        IVF-PQ first trains on a seeded random sample of them (:func:`indexer.ann.training_size`).
+        """
+        spec = spec or self._spec
+        db = self._db()
+        training = None
+        n_train = ann.training_size(spec, self.count_photos())
+        if n_train:
+            all_ids = np.fromiter((r[0] for r in db.execute("SELECT photo_id FROM photos")), dtype=np.int64)
+            pick = np.sort(np.random.default_rng(0).choice(all_ids, n_train, replace=False))
+            training = self._vectors(pick)[1]
+        index = ann.new_index(spec, self.identity.dim, training)
+        cur = db.execute("SELECT photo_id, vector FROM photos ORDER BY photo_id")
         while True:
             rows = cur.fetchmany(65536)
             if not rows:
@@ -357,6 +429,64 @@ class Store:
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
             index.add_with_ids(vecs, ids)
         return index
+
+    def _vectors(self, photo_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stored embeddings of ``photo_ids`` that exist: (ids int64 ``(m,)`` ascending,
+        float32 ``(m, dim)``). Deleted photos are left out."""
+        found: list[int] = []
+        blobs: list[bytes] = []
+        db = self._db()
+        wanted = [int(i) for i in np.unique(photo_ids)]
+        for i in range(0, len(wanted), 900):
+            chunk = wanted[i : i + 900]
+            q = f"SELECT photo_id, vector FROM photos WHERE photo_id IN ({','.join('?' * len(chunk))}) ORDER BY photo_id"
+            for pid, blob in db.execute(q, chunk):
+                found.append(pid)
+                blobs.append(blob)
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.identity.dim)
+        return np.array(found, dtype=np.int64), vecs
+
+    def rebuild_index(self) -> None:
+        """Rebuild the FAISS index from SQLite as :meth:`index_choice` now chooses it, with parameters
+        for the current photo count (IVF-PQ is trained again; HNSW tombstones are dropped), and save."""
+        self._require_writable()
+        self._maybe_switch_index(force=True)
+        self.save(replace_snapshot=True)
+
+    def _maybe_switch_index(self, force: bool = False) -> None:
+        """Build the index the choice now asks for, or drop an HNSW graph's tombstones, if due (or ``force``).
+
+        Runs under the write lock: searches keep using the old index while the new one is
+        built from SQLite, and no transaction can commit in between. The new type and
+        parameters commit with a new generation (the old snapshot is then stale).
+        """
+        with self._write_lock:
+            choice = self.index_choice()
+            n = self.count_photos()
+            wanted = ann.choose_index(n, self.identity.dim, choice["memory_budget_bytes"], choice["requested"])
+            if wanted.type == self._spec.type and not force:
+                wanted = self._spec  # keep the parameters it was built with (IVF-PQ's training)
+            too_many_tombstones = self._tombstones > MAX_TOMBSTONE_FRACTION * max(self._index.ntotal, 1)
+            if wanted != self._spec or too_many_tombstones or force:
+                index = self._rebuild_index(wanted)
+            elif self._spec != self.index_spec():
+                index = self._index  # built as Flat because an IVF-PQ lost its training data: record it
+            else:
+                return
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for key, value in (("index_type", wanted.type), ("index_params", json.dumps(wanted.params))):
+                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (_now(),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            with self._faiss_lock:
+                self._index, self._spec, self._tombstones = index, wanted, 0
+                self._index_generation = self.generation()
 
     def refresh(self) -> bool:
         """Reload if another process committed since we loaded; returns True if it did."""
@@ -456,6 +586,8 @@ class Store:
         category: str | None = None,
         min_score: float | None = None,
         exclude: Iterable[str] = (),
+        ef_search: int | None = None,
+        nprobe: int | None = None,
     ) -> list[list[Hit]]:
         """Top-k products for each query vector.
 
@@ -464,36 +596,48 @@ class Store:
         product's best photo, in [-1, 1]) descending; ties are broken by product id.
         ``category`` keeps products of that category or below it (``Men`` matches
         ``Men/Tops/Tees``); ``exclude`` drops those product ids.
+        ``ef_search`` (HNSW, 1..ann.MAX_EF_SEARCH) and ``nprobe`` (IVF-PQ, 1..ann.MAX_NPROBE)
+        trade speed for recall in this call only (default: the index's own); an index of
+        another type ignores them. Raises StoreError for a bad shape or knob.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.identity.dim:
             raise StoreError(f"query vectors must have shape (q, {self.identity.dim}), got {queries.shape}")
+        for name, value, top in (("ef_search", ef_search, ann.MAX_EF_SEARCH), ("nprobe", nprobe, ann.MAX_NPROBE)):
+            if value is not None and not 1 <= value <= top:
+                raise StoreError(f"{name} must be between 1 and {top}, got {value}")
         excluded = set(exclude)
-        return [self._search_one(q[None, :], k, category, min_score, excluded) for q in queries]
+        knobs = {"ef_search": ef_search, "nprobe": nprobe}
+        return [self._search_one(q[None, :], k, category, min_score, excluded, knobs) for q in queries]
 
-    def similar(self, product_id: str, k: int = 10, category: str | None = None) -> list[Hit]:
+    def similar(self, product_id: str, k: int = 10, category: str | None = None, *,
+                ef_search: int | None = None, nprobe: int | None = None) -> list[Hit]:
         """Products most like ``product_id``: each photo of it is a query, a product scores by its best
-        match to any of them; the product itself is left out. Raises NotFound."""
+        match to any of them; the product itself is left out. ``ef_search`` and ``nprobe`` as in
+        :meth:`search`. Raises NotFound."""
         vecs = self.product_vectors(product_id)
         merged: dict[str, Hit] = {}
-        for hits in self.search(vecs, k, category=category, exclude=[product_id]):
+        for hits in self.search(vecs, k, category=category, exclude=[product_id], ef_search=ef_search, nprobe=nprobe):
             for h in hits:
                 if h.product_id not in merged or h.score > merged[h.product_id].score:
                     merged[h.product_id] = h
         return sorted(merged.values(), key=lambda h: (-h.score, h.product_id))[:k]
 
-    def _search_one(self, q, k, category, min_score, excluded) -> list[Hit]:
+    def _search_one(self, q, k, category, min_score, excluded, knobs) -> list[Hit]:
         with self._faiss_lock:
-            index = self._index
+            index, spec, tombstones = self._index, self._spec, self._tombstones
             ntotal = index.ntotal
-        if ntotal == 0 or k <= 0:
+        if ntotal == 0 or k <= 0 or tombstones >= ntotal:
             return []
-        fetch = min(ntotal, max(4 * k + len(excluded), 32))
+        # over-fetch photos: several may be of one product, and tombstones are dropped below
+        fetch = min(ntotal, max(4 * k + len(excluded), 32) * ntotal // (ntotal - tombstones))
         while True:
             with self._faiss_lock:
-                scores, ids = index.search(q, fetch)
+                scores, ids = ann.candidates(index, spec, q, fetch, **knobs)
+            if spec.type == ann.IVFPQ:  # exact re-ranking, outside the lock: it reads SQLite
+                scores, ids = ann.rerank(q, ids, fetch, self._vectors)
             best: dict[str, tuple[float, int]] = {}
-            photo_ids = [int(i) for i in ids[0] if i >= 0]
+            photo_ids = [int(i) for i in ids[0] if i >= 0]  # ids missing from SQLite (deleted) are skipped
             info = self._photo_info(photo_ids)
             for score, pid in zip(scores[0], ids[0]):
                 if pid < 0 or int(pid) not in info:
@@ -558,33 +702,40 @@ class Store:
         On an exception nothing is written.
         """
         self._require_writable()
-        db = self._db()
-        batch = Batch(self, db)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield batch
+        with self._write_lock:
+            db = self._db()
+            batch = Batch(self, db)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield batch
+                if batch.changed:
+                    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (_now(),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             if batch.changed:
-                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (_now(),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        if batch.changed:
-            with self._faiss_lock:
-                if batch.removed_ids:
-                    self._index.remove_ids(np.array(sorted(batch.removed_ids), dtype=np.int64))
-                if batch.added_ids:
-                    self._index.add_with_ids(np.stack(batch.added_vecs), np.array(batch.added_ids, dtype=np.int64))
-                self._index_generation = self.generation()
+                with self._faiss_lock:
+                    if batch.removed_ids:
+                        ann.remove_ids(self._index, self._spec, np.array(sorted(batch.removed_ids), dtype=np.int64))
+                        if not self._spec.removes:
+                            self._tombstones += len(batch.removed_ids)
+                    if batch.added_ids:
+                        self._index.add_with_ids(np.stack(batch.added_vecs), np.array(batch.added_ids, dtype=np.int64))
+                    self._index_generation = self.generation()
 
     def save(self, replace_snapshot: bool = False) -> None:
         """Write the FAISS snapshot for the current generation and the manifest, atomically.
 
-        An existing snapshot of this generation is kept unless ``replace_snapshot`` (a bad one
-        found on open is replaced).
+        First switches the index type if the catalogue has outgrown its choice, or rebuilds an
+        HNSW graph whose tombstones exceed :data:`MAX_TOMBSTONE_FRACTION` (from SQLite; for a
+        large catalogue this takes minutes, during which searches use the old index and
+        transactions wait). An existing snapshot of this generation is kept unless
+        ``replace_snapshot`` (a bad one found on open is replaced).
         """
         self._require_writable()
+        self._maybe_switch_index()
         with self._faiss_lock:
             gen = self._index_generation
             data = faiss.serialize_index(self._index)
@@ -597,12 +748,17 @@ class Store:
                 old.unlink(missing_ok=True)
 
     def manifest(self) -> dict:
-        """The index's manifest: format, model identity, counts, index type, times."""
+        """The index's manifest: format, model identity, counts, index type and parameters, times.
+
+        ``index``: ``{"type": "Flat"|"HNSW"|"IVFPQ", "metric": "inner_product", "params": {...},
+        "choice": {"requested": ..., "memory_budget_bytes": ...}}`` (see :class:`indexer.ann.IndexSpec`).
+        """
         meta = self.meta()
+        spec = self.index_spec()
         return {
             "format_version": int(meta["format_version"]),
             "model": json.loads(meta["model"]),
-            "index": {"type": meta.get("index_type", "Flat"), "metric": "inner_product"},
+            "index": {"type": spec.type, "metric": "inner_product", "params": spec.params, "choice": self.index_choice()},
             "products": self.count_products(),
             "photos": self.count_photos(),
             "generation": int(meta["generation"]),
@@ -628,12 +784,15 @@ class Store:
     def check(self) -> dict:
         """Verify that FAISS, SQLite and the manifest agree.
 
-        Returns ``{"ok": bool, "problems": [str], "products": n, "photos": n, ...}``.
-        Checks: SQLite integrity; the snapshot for the committed generation holds exactly
-        the photo ids of SQLite, without duplicates, with the same vectors; every photo's
-        product exists; vectors have unit norm; the manifest counts match. A snapshot or
-        manifest that lags behind SQLite after an interrupted run is a note, not a problem:
-        SQLite holds every commit, and the next writable open rebuilds both.
+        Returns ``{"ok": bool, "problems": [str], "notes": [str], "products": n, "photos": n, ...}``.
+        Checks: SQLite integrity; the snapshot for the committed generation is of the recorded
+        index type and layout and holds the photo ids of SQLite, without duplicates, with the
+        same vectors (Flat, HNSW) or codes that decode near them (IVF-PQ, cosine >=
+        :data:`MIN_RECONSTRUCTION_COSINE`); every photo's product exists; vectors have unit
+        norm; the manifest counts match. An HNSW graph's tombstones (ids of deleted photos)
+        are a note with their count, not a problem. A snapshot or manifest that lags behind
+        SQLite after an interrupted run is a note too: SQLite holds every commit, and the next
+        writable open rebuilds both.
         """
         problems: list[str] = []
         db = self._db()
@@ -648,6 +807,7 @@ class Store:
         if orphans:
             problems.append(f"{orphans} photos belong to no product")
         snap = self._snapshot_path(gen)
+        spec = self.index_spec()
         index, faiss_ids = None, None
         notes: list[str] = []
         if not snap.is_file():
@@ -656,14 +816,20 @@ class Store:
             saved = self.saved_generation()
             notes.append(f"the FAISS snapshot is of generation {saved}, the store of {gen} (a run was interrupted); "
                          "it is rebuilt from SQLite when the index is next opened for writing")
-            index = self._rebuild_index()
-            faiss_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+            spec = self._buildable(spec)
+            index = self._rebuild_index(spec)
         else:
             try:
                 index = faiss.read_index(str(snap))
-                faiss_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-            except (RuntimeError, AttributeError) as e:
+            except RuntimeError as e:
                 problems.append(f"FAISS snapshot {snap.name} is unreadable: {str(e).splitlines()[0] if str(e) else e}")
+        if index is not None:
+            described = ann.describe(index)
+            if described is None or described.type != spec.type or described.params != spec.structure():
+                kind = f"{described.type} {described.params}" if described else "an unknown type of"
+                problems.append(f"FAISS snapshot {snap.name} is {kind} index; the store records {spec.type} {spec.structure()}")
+            else:
+                faiss_ids = ann.held_ids(index)
         if faiss_ids is not None:
             if len(np.unique(faiss_ids)) != len(faiss_ids):
                 problems.append(f"FAISS holds {len(faiss_ids) - len(np.unique(faiss_ids))} duplicate ids")
@@ -672,18 +838,18 @@ class Store:
             extra = np.setdiff1d(faiss_ids, sql_ids)
             if len(missing):
                 problems.append(f"{len(missing)} photos have no FAISS vector (e.g. id {missing[0]})")
-            if len(extra):
+            if len(extra) and spec.removes:
                 problems.append(f"{len(extra)} FAISS vectors have no photo row (e.g. id {extra[0]})")
-            if not len(missing) and not len(extra) and len(faiss_ids):
-                flat = faiss.downcast_index(index.index)
-                faiss_vecs = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-                pos = {int(i): n for n, i in enumerate(faiss_ids)}
-                bad = 0
-                for pid, blob in db.execute("SELECT photo_id, vector FROM photos"):
-                    vec = np.frombuffer(blob, np.float32)
-                    if not np.allclose(vec, faiss_vecs[pos[pid]], atol=1e-6):
-                        bad += 1
-                if bad:
+            elif len(extra):
+                notes.append(f"{len(extra)} deleted photos remain in the HNSW graph as tombstones "
+                             f"({len(extra) / len(faiss_ids):.0%} of it); they never appear in results, and the "
+                             f"graph is rebuilt without them at a save once they pass {MAX_TOMBSTONE_FRACTION:.0%}")
+            if len(sql_ids) and not len(missing) and not (len(extra) and spec.removes):
+                bad = self._differing_vectors(index, faiss_ids)
+                if bad and spec.type == ann.IVFPQ:
+                    problems.append(f"{bad} IVF-PQ codes do not decode near their stored embeddings "
+                                    f"(cosine < {MIN_RECONSTRUCTION_COSINE})")
+                elif bad:
                     problems.append(f"{bad} FAISS vectors differ from the stored embeddings")
         norms_bad = 0
         for (blob,) in db.execute("SELECT vector FROM photos"):
@@ -716,6 +882,27 @@ class Store:
             "generation": gen,
             "path": str(self.path),
         }
+
+
+    def _differing_vectors(self, index, faiss_ids: np.ndarray) -> int:
+        """How many photos' vectors in ``index`` (holding ``faiss_ids``, in storage order) differ from
+        their stored embeddings: exactly for Flat and HNSW; for IVF-PQ, by a reconstruction cosine
+        under :data:`MIN_RECONSTRUCTION_COSINE`."""
+        stored = ann.stored_vectors(index)
+        pos = {int(i): n for n, i in enumerate(faiss_ids)}
+        bad = 0
+        cur = self._db().execute("SELECT photo_id, vector FROM photos")
+        while rows := cur.fetchmany(65536):
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            if stored is not None:
+                theirs = stored[[pos[int(i)] for i in ids]]
+                bad += int((~np.isclose(vecs, theirs, rtol=1e-5, atol=1e-6).all(axis=1)).sum())
+            else:
+                decoded = ann.reconstruct(index, ids)
+                cosine = (decoded * vecs).sum(axis=1) / np.maximum(np.linalg.norm(decoded, axis=1), 1e-12)
+                bad += int((cosine < MIN_RECONSTRUCTION_COSINE).sum())
+        return bad
 
 
 class Batch:

@@ -14,9 +14,12 @@ import faiss
 import numpy as np
 import pytest
 
+from indexer import ann
 from indexer.errors import NotFound
 from indexer.model import load_model
-from indexer.store import ModelMismatch, PhotoRecord, Product, Store, StoreError, check_model, read_manifest
+from indexer.store import (
+    MIN_RECONSTRUCTION_COSINE, ModelMismatch, PhotoRecord, Product, Store, StoreError, check_model, read_manifest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -669,3 +672,234 @@ def test_open_ignores_a_snapshot_that_disagrees_with_sqlite(filled):
     store.close()
     with Store.open(store.path) as r:
         assert search_all(r, queries, k=1000) == before
+
+
+# --------------------------------------------------------------------------- approximate indexes
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors from the clustered generator of scripts/bench_search.py (ANN recall on uniform
+    random vectors says nothing about real embeddings)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_search", Path(__file__).parents[1] / "scripts" / "bench_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.embedding_like(n, dim, clusters=100, sample_seed=seed)
+
+
+APPROX_PRODUCTS = ann.IVFPQ_MIN_VECTORS + 16  # enough to train IVF-PQ
+
+
+@pytest.fixture(scope="module", params=["hnsw", "ivfpq"])
+def approx_built(request, tmp_path_factory, identity):
+    """A saved store of ~10,000 one-photo products with a forced HNSW or IVF-PQ index (built once)."""
+    path = tmp_path_factory.mktemp(request.param) / "idx"
+    cat = Catalogue(identity.dim, seed=5)
+    vecs = clustered(APPROX_PRODUCTS, identity.dim, seed=1)
+    cats = ["Men/Tops", "Women/Tops", "Gear", None]
+    with Store.create(path, identity) as store:
+        store.set_index_choice(request.param)
+        cat.add_to(store, [(f"p{i:05d}", 1, cats[i % 4], vecs[i : i + 1]) for i in range(APPROX_PRODUCTS)])
+        store.save()
+    return request.param, path, cat
+
+
+@pytest.fixture
+def approx(approx_built, tmp_path):
+    """A writable copy of the approximate store and its catalogue (tests may change both)."""
+    import copy
+    import shutil
+
+    kind, path, cat = approx_built
+    shutil.copytree(path, tmp_path / "idx")
+    with Store.open(tmp_path / "idx", writable=True) as store:
+        yield kind, store, copy.deepcopy(cat)
+
+
+def product_recall(store: Store, cat: Catalogue, queries: np.ndarray, k: int = 10, **knobs) -> float:
+    found = store.search(queries, k, **knobs)
+    return float(np.mean([
+        len({h.product_id for h in hits} & {e[0] for e in cat.expected(q, k)}) / k for q, hits in zip(queries, found)
+    ]))
+
+
+def test_forced_approximate_index_is_recorded_in_meta_and_manifest(approx):
+    kind, store, _ = approx
+    expected = {"hnsw": ann.HNSW, "ivfpq": ann.IVFPQ}[kind]
+    manifest = read_manifest(store.path)
+    assert manifest["index"]["type"] == expected == store.index_spec().type
+    assert manifest["index"]["params"] == store.index_spec().params
+    assert manifest["index"]["choice"] == {"requested": kind, "memory_budget_bytes": ann.DEFAULT_MEMORY_BUDGET}
+    assert ann.describe(faiss.read_index(str(snapshot_path(store)))).type == expected
+    report = store.check()
+    assert report["ok"] and report["notes"] == [], report
+
+
+def test_approximate_search_recall_and_exact_scores(approx):
+    _, store, cat = approx
+    queries = clustered(20, cat.dim, seed=2)
+    assert product_recall(store, cat, queries) >= 0.9
+    vectors = {src: v for (_, src), v in cat.photos.items()}
+    for q, hits in zip(queries, store.search(queries, k=10)):
+        assert len(hits) == 10
+        np.testing.assert_allclose([h.score for h in hits], [float(np.dot(q, vectors[h.source])) for h in hits], atol=1e-5)
+    for hits in store.search(queries, k=5, category="Men"):
+        assert len(hits) == 5 and all(h.category == "Men/Tops" for h in hits)
+
+
+def test_approximate_index_add_delete_reopen(approx, monkeypatch):
+    kind, store, cat = approx
+    queries = clustered(10, cat.dim, seed=3)
+    gone = sorted({h.product_id for hits in store.search(queries, k=3) for h in hits})
+    with store.transaction() as tx:
+        tx.delete_products(gone)
+    for pid in gone:
+        cat.delete(pid)
+    new = clustered(5, cat.dim, seed=4)
+    cat.add_to(store, [(f"new{i}", 1, "Gear", new[i : i + 1]) for i in range(5)])
+    after = store.search(queries, k=10)
+    assert not {h.product_id for hits in after for h in hits} & set(gone)  # tombstones never surface
+    assert all(len(hits) == 10 for hits in after)
+    assert [hits[0].product_id for hits in store.search(new, k=1)] == [f"new{i}" for i in range(5)]
+    store.save()
+    report = store.check()
+    assert report["ok"], report["problems"]
+    if kind == "hnsw":
+        assert any(f"{len(gone)} deleted photos remain in the HNSW graph" in n for n in report["notes"]), report["notes"]
+    before = search_all(store, queries, k=10)
+    store.close()
+
+    def no_rebuild(self, spec=None):
+        raise AssertionError("rebuilt from SQLite although a valid snapshot exists")
+
+    monkeypatch.setattr(Store, "_rebuild_index", no_rebuild)
+    with Store.open(store.path) as reader:
+        assert search_all(reader, queries, k=10) == before
+        assert reader.check()["ok"]
+
+
+def test_search_knobs_change_recall_for_one_call_only(approx):
+    kind, store, cat = approx
+    knob = {"hnsw": "ef_search", "ivfpq": "nprobe"}[kind]
+    spec_before = store.index_spec()
+    queries = clustered(20, cat.dim, seed=6)
+    default = product_recall(store, cat, queries)
+    assert product_recall(store, cat, queries, **{knob: 1}) < default - 0.05
+    assert product_recall(store, cat, queries, **{knob: 512}) >= default
+    assert store.index_spec() == spec_before == store._spec
+    assert read_manifest(store.path)["index"]["params"] == spec_before.params
+    with pytest.raises(StoreError, match=f"{knob} must be between 1 and"):
+        store.search(queries[:1], 10, **{knob: 0})
+    pid = store.search(queries[:1], 1)[0][0].product_id
+    assert store.similar(pid, 5, **{knob: 512})
+
+
+def test_check_compares_approximate_index_vectors_with_sqlite(approx):
+    kind, store, _ = approx
+    ids, vecs = _sql_photos(store)
+    with store.transaction() as tx:  # 7 embeddings change in SQLite behind the index's back
+        tx.db.executemany("UPDATE photos SET vector = ? WHERE photo_id = ?", [(-vecs[i], ids[i]) for i in range(7)])
+    problems = store.check()["problems"]
+    if kind == "hnsw":
+        assert problems == ["7 FAISS vectors differ from the stored embeddings"]
+    else:
+        assert problems == [f"7 IVF-PQ codes do not decode near their stored embeddings (cosine < {MIN_RECONSTRUCTION_COSINE})"]
+
+
+def test_check_reports_a_snapshot_of_another_type(filled):
+    store, _ = filled
+    store.set_index_choice("hnsw")
+    store.save()
+    ids, vecs = _sql_photos(store)
+    _write_snapshot(store, ids, vecs)  # a Flat snapshot where the store records HNSW
+    problems = store.check()["problems"]
+    assert len(problems) == 1 and "is Flat {} index; the store records HNSW {'M': 32}" in problems[0], problems
+
+
+def test_auto_choice_switches_type_when_the_catalogue_outgrows_exact_search(store: Store, identity, monkeypatch):
+    monkeypatch.setattr(ann, "EXACT_UP_TO", 50)
+    cat = Catalogue(identity.dim, seed=7)
+    cat.add_to(store, [(f"a{i}", 1) for i in range(40)])
+    store.save()
+    assert store.index_spec().type == ann.FLAT
+    gen = store.generation()
+    cat.add_to(store, [(f"b{i}", 1) for i in range(20)])
+    store.save()
+    assert store.index_spec() == ann.hnsw_spec()
+    assert store.generation() == gen + 2  # the new photos, then the switch
+    assert ann.describe(faiss.read_index(str(snapshot_path(store)))).type == ann.HNSW
+    assert read_manifest(store.path)["index"]["type"] == ann.HNSW
+    queries = unit(np.random.default_rng(8), 5, cat.dim)
+    for q, hits in zip(queries, store.search(queries, k=5)):
+        assert_hits(hits, cat.expected(q, 5))  # 60 photos: the graph finds all of them
+    assert store.check()["ok"]
+
+
+def test_hnsw_is_rebuilt_without_tombstones_once_they_pass_the_limit(store: Store, identity):
+    store.set_index_choice("hnsw")
+    cat = Catalogue(identity.dim, seed=9)
+    cat.add_to(store, [(f"p{i}", 1) for i in range(50)])
+    store.save()
+    with store.transaction() as tx:
+        tx.delete_products([f"p{i}" for i in range(5)])  # 10%: kept as tombstones
+    store.save()
+    assert len(ann.held_ids(store._index)) == 50
+    with store.transaction() as tx:
+        tx.delete_products([f"p{i}" for i in range(5, 15)])  # 30%: rebuilt at the save
+    store.save()
+    assert sorted(ann.held_ids(store._index)) == _sql_photos(store)[0]
+    report = store.check()
+    assert report["ok"] and report["notes"] == [], report
+
+
+def test_index_switch_interrupted_before_its_snapshot_is_rebuilt_on_open(filled):
+    store, cat = filled
+    store.save()
+    store.set_index_choice("hnsw")
+    store._maybe_switch_index()  # commits the new type; the process dies before save() writes its snapshot
+    store.close()
+    queries = unit(np.random.default_rng(10), 3, cat.dim)
+    with Store.open(store.path, writable=True) as w:
+        assert w.index_spec().type == ann.HNSW and ann.describe(w._index).type == ann.HNSW
+        for q, hits in zip(queries, w.search(queries, k=10)):
+            assert_hits(hits, cat.expected(q, 10))
+        assert w.check()["ok"]
+
+
+def test_ivfpq_request_on_a_small_catalogue_stays_exact(filled):
+    store, _ = filled
+    store.set_index_choice("ivfpq", 10**9)
+    store.save()
+    index = read_manifest(store.path)["index"]
+    assert index["type"] == ann.FLAT and index["choice"] == {"requested": "ivfpq", "memory_budget_bytes": 10**9}
+
+
+def test_set_index_choice_rejects_bad_values(store: Store):
+    with pytest.raises(StoreError, match="unknown index type 'annoy'"):
+        store.set_index_choice("annoy")
+    with pytest.raises(StoreError, match="memory budget must be positive"):
+        store.set_index_choice(memory_budget_bytes=0)
+
+
+def test_cli_rebuild_info_and_bad_flags(filled, capsys):
+    from indexer.cli import main
+
+    store, _ = filled
+    store.save()
+    store.close()
+    assert main(["rebuild", str(store.path), "--index-type", "hnsw", "--memory-budget", "2GiB"]) == 0
+    assert "rebuilt" in capsys.readouterr().out
+    assert main(["info", str(store.path), "--json"]) == 0
+    index = json.loads(capsys.readouterr().out)["index"]
+    assert index["type"] == "HNSW" and index["params"]["M"] == 32
+    assert index["choice"] == {"requested": "hnsw", "memory_budget_bytes": 2 * 2**30}
+    assert main(["info", str(store.path)]) == 0
+    assert "index: HNSW (M=32, ef_construction=40, ef_search=96)" in capsys.readouterr().out
+    assert main(["check", str(store.path)]) == 0
+    capsys.readouterr()
+    assert main(["search", str(store.path), "--text", "red shoes", "-k", "3", "--ef-search", "8", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 3
+    with pytest.raises(SystemExit):
+        main(["rebuild", str(store.path), "--memory-budget", "lots"])
+    assert "'lots' is not a size" in capsys.readouterr().err
