@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from indexer.ann import MAX_EF_SEARCH, MAX_NPROBE
 from indexer.batching import MicroBatcher
 from indexer.catalogue import read_source_bytes
 from indexer.errors import LookalikeError, NotFound
@@ -79,11 +80,21 @@ class SearchResponse(BaseModel):
     took_ms: float
 
 
+EF_SEARCH_DOC = ("HNSW index only: candidates explored per query; more gives better recall, slower "
+                 "(default: the index's, see `lookalike info`)")
+NPROBE_DOC = ("IVF-PQ index only: inverted lists visited per query; more gives better recall, slower "
+              "(default: the index's, see `lookalike info`)")
+EfSearch = Annotated[int | None, Query(ge=1, le=MAX_EF_SEARCH, description=EF_SEARCH_DOC)]
+NProbe = Annotated[int | None, Query(ge=1, le=MAX_NPROBE, description=NPROBE_DOC)]
+
+
 class TextQuery(BaseModel):
     query: str = Field(min_length=1, max_length=1000, description="words to search for, e.g. 'red running shoes'")
     k: int = Field(10, ge=1, le=1000, description="number of products")
     category: str | None = Field(None, max_length=500, description="only this category or below it")
     min_score: float | None = Field(None, ge=-1, le=1)
+    ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description=EF_SEARCH_DOC)
+    nprobe: int | None = Field(None, ge=1, le=MAX_NPROBE, description=NPROBE_DOC)
 
 
 class LabelsResponse(BaseModel):
@@ -242,10 +253,11 @@ class Engine:
         self.metrics.batch_size.labels("text").observe(1)
         return vec
 
-    def search(self, vec, k: int, category: str | None, min_score: float | None):
+    def search(self, vec, k: int, category: str | None, min_score: float | None,
+               ef_search: int | None = None, nprobe: int | None = None):
         self.refresh()
         t0 = time.perf_counter()
-        hits = self.store.search(vec, k, category=category, min_score=min_score)[0]
+        hits = self.store.search(vec, k, category=category, min_score=min_score, ef_search=ef_search, nprobe=nprobe)[0]
         self.metrics.search_seconds.observe(time.perf_counter() - t0)
         return hits
 
@@ -492,16 +504,18 @@ def create_app(
         category: Annotated[str | None, Query(max_length=500, description="only this category or below it")] = None,
         min_score: Annotated[float | None, Query(ge=-1, le=1, description="drop results under this cosine")] = None,
         labels: Annotated[bool, Query(description="also return zero-shot labels of the photo")] = True,
+        ef_search: EfSearch = None,
+        nprobe: NProbe = None,
     ) -> SearchResponse:
         data = await _read_upload(image, engine.max_upload_bytes)
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(_search_image_sync, engine, data, k, category, min_score, labels)
+        return await run_in_threadpool(_search_image_sync, engine, data, k, category, min_score, labels, ef_search, nprobe)
 
-    def _search_image_sync(engine: Engine, data: bytes, k, category, min_score, labels) -> SearchResponse:
+    def _search_image_sync(engine: Engine, data: bytes, k, category, min_score, labels, ef_search, nprobe) -> SearchResponse:
         t0 = time.perf_counter()
         vec = engine.embed_upload(data)
-        hits = engine.search(vec, k, category, min_score)
+        hits = engine.search(vec, k, category, min_score, ef_search, nprobe)
         labs = engine.default_labels.top_k(vec, 5)[0] if labels else []
         return SearchResponse(results=[h.to_dict() for h in hits], labels=labs, took_ms=_ms(t0))
 
@@ -510,7 +524,7 @@ def create_app(
     def search_text(engine: EngineDep, body: TextQuery) -> SearchResponse:
         t0 = time.perf_counter()
         vec = engine.embed_text(body.query)
-        hits = engine.search(vec, body.k, body.category, body.min_score)
+        hits = engine.search(vec, body.k, body.category, body.min_score, body.ef_search, body.nprobe)
         return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
 
     @app.post("/v1/labels", dependencies=read_auth, response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
@@ -541,10 +555,12 @@ def create_app(
         product_id: str,
         k: Annotated[int, Query(ge=1, le=1000)] = 10,
         category: Annotated[str | None, Query(max_length=500)] = None,
+        ef_search: EfSearch = None,
+        nprobe: NProbe = None,
     ) -> SearchResponse:
         t0 = time.perf_counter()
         engine.refresh()
-        hits = engine.store.similar(product_id, k, category=category)
+        hits = engine.store.similar(product_id, k, category=category, ef_search=ef_search, nprobe=nprobe)
         return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
 
     @app.get("/v1/products/{product_id:path}/image", dependencies=read_auth, responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},

@@ -1,11 +1,14 @@
-"""HTTP API through FastAPI's TestClient, on an index of real Magento photos."""
+"""HTTP API through FastAPI's TestClient, on an index of real Magento photos (the search knobs of
+approximate indexes on a synthetic one)."""
 import io
 import json
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from indexer.ann import MAX_EF_SEARCH, MAX_NPROBE
 from server.app import create_app
 
 
@@ -152,3 +155,55 @@ def test_openapi_documents_every_route(client):
         for op in paths[route].values():
             assert op.get("summary")
     assert client.get("/docs").status_code == 200
+
+
+# --------------------------------------------------------------------------- approximate-index knobs
+
+
+@pytest.fixture(scope="module")
+def hnsw_app_client(tmp_path_factory, tiny_model):
+    """The app over a synthetic 300-product index with a forced HNSW index (no datasets needed)."""
+    from indexer.store import PhotoRecord, Product, Store
+
+    path = tmp_path_factory.mktemp("api") / "idx"
+    vecs = np.random.default_rng(0).standard_normal((300, tiny_model.identity.dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with Store.create(path, tiny_model.identity) as store:
+        store.set_index_choice("hnsw")
+        with store.transaction() as tx:
+            tx.upsert_products([Product(f"p{i}", f"product {i}", "Gear") for i in range(300)])
+            tx.add_photos([PhotoRecord(f"p{i}", f"/photos/{i}.jpg", f"{i:064x}", v) for i, v in enumerate(vecs)])
+        store.save()
+    with TestClient(create_app(path, model=tiny_model)) as client:
+        yield client
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_search_routes_accept_knobs_in_range(hnsw_app_client):
+    c = hnsw_app_client
+    r = c.post("/v1/search/text", json={"query": "red shoes", "k": 5, "ef_search": 8, "nprobe": 3})
+    assert r.status_code == 200 and len(r.json()["results"]) == 5, r.text
+    r = c.post("/v1/search/image?k=5&ef_search=300&labels=false", files={"image": ("q.png", _png(), "image/png")})
+    assert r.status_code == 200 and len(r.json()["results"]) == 5, r.text
+    r = c.get("/v1/products/p1/similar?k=4&ef_search=16&nprobe=2")
+    assert r.status_code == 200 and len(r.json()["results"]) == 4, r.text
+    assert "p1" not in {x["id"] for x in r.json()["results"]}
+
+
+@pytest.mark.parametrize("knob, value", [("ef_search", 0), ("ef_search", MAX_EF_SEARCH + 1), ("nprobe", 0),
+                                         ("nprobe", MAX_NPROBE + 1)])
+def test_search_routes_reject_knobs_out_of_range(hnsw_app_client, knob, value):
+    c = hnsw_app_client
+    responses = [
+        c.post("/v1/search/text", json={"query": "red shoes", knob: value}),
+        c.post(f"/v1/search/image?{knob}={value}", files={"image": ("q.png", _png(), "image/png")}),
+        c.get(f"/v1/products/p1/similar?{knob}={value}"),
+    ]
+    for r in responses:
+        assert r.status_code == 422, r.text
+        assert knob in r.json()["error"]["message"]
