@@ -35,26 +35,28 @@ FLAT, HNSW, IVFPQ = "Flat", "HNSW", "IVFPQ"
 #: ``--index-type`` names and the index type each selects ("auto" chooses by size and budget).
 REQUESTABLE = {"auto": None, "flat": FLAT, "hnsw": HNSW, "ivfpq": IVFPQ}
 
-#: Auto choice keeps exact search below this many vectors. At 200,000 CLIP vectors (512-d) Flat
-#: holds 0.4 GB and a single query scans them in ~10-20 ms on one core (``scripts/bench_search.py``
-#: measures ~300-450 batched queries/s over 100,000 on 2 cores); above it the latency keeps
-#: growing linearly while HNSW stays at ~1 ms with recall@10 >= 0.95, so the approximate index
-#: starts to pay for its build time and recall loss.
+#: Auto choice keeps exact search below this many vectors. The store searches one query at a
+#: time, and a single exact query over 512-d vectors took 23 ms at 100,000, 46 ms at 200,000 and
+#: 78 ms at 400,000 on one core of the 2-core bench machine: past 200,000 search time alone
+#: nears 50 ms a query and keeps growing linearly, while HNSW answers in under a millisecond
+#: with recall@10 >= 0.95 (scripts/bench_search.py) and builds in under a minute at that size,
+#: so the approximate index starts to pay for its build time and recall loss.
 EXACT_UP_TO = 200_000
 #: Default memory budget for the in-memory index (``--memory-budget``).
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
-#: HNSW neighbours per node (2*M on the bottom layer). 32 is the FAISS wiki's middle choice for
-#: high-dimensional data; memory grows by 8 bytes per vector per unit of M.
+#: HNSW neighbours per node (2*M on the bottom layer). The FAISS wiki suggests 4 to 64, more for
+#: higher recall on high-dimensional data; each unit of M costs 8 bytes per vector.
 HNSW_M = 32
 #: Candidate list size while building (FAISS's default, 40): build time grows about linearly with it.
 HNSW_EF_CONSTRUCTION = 40
-#: Default candidate list size while searching: recall@10 >= 0.95 at 1M on the bench data.
+#: Default candidate list size while searching: recall@10 0.969 at 1M on the bench data (0.934
+#: with 48), at 122x the queries/s of Flat.
 HNSW_EF_SEARCH = 96
 #: Bits per PQ sub-quantiser code (256 centroids each), the standard setting.
 IVFPQ_NBITS = 8
 #: PQ candidates re-scored with exact vectors per result wanted (recall@10 at 1M on the bench
-#: data, 32 of 1024 lists: 0.963 with 4, 0.970 with 8 and 16: the lists probed limit it, not PQ).
+#: data, 32 of 1024 lists: 0.964 with 4, 0.970 with 8 and 16: the lists probed limit it, not PQ).
 IVFPQ_RERANK = 4
 #: Fewest lists an IVF-PQ search visits by default: with fewer, the true top 10 of the bench's
 #: clustered data often lie in lists not visited (recall@10 0.89 with 16 of 128 lists at 100k,
@@ -98,16 +100,9 @@ class IndexSpec:
         """Whether deleted ids leave the index (False for HNSW: they stay as tombstones)."""
         return self.type != HNSW
 
-    @property
-    def exact(self) -> bool:
-        return self.type == FLAT
-
     def structure(self) -> dict:
         """The parameters that fix the index's layout (a snapshot must match them)."""
         return {k: self.params[k] for k in _STRUCTURAL[self.type]}
-
-    def to_dict(self) -> dict:
-        return {"type": self.type, "params": dict(self.params)}
 
 
 def hnsw_spec(M: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH) -> IndexSpec:
@@ -123,8 +118,8 @@ def ivfpq_spec(n: int, dim: int, rerank: int = IVFPQ_RERANK) -> IndexSpec:
     (4096 lists at 1M) did not finish training within 10 minutes on the 2-core bench machine.
     ``nprobe`` is ``sqrt(nlist)`` (pgvector's starting point too) but at least
     :data:`IVFPQ_MIN_NPROBE`. ``pq_m`` is the largest divisor of ``dim`` not
-    above ``dim/4`` (128 one-byte codes for 512-d, 4 dimensions per sub-quantiser): with 64 codes
-    the PQ ranking capped recall@10 at ~0.94 after re-ranking at 1M.
+    above ``dim/4`` (128 one-byte codes for 512-d, 4 dimensions per sub-quantiser): with 64 codes,
+    recall@10 at 1M stayed at ~0.94 even re-ranking 8 candidates per result and probing 256 lists.
     """
     target = n / 1000 if n <= 1_000_000 else math.sqrt(n)
     nlist = 2 ** max(0, round(math.log2(max(target, 1))))
