@@ -14,7 +14,7 @@ styles) and their variance is concentrated in a minority of directions. So: ``cl
 centres; every point is ``centre + spread * noise``, normalised, where centres and noise are
 both drawn from N(0, C) with a power-law spectrum (eigenvalue i ~ 1/i, in a random rotation,
 total variance 1), so about 70% of the variance lies in 64 of the 512 directions. With spread
-1.0 a point's nearest neighbour among 100,000 has cosine ~0.68, its 10th ~0.61, and two random
+1.0 a query's nearest neighbour among 100,000 has cosine ~0.68, its 10th ~0.60, and two random
 points ~0. Cluster sizes follow a flat Dirichlet draw. Queries come from the same mixture with
 another seed, so none is in the base set.
 
