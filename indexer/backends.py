@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import queue
 import warnings
 from pathlib import Path
 
@@ -48,7 +48,7 @@ class OpenVINOImageEncoder:
 
     Call it with float pixels ``(n, 3, S, S)`` (``S`` = the model's input size); it returns the
     unnormalised image features, float32 ``(n, dim)``, like ``model.encode_image``. Thread-safe:
-    each calling thread gets its own infer request (OpenVINO's compiled model is shared, a
+    each call takes an idle infer request or makes one (OpenVINO's compiled model is shared, a
     request is not), and inference releases the GIL.
     """
 
@@ -67,15 +67,22 @@ class OpenVINOImageEncoder:
             model = _convert(visual, image_size)
             _save(ov, model, path)
         hint = "bf16" if precision == "bf16" else "f32"
+        # Idle infer requests, owned by this object and set before the compiled model, so they are
+        # released before it (not in thread-local storage, which could outlive the compiled model
+        # and free its requests from whichever thread happens to run the garbage collector).
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
-        self._local = threading.local()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        out = request.infer({0: np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())})[0]
-        return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            out = request.infer({0: np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())})[0]
+            return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
+        finally:
+            self._idle.put(request)
 
 
 def _convert(visual: torch.nn.Module, image_size: int):
