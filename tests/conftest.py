@@ -16,6 +16,22 @@ _CACHE = __import__("tempfile").TemporaryDirectory(prefix="lookalike-test-cache-
 os.environ["LOOKALIKE_CACHE_DIR"] = _CACHE.name
 
 
+@pytest.fixture(autouse=True)
+def _default_sigchld():
+    """Put SIGCHLD back to its default (ignored) after each test.
+
+    torch's DataLoader installs a SIGCHLD handler in the main process the first time it runs
+    decode workers here (torch/utils/data/_utils/signal_handling.py). With it in place, the suite
+    was killed by a kernel-sent SIGSEGV (no Python traceback) when a later test's subprocess
+    exited, after bf16 work on the main thread (our unconfirmed reading: the signal frame with
+    live AMX state). A `lookalike` process runs its workers once and exits; the test process
+    runs hundreds of tests and subprocesses after them."""
+    import signal
+
+    yield
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
     """The shared datasets folder; skip when absent unless LOOKALIKE_REQUIRE_DATASETS=1 (CI)."""
