@@ -5,9 +5,10 @@
 ``openvino.convert_model``) and runs it with OpenVINO's CPU plugin, which fuses the ViT's
 layer norms, GELUs and attention and runs matrix products on AMX in bf16 where the CPU has
 it (``INFERENCE_PRECISION_HINT``; OpenVINO docs, "CPU device: precision control"). For
-ViT-B-32 on this project's 2-core Xeon it measured about 1.6x faster than PyTorch bf16 and
-4x faster than PyTorch fp32, with embeddings agreeing to a cosine of 0.9999 (see
-docs/PERFORMANCE.md, scripts/bench_index.py --levers).
+ViT-B-32 on this project's 2-core Xeon its bf16 image tower ran 3.1x faster than PyTorch fp32
+on an idle machine (PyTorch bf16: 4.7x), level with PyTorch bf16 in the indexing pipeline,
+and well ahead of it whenever other work shared the cores; embeddings agree with fp32 to a
+cosine of 0.9999 (docs/PERFORMANCE.md; scripts/bench_backends.py, bench_index.py --levers).
 
 The converted model is cached as OpenVINO IR under ``$LOOKALIKE_CACHE_DIR`` (default
 ``~/.cache/lookalike``), keyed by the weights' SHA-256 and input size, so later starts
