@@ -478,8 +478,7 @@ class Store:
             try:
                 for key, value in (("index_type", wanted.type), ("index_params", json.dumps(wanted.params))):
                     db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
-                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (_now(),))
+                _bump_generation(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -709,8 +708,7 @@ class Store:
             try:
                 yield batch
                 if batch.changed:
-                    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (_now(),))
+                    _bump_generation(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -981,6 +979,12 @@ class Batch:
         if n:
             self.changed = True
         return n
+
+
+def _bump_generation(db: sqlite3.Connection) -> None:
+    """Inside an open transaction: the next generation, and the time of the change."""
+    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (_now(),))
 
 
 def _in_category(value: str | None, wanted: str) -> bool:
