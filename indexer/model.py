@@ -46,6 +46,7 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEXT_CACHE_ITEMS = 10_000
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
+BASE_ARCHITECTURE = "glove-efficientnet-lite"  # indexer.base_model.ARCHITECTURE, without importing timm here
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,13 @@ class ClipModel:
     """
 
     def __init__(self, model, preprocess: Callable, tokenizer, identity: ModelIdentity, device: torch.device,
-                 precision: str = "fp32", image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 precision: str = "fp32", image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 calibration: dict | None = None):
         self.model = model
+        # thresholds measured for this model's weights (a model folder's "lookalike.calibration"):
+        # "min_score" (image-image cosine below which nothing is a close match) and
+        # "label_min_cosine" (image-label cosine below which no label fits); {} when unknown
+        self.calibration = dict(calibration or {})
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.identity = identity
@@ -294,15 +300,18 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     if pretrained and pretrained.lower() == "none":
         pretrained = None
     seed = extra.get("random_init_seed")
-    try:
-        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            model, _, preprocess = open_clip.create_model_and_transforms(ident, pretrained=pretrained or None)
-    except Exception as e:  # open_clip and huggingface_hub raise bare RuntimeError/OSError/ValueError
-        raise ModelLoadError(_load_failure_message(name, pretrained, e)) from e
+    if extra.get("architecture") == BASE_ARCHITECTURE:
+        model, preprocess, tokenizer = _load_base(name, Path(ident[len("local-dir:"):]))
+    else:
+        try:
+            with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                model, _, preprocess = open_clip.create_model_and_transforms(ident, pretrained=pretrained or None)
+        except Exception as e:  # open_clip and huggingface_hub raise bare RuntimeError/OSError/ValueError
+            raise ModelLoadError(_load_failure_message(name, pretrained, e)) from e
+        tokenizer = open_clip.get_tokenizer(ident)
     model.eval().to(dev)
-    tokenizer = open_clip.get_tokenizer(ident)
     vision = model.visual
     image_size = vision.image_size[0] if isinstance(vision.image_size, (tuple, list)) else int(vision.image_size)
     dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else None
@@ -315,9 +324,20 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     encoder = _image_backend(backend, model, dev, precision, identity)
     if dev.type == "cpu" and precision == "bf16":
         model.to(torch.bfloat16)  # after hashing and converting: the identity is of the weights as stored
-    clip = ClipModel(model, preprocess, tokenizer, identity, dev, precision, encoder)
+    clip = ClipModel(model, preprocess, tokenizer, identity, dev, precision, encoder, extra.get("calibration"))
     log.info("loaded model %s (%s) on %s, %s, %s back-end, dim %d", name, pretrained, dev, precision, clip.backend, dim)
     return clip
+
+
+def _load_base(name: str, folder: Path):
+    """(model, preprocess, tokenizer) of a ``lookalike-base``-style folder (:mod:`indexer.base_model`)."""
+    from .base_model import load_base_model
+
+    try:
+        model, preprocess, tokenizer, _ = load_base_model(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load model {name!r} from {folder}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    return model, preprocess, tokenizer
 
 
 def _image_backend(backend: str | None, model, dev: torch.device, precision: str, identity: ModelIdentity):
