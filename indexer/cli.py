@@ -341,7 +341,12 @@ def cmd_eval(args) -> int:
     if ident.startswith("local-dir:"):
         split = Path(ident[len("local-dir:"):]) / "magento_split.json"
     say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    result = evaluate(model, datasets, magento_rows, split, args.limit, progress=say)
+    baseline = None
+    if args.speed_baseline != "none":
+        from .model import load_model
+
+        baseline = load_model(args.speed_baseline, "none", args.device, args.precision, args.backend)
+    result = evaluate(model, datasets, magento_rows, split, args.limit, progress=say, speed_baseline=baseline)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -432,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--magento", default=None, help="Magento manifest (default: built from DATASETS/magento)")
     p.add_argument("--limit", type=_positive, default=None, help="at most N images per dataset (evenly spread)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--speed-baseline", default="ViT-B-32",
+                   help="open_clip architecture whose embedding speed (random weights, same device, precision and "
+                        "back-end) is measured in the same run for the speed ratio; 'none' skips it (default ViT-B-32)")
     _model_args(p, for_index=False)
     p.set_defaults(func=cmd_eval)
 

@@ -7,7 +7,7 @@ from PIL import Image
 from indexer.datasets import (
     CIFAR10_CLASSES, category_phrase, fashion_mnist, iter_cifar10, magento_split,
 )
-from indexer.evaluate import eval_magento, exif_rotated, near_duplicate
+from indexer.evaluate import NEAR_DUP_TRANSFORMS, eval_magento, exif_rotated, near_duplicate
 
 
 def test_dataset_readers(datasets_dir):
@@ -54,6 +54,19 @@ def test_query_transforms():
     assert back[:, :40].mean() > 200 and back[:, 60:].mean() < 50  # the same way up as the original
 
 
+def test_near_duplicate_copies():
+    photo = Image.new("RGB", (300, 400), (200, 30, 30))
+    sizes = {name: t(photo).size for name, t in NEAR_DUP_TRANSFORMS.items()}
+    assert sizes["mirror"] == (300, 400) and sizes["squash_to_square"] == (400, 400)
+    assert sizes["centre_crop_60"] == (180, 240) and sizes["half_size"] == (150, 200)
+    assert sizes["rotate_30_white"][0] > 300  # expanded to hold the turned photo
+    grey = np.asarray(NEAR_DUP_TRANSFORMS["greyscale"](photo))
+    assert grey.shape == (400, 300, 3) and (grey[..., 0] == grey[..., 2]).all()
+    corner = NEAR_DUP_TRANSFORMS["rotate_30_white"](photo).getpixel((0, 0))
+    assert corner == (255, 255, 255) and NEAR_DUP_TRANSFORMS["rotate_30_black"](photo).getpixel((0, 0)) == (0, 0, 0)
+    assert np.asarray(NEAR_DUP_TRANSFORMS["darker_30"](photo)).mean() < np.asarray(photo).mean()
+
+
 def test_eval_magento_on_a_real_subset(magento_subset, tiny_model):
     rows = [json.loads(x) for x in magento_subset.read_text().splitlines()]
     ids = sorted({r["id"] for r in rows})
@@ -63,7 +76,15 @@ def test_eval_magento_on_a_real_subset(magento_subset, tiny_model):
         r = result[part]
         for key in ("near_dup_recall_at_1", "same_product_recall_at_5", "category_accuracy"):
             assert r[key] is not None and 0 <= r[key] <= 1
-    assert result["all"]["near_dup_queries"] == 2 * 24
+    assert result["all"]["near_dup_queries"] == len(NEAR_DUP_TRANSFORMS) * 24
+    assert set(result["all"]["near_dup_by_transform"]) == set(NEAR_DUP_TRANSFORMS)
+    pct = result["score_percentiles"]
+    assert set(pct) == {"near_duplicate", "same_product", "random_different_category"}
+    for dist in pct.values():
+        values = list(dist.values())
+        assert values == sorted(values) and -1 <= values[0] and values[-1] <= 1.0001
+    # near-duplicate copies score above random pairs of different categories, even for random weights
+    assert pct["near_duplicate"]["p50"] > pct["random_different_category"]["p50"]
     assert result["gallery_photos"] == len({r["image"] for r in rows})
     # the tiny random model still finds most transformed copies of a photo among ~240 photos
     assert result["all"]["near_dup_recall_at_1"] >= 0.3
