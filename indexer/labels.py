@@ -173,6 +173,16 @@ class ZeroShotClassifier:
         p /= p.sum(axis=1, keepdims=True)
         return p, cos
 
+    def none_of_these(self, image_embeddings: np.ndarray) -> list[bool | None]:
+        """Per image: True when even the best label's cosine is under the model's calibrated
+        ``label_min_cosine`` (no label of the set fits: the reject option), False when one fits,
+        None when the model has no calibration (:attr:`indexer.model.ClipModel.calibration`)."""
+        threshold = self.model.calibration.get("label_min_cosine")
+        if threshold is None:
+            return [None] * len(image_embeddings)
+        best = (image_embeddings.astype(np.float32) @ self.weights.T).max(axis=1)
+        return [bool(b < threshold) for b in best]
+
     def top_k(self, image_embeddings: np.ndarray, k: int = 5) -> list[list[dict]]:
         """For each image, the ``k`` most probable labels: ``{"label", "score", "cosine"}``."""
         probs, cos = self.scores(image_embeddings)

@@ -74,9 +74,19 @@ class Result(BaseModel):
     label_score: float | None = None
 
 
+CLOSE_MATCH_DOC = ("whether the best result reaches the model's calibrated threshold for a close match "
+                   "(`recommended_min_score` for photo queries, `label_min_cosine` for text queries; README, "
+                   "\"Scores and thresholds\"); false means the catalogue holds nothing close to the query, "
+                   "null that the model has no calibration")
+NONE_OF_THESE_DOC = ("true when even the best label's cosine is under the model's calibrated `label_min_cosine`: "
+                     "none of the labels fits the photo; null when the model has no calibration")
+
+
 class SearchResponse(BaseModel):
     results: list[Result]
+    close_match: bool | None = Field(None, description=CLOSE_MATCH_DOC)
     labels: list[LabelScore] = Field(default_factory=list, description="zero-shot labels of the query photo")
+    none_of_these: bool | None = Field(None, description=NONE_OF_THESE_DOC)
     took_ms: float
 
 
@@ -99,6 +109,7 @@ class TextQuery(BaseModel):
 
 class LabelsResponse(BaseModel):
     labels: list[LabelScore]
+    none_of_these: bool | None = Field(None, description=NONE_OF_THESE_DOC)
     took_ms: float
 
 
@@ -260,6 +271,15 @@ class Engine:
         hits = self.store.search(vec, k, category=category, min_score=min_score, ef_search=ef_search, nprobe=nprobe)[0]
         self.metrics.search_seconds.observe(time.perf_counter() - t0)
         return hits
+
+    def close_match(self, hits, query: str) -> bool | None:
+        """Whether the best hit reaches the model's calibrated threshold for a ``query`` of kind
+        ``"image"`` (image-image cosine, ``min_score``) or ``"text"`` (text-image, ``label_min_cosine``);
+        None when the model has no calibration."""
+        threshold = self.model.calibration.get("min_score" if query == "image" else "label_min_cosine")
+        if threshold is None:
+            return None
+        return bool(hits) and hits[0].score >= threshold
 
     def thumbnail(self, photo: dict, size: int | None) -> bytes:
         """The photo as JPEG, its longest side at most ``size`` px; kept in an LRU cache by content hash."""
@@ -517,7 +537,9 @@ def create_app(
         vec = engine.embed_upload(data)
         hits = engine.search(vec, k, category, min_score, ef_search, nprobe)
         labs = engine.default_labels.top_k(vec, 5)[0] if labels else []
-        return SearchResponse(results=[h.to_dict() for h in hits], labels=labs, took_ms=_ms(t0))
+        rejected = engine.default_labels.none_of_these(vec)[0] if labels else None
+        return SearchResponse(results=[h.to_dict() for h in hits], close_match=engine.close_match(hits, "image"),
+                              labels=labs, none_of_these=rejected, took_ms=_ms(t0))
 
     @app.post("/v1/search/text", dependencies=read_auth, response_model=SearchResponse, responses=ERRORS, tags=["search"],
               summary="Find products that match a text, e.g. 'red running shoes'")
@@ -525,7 +547,8 @@ def create_app(
         t0 = time.perf_counter()
         vec = engine.embed_text(body.query)
         hits = engine.search(vec, body.k, body.category, body.min_score, body.ef_search, body.nprobe)
-        return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
+        return SearchResponse(results=[h.to_dict() for h in hits], close_match=engine.close_match(hits, "text"),
+                              took_ms=_ms(t0))
 
     @app.post("/v1/labels", dependencies=read_auth, response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
               summary="Zero-shot labels for a photo")
@@ -544,7 +567,7 @@ def create_app(
             t0 = time.perf_counter()
             clf = engine.classifier(names)
             vec = engine.embed_upload(data)
-            return LabelsResponse(labels=clf.top_k(vec, k)[0], took_ms=_ms(t0))
+            return LabelsResponse(labels=clf.top_k(vec, k)[0], none_of_these=clf.none_of_these(vec)[0], took_ms=_ms(t0))
 
         return await run_in_threadpool(run)
 
@@ -561,7 +584,8 @@ def create_app(
         t0 = time.perf_counter()
         engine.refresh()
         hits = engine.store.similar(product_id, k, category=category, ef_search=ef_search, nprobe=nprobe)
-        return SearchResponse(results=[h.to_dict() for h in hits], took_ms=_ms(t0))
+        return SearchResponse(results=[h.to_dict() for h in hits], close_match=engine.close_match(hits, "image"),
+                              took_ms=_ms(t0))
 
     @app.get("/v1/products/{product_id:path}/image", dependencies=read_auth, responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
              tags=["products"], summary="A product photo (only photos of catalogue products are served)")
