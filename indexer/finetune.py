@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from .base_model import GloveTokenizer, LookalikeBase, read_vocab, save_base_model
 from .catalogue import Catalogue, read_catalogue
 from .errors import LookalikeError
 from .images import ImageError, open_image
@@ -73,12 +75,18 @@ class FinetuneConfig:
 
 # ------------------------------------------------------------------ data
 def _load_one(args) -> tuple[int, np.ndarray | None, str | None]:
-    i, source, size = args
+    i, source, size, pad_fill = args
     try:
         im = open_image(source, draft_size=2 * size)
     except ImageError as e:
         return i, None, f"{e.reason}: {e}"
     w, h = im.size
+    if pad_fill is not None:  # the model's preprocessing pads to a square (open_clip resize_mode "longest")
+        scale = size / max(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # bicubic
+        canvas = Image.new("RGB", (size, size), (pad_fill,) * 3)
+        canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+        return i, np.asarray(canvas, dtype=np.uint8).transpose(2, 0, 1).copy(), None
     scale = size / min(w, h)
     im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample=3)  # bicubic
     w, h = im.size
@@ -87,15 +95,16 @@ def _load_one(args) -> tuple[int, np.ndarray | None, str | None]:
     return i, np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy(), None
 
 
-def load_pixels(sources: list[str], size: int, workers: int, progress: bool = True):
-    """Decode every photo, resize its shorter side to ``size`` and centre-crop: uint8 ``(n, 3, size, size)``.
+def load_pixels(sources: list[str], size: int, workers: int, progress: bool = True, pad_fill: int | None = None):
+    """Decode every photo, resize its shorter side to ``size`` and centre-crop: uint8 ``(n, 3, size, size)``;
+    with ``pad_fill`` (0-255), resize its longer side instead and pad to a square with that grey level.
 
     Returns (pixels, ok mask ``(n,)`` bool, failures {index: reason}).
     """
     pixels = np.zeros((len(sources), 3, size, size), dtype=np.uint8)
     ok = np.zeros(len(sources), dtype=bool)
     failures: dict[int, str] = {}
-    jobs = [(i, s, size) for i, s in enumerate(sources)]
+    jobs = [(i, s, size, pad_fill) for i, s in enumerate(sources)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -209,7 +218,7 @@ def _build_model(cfg: FinetuneConfig):
         if model_cfg is None:
             raise FinetuneError(f"unknown architecture {cfg.model!r}")
         return open_clip.model.CLIP(**model_cfg), _preprocess_cfg({}), model_cfg
-    loaded = load_model(cfg.model, cfg.pretrained, "cpu", precision="fp32")  # trained in fp32 (bf16 autocast)
+    loaded = load_model(cfg.model, cfg.pretrained, "cpu", precision="fp32", backend="torch")  # bf16 autocast
     model = loaded.model
     ident, _ = _open_clip_name(cfg.model)
     if ident.startswith("local-dir:"):
@@ -229,7 +238,16 @@ def _preprocess_cfg(pre: dict) -> dict:
     return out
 
 
+def _folder_of(name: str) -> Path:
+    from .model import _open_clip_name
+
+    ident, _ = _open_clip_name(name)
+    return Path(ident[len("local-dir:"):])
+
+
 def _image_size(model_cfg: dict) -> int:
+    if "vision_cfg" not in model_cfg:  # lookalike-base's flat config
+        return int(model_cfg.get("image_size", 224))
     size = model_cfg["vision_cfg"].get("image_size", 224)
     return size[0] if isinstance(size, (list, tuple)) else int(size)
 
@@ -276,13 +294,18 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     size = _image_size(model_cfg)
     import open_clip
 
-    tokenizer = open_clip.tokenize if "hf_tokenizer_name" not in model_cfg.get("text_cfg", {}) else None
-    if tokenizer is None:
-        raise FinetuneError("models with Hugging Face text towers are not supported by finetune yet")
-    context_length = model_cfg["text_cfg"].get("context_length", 77)
+    if isinstance(model, LookalikeBase):  # its own word tokenizer (indexer.base_model)
+        tokenizer = GloveTokenizer(read_vocab(_folder_of(cfg.model)), model.context_length)
+        context_length = model.context_length
+    else:
+        tokenizer = open_clip.tokenize if "hf_tokenizer_name" not in model_cfg.get("text_cfg", {}) else None
+        if tokenizer is None:
+            raise FinetuneError("models with Hugging Face text towers are not supported by finetune yet")
+        context_length = model_cfg["text_cfg"].get("context_length", 77)
 
     t_decode = time.time()
-    pixels, ok, failures = load_pixels(sources, size, cfg.workers, progress)
+    pad_fill = int(preprocess_cfg.get("fill_color", 0)) if preprocess_cfg.get("resize_mode") == "longest" else None
+    pixels, ok, failures = load_pixels(sources, size, cfg.workers, progress, pad_fill)
     decode_s = time.time() - t_decode
     keep = np.flatnonzero(ok)
     if len(keep) < 2:
@@ -402,7 +425,13 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         "precision": "bf16" if bf16 else "fp32",
         "logit_scale": round(model.logit_scale.detach().exp().item(), 3),
     }
-    _write_model_folder(out, model, model_cfg, preprocess_cfg, summary, cfg)
+    if isinstance(model, LookalikeBase):
+        # the base model's calibration was measured for its own weights: a fine-tuned copy has none
+        save_base_model(model, tokenizer.vocab, out, preprocess_cfg,
+                        {"trained_by": "lookalike finetune", "templates": cfg.templates, "from": cfg.model})
+        _write_model_folder(out, model, model_cfg, preprocess_cfg, summary, cfg, weights=False)
+    else:
+        _write_model_folder(out, model, model_cfg, preprocess_cfg, summary, cfg)
     ckpt_path.unlink(missing_ok=True)
     return summary
 
@@ -436,16 +465,19 @@ def _read_rows(cfg: FinetuneConfig):
     return fields, sources, repeats
 
 
-def _write_model_folder(out: Path, model, model_cfg, preprocess_cfg, summary, cfg: FinetuneConfig) -> None:
+def _write_model_folder(out: Path, model, model_cfg, preprocess_cfg, summary, cfg: FinetuneConfig,
+                        weights: bool = True) -> None:
+    """Weights and config of an open_clip model (``weights=False``: already written), training log, card."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors.tmp"))
-    os.replace(out / "open_clip_model.safetensors.tmp", out / "open_clip_model.safetensors")
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
-              "lookalike": {"trained_by": "lookalike finetune", "templates": cfg.templates}}
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    if weights:
+        state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in model.state_dict().items()}
+        save_file(state, str(out / "open_clip_model.safetensors.tmp"))
+        os.replace(out / "open_clip_model.safetensors.tmp", out / "open_clip_model.safetensors")
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
+                  "lookalike": {"trained_by": "lookalike finetune", "templates": cfg.templates}}
+        (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     (out / "training.json").write_text(json.dumps(summary, indent=2, default=str))
     if cfg.split_file:
         shutil.copyfile(cfg.split_file, out / "magento_split.json")

@@ -120,3 +120,23 @@ def test_checkpoint_of_other_settings_is_refused(small_catalogue, tmp_path):
     torch.save({"config_key": "something else"}, out / "checkpoint.pt")
     with pytest.raises(FinetuneError, match="other settings"):
         finetune(_cfg(small_catalogue, out), progress=False)
+
+
+def test_finetune_from_lookalike_base(small_catalogue, tmp_path):
+    """Fine-tuning the bundled lookalike-base trains its projection and text layers, keeps the frozen
+    pretrained trunk and the GloVe table as they were, and writes a folder that loads everywhere."""
+    cfg = FinetuneConfig(catalogues=[str(small_catalogue)], out=str(tmp_path / "ft"), model="lookalike-base",
+                         epochs=1, batch_size=16, lr=1e-4, warmup_steps=1, seed=0, workers=1, precision="fp32",
+                         templates=["a photo of a {title}."])
+    summary = finetune(cfg, progress=False)
+    assert summary["steps"] == 3
+    before = load_model("lookalike-base", None, "cpu", backend="torch")
+    after = load_model(str(tmp_path / "ft"), None, "cpu", backend="torch")
+    assert after.identity.dim == 512 and after.identity.weights_sha256 != before.identity.weights_sha256
+    assert after.calibration == {}  # thresholds measured for other weights do not carry over
+    b, a = before.model.state_dict(), after.model.state_dict()
+    assert torch.equal(b["text.glove_q"], a["text.glove_q"])
+    assert all(torch.equal(b[k], a[k]) for k in b if k.startswith("visual.trunk."))
+    assert not torch.equal(b["visual.linear.weight"], a["visual.linear.weight"])
+    v = after.embed_texts(["a photo of a hoodie."])
+    assert v.shape == (1, 512) and np.isclose(np.linalg.norm(v), 1, atol=1e-3)
