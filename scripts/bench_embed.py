@@ -1,6 +1,6 @@
 """Embedding speed of two models side by side on the same decoded 224 px catalogue photos.
 
-    python scripts/bench_embed.py [--model lookalike-mini] [--baseline ViT-B-32] [--photos 64] [--json]
+    python scripts/bench_embed.py [--model lookalike-base] [--baseline ViT-B-32] [--photos 64] [--json]
 
 Both models embed the same Magento photos, already decoded and resized to 224x224 (so decoding
 is not measured; each model's own preprocessing is). The baseline is built with random weights
@@ -23,7 +23,7 @@ from indexer.model import ModelLoadError, load_model  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="lookalike-mini")
+    ap.add_argument("--model", default="lookalike-base")
     ap.add_argument("--baseline", default="ViT-B-32")
     ap.add_argument("--baseline-pretrained", default="laion2b_s34b_b79k")
     ap.add_argument("--photos", type=int, default=64)

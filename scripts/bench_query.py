@@ -1,7 +1,7 @@
 """Query latency, concurrency and cold start of `lookalike serve` on loopback, with and without
 micro-batching, in one run.
 
-    python scripts/bench_query.py [--index DIR] [--model ViT-B-32|lookalike-mini] [--quick] [--json]
+    python scripts/bench_query.py [--index DIR] [--model ViT-B-32|lookalike-base] [--quick] [--json]
 
 Without ``--index`` it first indexes the Magento catalogue photos (all 725; 120 with
 ``--quick``) with ``--model`` (ViT-B-32 with seeded random weights by default: the

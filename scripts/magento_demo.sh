@@ -4,12 +4,12 @@
 #
 #   bash scripts/magento_demo.sh [MODEL] [PORT]
 #
-# MODEL defaults to lookalike-mini (the bundled offline model) when it is present,
+# MODEL defaults to lookalike-base (the bundled offline model) when it is present,
 # else test-tiny; any --model value works (ViT-B-32 needs its weights in the cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundled=test-tiny
-[ -f data/models/lookalike-mini/open_clip_config.json ] && bundled=lookalike-mini
+[ -f data/models/lookalike-base/open_clip_config.json ] && bundled=lookalike-base
 model=${1:-$bundled}
 port=${2:-8000}
 py=python3
