@@ -1,5 +1,5 @@
 """End to end, as a user runs it (the README's main job): prepare the Magento catalogue, index it
-with the CLI and the bundled lookalike-mini model, start the real server on a loopback port and
+with the CLI and the bundled lookalike-base model, start the real server on a loopback port and
 query it over HTTP."""
 import json
 import shutil
@@ -29,7 +29,7 @@ def built(datasets_dir, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     assert "of 191 products" in r.stdout
     index = tmp / "index"
-    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-mini", "--json", "-q")
+    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-base", "--json", "-q")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     return tmp, manifest, index, report
@@ -75,11 +75,35 @@ def test_http_find_similar_text_labels_errors(built, server):
     assert httpx.get(server + "/readyz", timeout=10).json()["products"] == 191
 
 
+def test_no_close_match_for_unrelated_queries(built, server):
+    """The bundled model's calibrated thresholds answer "nothing like this" for noise and for a text with
+    no known word, and "a close match" for a catalogue photo."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    _, manifest, _, _ = built
+    photo = next(json.loads(x)["image"] for x in manifest.read_text().splitlines() if "mh01-gray_main" in x)
+    with open(photo, "rb") as f:
+        body = httpx.post(server + "/v1/search/image?k=3", files={"image": ("q.jpg", f, "image/jpeg")}, timeout=60).json()
+    assert body["close_match"] is True and body["none_of_these"] is False
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(buf, "PNG")
+    body = httpx.post(server + "/v1/search/image?k=3", files={"image": ("n.png", buf.getvalue(), "image/png")},
+                      timeout=60).json()
+    assert body["close_match"] is False and len(body["results"]) == 3  # answered, and flagged
+    body = httpx.post(server + "/v1/search/text", json={"query": "\U0001f642\U0001f680\u2728", "k": 3}, timeout=60).json()
+    assert body["close_match"] is False and all(r["score"] == 0 for r in body["results"])
+    body = httpx.post(server + "/v1/search/text", json={"query": "hooded sweatshirt", "k": 3}, timeout=60).json()
+    assert body["close_match"] is True
+
+
 def test_cli_info_search_check_label_and_rerun(built):
     tmp, manifest, index, _ = built
     info = json.loads(_run("lookalike", "info", str(index), "--json").stdout)
-    assert info["products"] == 191 and info["photos"] == 725 and info["dim"] == 256
-    assert info["model"]["name"] == "lookalike-mini"
+    assert info["products"] == 191 and info["photos"] == 725 and info["dim"] == 512
+    assert info["model"]["name"] == "lookalike-base"
 
     r = _run("lookalike", "check", str(index))
     assert r.returncode == 0 and "consistent" in r.stdout
@@ -95,7 +119,7 @@ def test_cli_info_search_check_label_and_rerun(built):
     p = json.loads(_run("lookalike", "search", str(index), "--text", "bag", "-k", "1", "--json").stdout)["results"][0]
     assert p["label"] and 0 < p["label_score"] <= 1
 
-    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-mini", "--json", "-q")
+    r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-base", "--json", "-q")
     again = json.loads(r.stdout.strip().splitlines()[-1])
     assert again["indexed"] == 0 and again["unchanged"] == 725
 
@@ -108,7 +132,7 @@ def test_cli_errors_are_one_line(built, tmp_path):
         ("lookalike", "search", str(index), "--text", "x", "--model", "ViT-B-32", "--pretrained", "none"),
         ("lookalike", "search", str(index), "--image", str(manifest)),
         ("lookalike", "label", str(manifest), "--labels", str(manifest), "--model", "test-tiny"),
-        ("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-mini", "--id-column", "sku_nope"),
+        ("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-base", "--id-column", "sku_nope"),
         ("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny"),  # not the index's model
     ]
     for args in cases:
@@ -119,7 +143,7 @@ def test_cli_errors_are_one_line(built, tmp_path):
 
 
 def test_a_hoodie_photo_finds_hoodies_and_is_labelled_hoodie(built, server):
-    """MH09 (Abominable Hoodie) is one of the products held out of lookalike-mini's training."""
+    """MH09 (Abominable Hoodie) is one of the products held out of lookalike-base's training."""
     photo = "/m/h/mh09-blue_main.jpg"
     _, manifest, _, _ = built
     path = next(json.loads(x)["image"] for x in manifest.read_text().splitlines() if x and photo in x)
