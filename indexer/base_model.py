@@ -310,15 +310,6 @@ def save_base_model(model: LookalikeBase, vocab: list[str], out: Path, preproces
         os.replace(tmp, out / name)
 
 
-def is_base_model_folder(folder: Path) -> bool:
-    """Whether ``folder/open_clip_config.json`` declares this module's architecture."""
-    try:
-        cfg = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return cfg.get("lookalike", {}).get("architecture") == ARCHITECTURE
-
-
 def read_vocab(folder: Path) -> list[str]:
     return (Path(folder) / VOCAB_FILE).read_text(encoding="utf-8").split("\n")
 

@@ -280,7 +280,6 @@ def extract(items, extractor, copies_of, rng: random.Random, batch: int = 64, lo
 def train_heads(model, tokenizer, data, args, log=print) -> dict:
     feats = torch.from_numpy(data["feats"].astype(np.float32))
     owner = torch.from_numpy(data["owner"])
-    is_copy = torch.from_numpy(data["is_copy"])
     captions = data["captions"]  # per item: list of caption fillers
     w_cls, b_cls = data["classifier"]
     head_slice = data["head_slice"]
