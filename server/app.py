@@ -75,7 +75,7 @@ class Result(BaseModel):
 
 
 CLOSE_MATCH_DOC = ("whether the best result reaches the model's calibrated threshold for a close match "
-                   "(`recommended_min_score` for photo queries, `label_min_cosine` for text queries; README, "
+                   "(its calibration's `min_score` for photo queries, `label_min_cosine` for text queries; README, "
                    "\"Scores and thresholds\"); false means the catalogue holds nothing close to the query, "
                    "null that the model has no calibration")
 NONE_OF_THESE_DOC = ("true when even the best label's cosine is under the model's calibrated `label_min_cosine`: "
