@@ -16,16 +16,17 @@
   attention-pooled mean of its word vectors. That part is never trained, so a word the training
   never saw is compared with a photo on the same footing as one it did. **The shipped model sets
   ``conse_weight`` to 0**: measured with ``lookalike eval``, weight 1 raised top-1 on the held-out
-  classes (deer/truck 0.00 -> 0.13, sandal/bag 0.00 -> 0.27) but cost CIFAR-10 top-1 (0.65 -> 0.51),
-  near-duplicate recall@1 and category accuracy (the ImageNet top-10 of a rotated or cropped copy
-  moves), so photo-to-photo search, the first thing a shop tries, got worse.
+  classes (deer/truck 0.00 -> 0.13, sandal/bag 0.03 -> 0.27) but cost CIFAR-10 top-1 (0.67 -> 0.51),
+  near-duplicate recall@1 (0.91 -> 0.84) and category accuracy (0.79 -> 0.74): the ImageNet top-10
+  of a rotated or cropped copy moves, so photo-to-photo search, the first thing a shop tries, got
+  worse (data/models/lookalike-base/MODEL_CARD.md).
 * **Text tower** (:class:`GloveTextTower`): GloVe 6B 50-d word vectors (Pennington, Socher &
   Manning 2014; 400,000 lower-case words; PDDL-1.0; shipped int8-quantised, one scale per
   word) with trained layers on top: attention pooling over the word vectors (additive
-  scores, Bahdanau et al. 2015) beside their plain mean, then a linear map plus a residual MLP. Every English word GloVe knows gets an embedding, including
-  words never seen in training, which land near related words because the trained layers
-  are smooth functions of the GloVe space. A text with no known word embeds to the zero
-  vector (cosine 0 with every photo: "no match").
+  scores, Bahdanau et al. 2015) beside their plain mean, then a linear map plus a residual MLP.
+  Every English word GloVe knows gets an embedding, including words never seen in training,
+  which land near related words because the trained layers are smooth functions of the GloVe
+  space. A text with no known word embeds to the zero vector (cosine 0 with every photo).
 
 The module exposes what :class:`indexer.model.ClipModel` uses of an open_clip model:
 ``visual`` (a module whose ``forward`` returns the unnormalised image embedding, and its
