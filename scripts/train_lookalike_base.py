@@ -13,7 +13,7 @@ most of it in step 1.
    transformed copies (:func:`random_copy`: mirror, squash, rotation with white or black
    corners, greyscale, crops, downscaling, JPEG, brightness and contrast).
 2. **Heads.** The image projection and the text layers train together, on the cached
-   descriptors, with three losses:
+   descriptors, with four losses:
 
    * *captions*: the multi-positive CLIP loss of :func:`indexer.finetune.multi_positive_clip_loss`
      between photos and their captions (class names; Magento titles, categories and colours);
@@ -22,14 +22,18 @@ most of it in step 1.
      al. 2015; the class names of ``timm.data.ImageNetInfo``), which teaches the text layers a
      thousand more words than the captions hold;
    * *instance*: InfoNCE between each photo and a transformed copy of it (SimCLR, Chen et al.
-     2020), so that copies of a photo find it.
+     2020), so that copies of a photo find it;
+   * *structure*: single words keep GloVe's pairwise cosines (256 random words of the 50,000
+     most frequent per step), so that a trained word's neighbours move with it.
 
    **Held-out words.** The words of :data:`HELD_OUT_WORDS` (two CIFAR-10 classes, deer and
    truck, and two Fashion-MNIST classes, sandal and bag) never reach the text tower: their
    photos get no caption, and the words are removed from every Magento caption and ImageNet
    class name. ``lookalike eval`` reports zero-shot accuracy on exactly those classes.
 3. **Output.** The model folder: config, safetensors (fp16 projection, int8 GloVe, fp16 trunk),
-   vocabulary, the Magento split, ``training.json`` (settings, losses, times) and the model card.
+   vocabulary, the Magento split, ``training.json`` (settings, losses, times),
+   ``training_words.txt`` (every word the text tower saw) and the calibrated thresholds
+   (:func:`write_calibration`). ``MODEL_CARD.md`` is written by hand from ``lookalike eval``.
 """
 from __future__ import annotations
 
