@@ -136,17 +136,8 @@ class GloveTextTower(nn.Module):
     def word_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.glove_q[tokens].to(self.glove_scale.dtype) * self.glove_scale[tokens]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = tokens > 0  # (n, L)
-        g = self.word_vectors(tokens)
-        scores = self.attention(g).squeeze(-1).masked_fill(~mask, -1e4)
-        pooled = ((torch.softmax(scores, dim=1) * mask).unsqueeze(-1) * g).sum(1)
-        learned = F.normalize(self.learned(tokens), dim=-1)
-        out = torch.cat([learned, self.conse_weight * F.normalize(pooled, dim=-1)], dim=1)
-        return out * mask.any(dim=1, keepdim=True)  # no known word: the zero vector
-
-    def learned(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The trained part alone, ``(n, learned_dim)`` unnormalised (what training optimises)."""
+    def _pool(self, tokens: torch.Tensor):
+        """(known-word mask ``(n, L)``, attention-pooled ``(n, 50)``, learned part ``(n, learned_dim)``)."""
         mask = tokens > 0
         g = self.word_vectors(tokens)
         if self.training and self.noise > 0:
@@ -156,7 +147,16 @@ class GloveTextTower(nn.Module):
         pooled = (weights.unsqueeze(-1) * g).sum(1)
         mean = (g * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         x = torch.cat([pooled, mean], dim=1)
-        return self.linear(x) + self.mlp(x)
+        return mask, pooled, self.linear(x) + self.mlp(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask, pooled, learned = self._pool(tokens)
+        out = torch.cat([F.normalize(learned, dim=-1), self.conse_weight * F.normalize(pooled, dim=-1)], dim=1)
+        return out * mask.any(dim=1, keepdim=True)  # no known word: the zero vector
+
+    def learned(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The trained part alone, ``(n, learned_dim)`` unnormalised (what training optimises)."""
+        return self._pool(tokens)[2]
 
 
 def colour_histogram(pixels: torch.Tensor, mean: float = 0.5, std: float = 0.5, bins: int = HIST_BINS) -> torch.Tensor:
@@ -316,7 +316,7 @@ def read_vocab(folder: Path) -> list[str]:
 
 
 def load_base_model(folder: Path):
-    """(model in eval mode, preprocess transform, tokenizer, config dict) from a model folder.
+    """(model in eval mode, preprocess transform, tokenizer) from a model folder.
 
     Raises OSError/ValueError/RuntimeError for a missing or damaged file (the caller,
     :func:`indexer.model.load_model`, turns them into one ModelLoadError).
@@ -340,4 +340,4 @@ def load_base_model(folder: Path):
                                                   interpolation=pre.get("interpolation", "bicubic"),
                                                   resize_mode=pre.get("resize_mode", "shortest"),
                                                   fill_color=int(pre.get("fill_color", 0))), is_train=False)
-    return model, preprocess, GloveTokenizer(vocab, model.context_length), config
+    return model, preprocess, GloveTokenizer(vocab, model.context_length)

@@ -334,10 +334,9 @@ def _load_base(name: str, folder: Path):
     from .base_model import load_base_model
 
     try:
-        model, preprocess, tokenizer, _ = load_base_model(folder)
+        return load_base_model(folder)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load model {name!r} from {folder}: {str(e).splitlines()[0] if str(e) else e!r}") from e
-    return model, preprocess, tokenizer
 
 
 def _image_backend(backend: str | None, model, dev: torch.device, precision: str, identity: ModelIdentity):
