@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base_model import GloveTokenizer, LookalikeBase, read_vocab, save_base_model
+from .base_model import LookalikeBase, save_base_model
 from .catalogue import Catalogue, read_catalogue
 from .errors import LookalikeError
 from .images import ImageError, open_image
@@ -195,7 +195,8 @@ def multi_positive_clip_loss(image_features, text_features, caption_ids, logit_s
 
 # ----------------------------------------------------------------- model
 def _build_model(cfg: FinetuneConfig):
-    """(model, preprocess_cfg, model_cfg) for training."""
+    """(model, preprocess_cfg, model_cfg, tokenizer) for training; tokenizer is the loaded model's own for a
+    lookalike-base folder (a word tokenizer over its vocabulary), else None (open_clip's tokenizer)."""
     import open_clip
 
     from .model import _open_clip_name, load_model
@@ -210,14 +211,14 @@ def _build_model(cfg: FinetuneConfig):
         model = open_clip.model.CLIP(**model_cfg)
         if cfg.pretrained:
             open_clip.load_checkpoint(model, cfg.pretrained)
-        return model, _preprocess_cfg(preprocess_cfg), model_cfg
+        return model, _preprocess_cfg(preprocess_cfg), model_cfg, None
     if cfg.from_scratch:
         ident, _ = _open_clip_name(cfg.model)
         model_cfg = open_clip.get_model_config(ident) if not ident.startswith("local-dir:") else json.loads(
             (Path(ident[len("local-dir:"):]) / "open_clip_config.json").read_text())["model_cfg"]
         if model_cfg is None:
             raise FinetuneError(f"unknown architecture {cfg.model!r}")
-        return open_clip.model.CLIP(**model_cfg), _preprocess_cfg({}), model_cfg
+        return open_clip.model.CLIP(**model_cfg), _preprocess_cfg({}), model_cfg, None
     loaded = load_model(cfg.model, cfg.pretrained, "cpu", precision="fp32", backend="torch")  # bf16 autocast
     model = loaded.model
     ident, _ = _open_clip_name(cfg.model)
@@ -226,7 +227,7 @@ def _build_model(cfg: FinetuneConfig):
         model_cfg, pre = data["model_cfg"], data.get("preprocess_cfg", {})
     else:
         model_cfg, pre = open_clip.get_model_config(ident), {}
-    return model, _preprocess_cfg(pre), model_cfg
+    return model, _preprocess_cfg(pre), model_cfg, loaded.tokenizer if isinstance(model, LookalikeBase) else None
 
 
 def _preprocess_cfg(pre: dict) -> dict:
@@ -236,13 +237,6 @@ def _preprocess_cfg(pre: dict) -> dict:
            "resize_mode": "shortest"}
     out.update(pre)
     return out
-
-
-def _folder_of(name: str) -> Path:
-    from .model import _open_clip_name
-
-    ident, _ = _open_clip_name(name)
-    return Path(ident[len("local-dir:"):])
 
 
 def _image_size(model_cfg: dict) -> int:
@@ -290,12 +284,12 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     rows_fields, sources, repeats = _read_rows(cfg)
-    model, preprocess_cfg, model_cfg = _build_model(cfg)
+    model, preprocess_cfg, model_cfg, own_tokenizer = _build_model(cfg)
     size = _image_size(model_cfg)
     import open_clip
 
-    if isinstance(model, LookalikeBase):  # its own word tokenizer (indexer.base_model)
-        tokenizer = GloveTokenizer(read_vocab(_folder_of(cfg.model)), model.context_length)
+    if own_tokenizer is not None:  # lookalike-base: a word tokenizer over its GloVe vocabulary
+        tokenizer = own_tokenizer
         context_length = model.context_length
     else:
         tokenizer = open_clip.tokenize if "hf_tokenizer_name" not in model_cfg.get("text_cfg", {}) else None
