@@ -216,36 +216,26 @@ def magento_captions(row: dict) -> list[str]:
 
 
 class DescriptorExtractor:
-    """The frozen trunk's descriptor, compiled with OpenVINO (bf16 where the CPU has it) when installed."""
+    """The frozen trunk's descriptor, run by the project's OpenVINO back-end (bf16 where the CPU has it)."""
 
     def __init__(self, tower, preprocess, bf16: bool):
-        self.tower, self.preprocess = tower, preprocess
-        self.ov = None
-        try:
-            import openvino as ov
+        from indexer.backends import OpenVINOImageEncoder
+        from indexer.model import _weights_sha256
 
-            class _D(torch.nn.Module):
-                def __init__(self, t):
-                    super().__init__()
-                    self.t = t
+        class _Descriptor(torch.nn.Module):
+            def __init__(self, t):
+                super().__init__()
+                self.t = t
 
-                def forward(self, x):
-                    return self.t.descriptor(x)
+            def forward(self, x):
+                return self.t.descriptor(x)
 
-            s = tower.image_size
-            with torch.no_grad():
-                traced = torch.jit.trace(_D(tower).eval(), torch.zeros(2, 3, s, s), check_trace=False)
-            model = ov.convert_model(traced, input=[(-1, 3, s, s)])
-            self.ov = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
-        except ImportError:
-            pass
+        self.preprocess = preprocess
+        key = f"descriptor-{'-'.join(map(str, tower.taps))}-{_weights_sha256(tower.trunk)[:24]}"
+        self.encoder = OpenVINOImageEncoder(_Descriptor(tower).eval(), tower.image_size, "bf16" if bf16 else "fp32", key)
 
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
-        x = torch.stack([self.preprocess(im) for im in images])
-        if self.ov is not None:
-            return np.asarray(self.ov(x.numpy())[0], dtype=np.float32)
-        with torch.inference_mode():
-            return self.tower.descriptor(x).float().numpy()
+        return self.encoder(torch.stack([self.preprocess(im) for im in images])).numpy()
 
 
 def extract(items, extractor, copies_of, rng: random.Random, batch: int = 64, log=print):
