@@ -252,23 +252,23 @@ def recommended_min_score(percentiles: dict) -> float:
 
 
 def unrelated_queries(model: ClipModel, datasets: Path, gallery: np.ndarray, min_score: float,
-                      label_set: LabelSet | None = None) -> dict:
+                      classifier: ZeroShotClassifier | None = None) -> dict:
     """How often a query that matches nothing in the catalogue (:func:`unrelated_images`) still gets an
-    answer at or above ``min_score``; and, with ``label_set``, how often the model's calibrated reject
-    option (``label_min_cosine``) says "none of these" for such a query.
+    answer at or above ``min_score``; and, with ``classifier``, how often the model's calibrated reject
+    option (``label_min_cosine``, :meth:`ZeroShotClassifier.none_of_these`) says "none of these" for it.
 
     Returns {"unrelated_query_hit_rate": fraction of all queries, "by_kind": {kind: fraction},
     "label_reject_rate": fraction or None}.
     """
     by_kind, hits, rejected = {}, [], []
-    threshold = model.calibration.get("label_min_cosine")
+    calibrated = model.calibration.get("label_min_cosine") is not None
     for kind, images in unrelated_images(datasets).items():
         emb = model.embed_images(images)
         top = (emb @ gallery.T).max(axis=1)
         by_kind[kind] = _mean(list(top >= min_score))
         hits.extend(top >= min_score)
-        if label_set is not None and threshold is not None:
-            rejected.extend(best_label_cosines(model, label_set, emb) < threshold)
+        if classifier is not None and calibrated:
+            rejected.extend(classifier.none_of_these(emb))
     return {"unrelated_query_hit_rate": _mean(hits), "by_kind": by_kind, "label_reject_rate": _mean(rejected)}
 
 
@@ -284,11 +284,6 @@ def unrelated_images(datasets: Path, n_noise: int = 50, n_cifar: int = 200, seed
     }
 
 
-def best_label_cosines(model: ClipModel, label_set: LabelSet, embeddings: np.ndarray) -> np.ndarray:
-    """Per image ``(n,)``: the cosine of its best label in ``label_set``."""
-    return (embeddings @ ZeroShotClassifier(model, label_set).weights.T).max(axis=1)
-
-
 def calibrate(model: ClipModel, datasets: Path, rows: list[dict]) -> dict:
     """The model's thresholds (:attr:`indexer.model.ClipModel.calibration`), measured on ``rows``.
 
@@ -298,10 +293,10 @@ def calibrate(model: ClipModel, datasets: Path, rows: list[dict]) -> dict:
       same for :func:`unrelated_images` (seed 1, so that evaluation's seed-0 queries stay unseen).
     """
     mag = eval_magento(model, rows, {r["id"] for r in rows})
-    label_set = LabelSet.load()
-    fits = best_label_cosines(model, label_set, mag["gallery"])
+    classifier = ZeroShotClassifier(model, LabelSet.load())
+    fits = classifier.best_cosines(mag["gallery"])
     unrelated = np.concatenate([model.embed_images(ims) for ims in unrelated_images(datasets, seed=1).values()])
-    misfits = best_label_cosines(model, label_set, unrelated)
+    misfits = classifier.best_cosines(unrelated)
     return {"min_score": recommended_min_score(mag["score_percentiles"]),
             "label_min_cosine": round(float((np.percentile(fits, 5) + np.percentile(misfits, 95)) / 2), 3),
             "score_percentiles": mag["score_percentiles"],
@@ -365,17 +360,15 @@ def evaluate(model: ClipModel, datasets: Path, magento_rows: list[dict], split_f
     result["recommended_min_score"] = min_score
     result["random_p95_below_near_dup_p5"] = (mag["score_percentiles"]["random_different_category"]["p95"]
                                               < mag["score_percentiles"]["near_duplicate"]["p5"])
-    label_set = LabelSet.load()
-    unrelated = unrelated_queries(model, datasets, mag["gallery"], min_score, label_set)
+    classifier = ZeroShotClassifier(model, LabelSet.load())
+    unrelated = unrelated_queries(model, datasets, mag["gallery"], min_score, classifier)
     result["unrelated_query_hit_rate"] = unrelated["unrelated_query_hit_rate"]
     result["unrelated_query_hit_rate_by_kind"] = unrelated["by_kind"]
     result["model_calibration"] = {k: model.calibration.get(k) for k in ("min_score", "label_min_cosine")}
     result["unrelated_label_reject_rate"] = unrelated["label_reject_rate"]
-    threshold = model.calibration.get("label_min_cosine")
-    if threshold is not None:
+    if model.calibration.get("label_min_cosine") is not None:
         held = [i for i, f in enumerate(mag["files"]) if f in mag["held_files"]]
-        fits = best_label_cosines(model, label_set, mag["gallery"][held])
-        result["catalogue_label_reject_rate"] = _mean(list(fits < threshold))
+        result["catalogue_label_reject_rate"] = _mean(classifier.none_of_these(mag["gallery"][held]))
     sample = sorted({r["image"] for r in magento_rows})[:64]
     result["embed_images_per_s_224px"] = embedding_speed(model, sample)
     if speed_baseline is not None:

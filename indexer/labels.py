@@ -180,8 +180,11 @@ class ZeroShotClassifier:
         threshold = self.model.calibration.get("label_min_cosine")
         if threshold is None:
             return [None] * len(image_embeddings)
-        best = (image_embeddings.astype(np.float32) @ self.weights.T).max(axis=1)
-        return [bool(b < threshold) for b in best]
+        return [bool(b < threshold) for b in self.best_cosines(image_embeddings)]
+
+    def best_cosines(self, image_embeddings: np.ndarray) -> np.ndarray:
+        """Per image ``(n,)``: the cosine of its best label."""
+        return (image_embeddings.astype(np.float32) @ self.weights.T).max(axis=1)
 
     def top_k(self, image_embeddings: np.ndarray, k: int = 5) -> list[list[dict]]:
         """For each image, the ``k`` most probable labels: ``{"label", "score", "cosine"}``."""
