@@ -46,7 +46,8 @@ CIFAR_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of th
 FASHION_TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a photo of the {}.",
                      "a low resolution photo of a {}.", "{}")
 MAGENTO_TEMPLATES = ("a photo of {}.", "a product photo of {}.", "{}")
-# Classes whose names lookalike-base never saw in training (scripts/train_lookalike_base.py, HELD_OUT_WORDS)
+# Classes whose names lookalike-base never saw in training (scripts/train_lookalike_base.py derives its
+# HELD_OUT_WORDS from these)
 CIFAR10_UNSEEN = ("deer", "truck")
 FASHION_MNIST_UNSEEN = ("sandal", "bag")
 
