@@ -4,6 +4,14 @@ Every reader returns a :class:`Catalogue`: one :class:`CatalogueRow` per photo
 (several rows may share a product id), the products with their metadata, and the
 rows that could not be used, each with a reason. A bad row never stops reading.
 
+Text that cannot be stored faithfully is refused row by row, never for the whole
+run: a row whose id or image source holds a control character, or any of whose
+fields holds a NUL or a lone surrogate (undecodable bytes in a CSV/JSONL file, a
+``"\\ud800"`` JSON escape, a file name that is not UTF-8), is reported as
+``bad_text`` (``bad_name`` for folder entries). Such values are refused rather than
+cleaned: cleaning could merge two ids into one, and SQLite stores UTF-8 text only.
+Tabs and line breaks in titles and metadata are kept (quoted CSV fields hold them).
+
 Photo sources are strings the pipeline knows how to read:
 
 * an absolute file path;
@@ -15,7 +23,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import stat
 import tarfile
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -23,10 +34,14 @@ from typing import Iterable
 
 from .errors import LookalikeError
 
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .png .webp .gif .bmp .tif .tiff .jp2 .j2k .psd .ico .pbm .pgm .ppm .pnm .tga .avif .apng".split()
-)
 TAR_SEPARATOR = "::"
+_JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+# Pillow registers these extensions for formats it can only write.
+_WRITE_ONLY_FORMATS = frozenset({"PDF", "PALM"})
+# NUL and lone surrogates (Python's stand-ins for undecodable bytes): no field may hold them.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# C0 and C1 control characters and DEL: not in ids, image sources or file names.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class CatalogueError(LookalikeError):
@@ -60,6 +75,12 @@ class RowProblem:
     message: str
     product_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # these end up in report.json and on the terminal: keep them printable and encodable
+        self.where, self.message = printable(self.where), printable(self.message)
+        if self.product_id is not None:
+            self.product_id = printable(self.product_id)
+
     def to_dict(self) -> dict:
         return {"where": self.where, "id": self.product_id, "reason": self.reason, "message": self.message}
 
@@ -71,10 +92,18 @@ class Catalogue:
     products: dict[str, dict] = field(default_factory=dict)
     problems: list[RowProblem] = field(default_factory=list)
 
-    def add(self, product_id: str, source: str, where: str, title=None, category=None, metadata=None) -> None:
+    def add(self, product_id: str, source: str, where: str, title=None, category=None, metadata=None,
+            reason: str = "bad_text") -> bool:
         """Add a photo row. The first row of a product sets its title, category and metadata; a
         later row with another title or category is reported (the first is kept). Other columns
-        may differ between a product's photos (colour, view): each photo keeps its own."""
+        may differ between a product's photos (colour, view): each photo keeps its own.
+
+        A row with text that cannot be stored (see the module docstring) is not added but
+        reported with ``reason``; returns whether the row was added."""
+        problem = _row_text_problem(product_id, source, title, category, metadata)
+        if problem:
+            self.problems.append(RowProblem(where, reason, problem, product_id))
+            return False
         info = {"title": _clean(title), "category": _clean(category), "metadata": dict(metadata or {})}
         known = self.products.get(product_id)
         if known is None:
@@ -90,6 +119,52 @@ class Catalogue:
                                f"({', '.join(repr(known[k]) for k in diff)}); the first row's is kept", product_id)
                 )
         self.rows.append(CatalogueRow(product_id, source, where, metadata or {}))
+        return True
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes shown as ``\\xNN``, other lone surrogates as ``\\uNNNN`` and
+    control characters escaped as Python writes them, for reports and terminal output."""
+    if not _CONTROL.search(text):
+        return text
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode / surrogateescape stand-in for the byte o - 0xDC00
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        elif _CONTROL.match(ch):
+            out.append(repr(ch)[1:-1])
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def text_problem(value: str, identifier: bool = False) -> str | None:
+    """Why ``value`` cannot be stored as given, or None. ``identifier``: an id, image source or
+    file name, which may hold no control character at all; free text may hold tabs and line breaks."""
+    bad = (_CONTROL if identifier else _UNSTORABLE).search(value)
+    if bad is None:
+        return None
+    ch = bad.group()
+    if "\ud800" <= ch <= "\udfff":
+        return f"is not valid UTF-8 text ({printable(value)!r})"
+    if ch == "\x00":
+        return f"holds a NUL character ({printable(value)!r})"
+    return f"holds a control character ({printable(value)!r})"
+
+
+def _row_text_problem(product_id, source, title, category, metadata) -> str | None:
+    fields = [("id", product_id, True), ("image", source, True), ("title", title, False), ("category", category, False)]
+    for key, value in (metadata or {}).items():
+        fields += [("a column name", str(key), False), (f"column {str(key)!r}", value, False)]
+    for name, value, identifier in fields:
+        if isinstance(value, str):
+            problem = text_problem(value, identifier)
+            if problem:
+                return f"{name} {problem}"
+    return None
 
 
 def _clean(value) -> str | None:
@@ -108,38 +183,135 @@ def read_catalogue(
     """Read a catalogue from a folder of images, a ``.csv``/``.jsonl`` manifest, or ``.tar`` shards.
 
     A folder that holds ``.tar`` files and no images is read as webdataset shards.
+    ``allow_outside_root``: follow a folder's symbolic links, and a manifest's relative
+    paths, that lead outside the catalogue's root.
     Raises CatalogueError when ``path`` does not exist or is of no known kind.
     """
     path = Path(path)
     if not path.exists():
         raise CatalogueError(f"catalogue {path} does not exist")
     if path.is_dir():
+        folder = read_folder(path, allow_outside_root)
         shards = sorted(p for p in path.iterdir() if p.suffix == ".tar")
-        if shards and not any(_is_image(p) for p in path.rglob("*")):
+        if shards and not folder.rows:
             return read_shards(shards)
-        return read_folder(path)
+        return folder
     suffix = path.suffix.lower()
     if suffix == ".tar":
         return read_shards([path])
-    if suffix in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
+    if suffix in (".csv", ".tsv", *_JSON_SUFFIXES):
         return read_manifest(path, columns or ColumnMap(), image_root, allow_outside_root)
     raise CatalogueError(f"{path}: not a folder, .csv, .jsonl or .tar catalogue")
 
 
-def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+def image_suffixes() -> frozenset[str]:
+    """The file name extensions (lower case, with the dot) of every format Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt not in _WRITE_ONLY_FORMATS)
 
 
-def read_folder(root: Path) -> Catalogue:
-    """Every image below ``root``; product id = relative path without extension, category = its folder."""
+def _sniff(path: Path) -> tuple[str, str] | None:
+    """None if ``path`` (a regular file) holds an image Pillow recognises, else (reason, message).
+
+    Pillow identifies the format from the file's header, as the upload routes do, so a camera
+    ``.mpo``, a ``.qoi`` or an AVIF named ``.heic`` counts and a ``.jpg`` that holds HTML does not.
+    Only the header is parsed; pixels are decoded later, in the pipeline's workers. A file under
+    an image extension that Pillow cannot identify (empty, truncated, broken header) is still a
+    photo row, so that the pipeline reports exactly what is wrong with it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pipeline decides
+            with Image.open(path):
+                return None
+    except UnidentifiedImageError:
+        if path.suffix.lower() in image_suffixes():
+            return None
+        return "not_an_image", "not an image: Pillow does not recognise its content"
+    except PermissionError:
+        return "unreadable", "permission denied"
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError)) or e.errno is not None:
+            return "unreadable", f"cannot read: {e.strerror or e}"
+        return None  # a recognised format whose header Pillow rejects: the pipeline says why
+    except Exception:  # any other header error from a recognised format, as above
+        return None
+
+
+def read_folder(root: Path, allow_outside_root: bool = False) -> Catalogue:
+    """Every image below ``root``; product id = relative path without extension, category = its folder.
+
+    Whether a file is an image is decided by its content (:func:`_sniff`), not its extension.
+    Every entry that is not read is reported with a reason: ``hidden`` (a name starting with a
+    dot; hidden folders are not entered), ``not_an_image``, ``not_a_file`` (FIFO, socket,
+    device), ``unreadable``, ``bad_name`` (not UTF-8, or a control character), ``broken_link``,
+    ``link_loop``, and ``outside_root`` for a symbolic link that leads outside ``root`` (followed
+    only with ``allow_outside_root``).
+    """
     cat = Catalogue()
-    root = root.resolve()
-    for p in sorted(root.rglob("*")):
-        rel = PurePosixPath(p.relative_to(root).as_posix())
-        if any(part.startswith(".") for part in rel.parts) or not _is_image(p):
+    root = Path(root).resolve()
+
+    def skip(rel: PurePosixPath, reason: str, message: str) -> None:
+        cat.problems.append(RowProblem(str(rel), reason, message))
+
+    files: list[tuple[PurePosixPath, Path]] = []
+    walked = {root}  # resolved folders entered: a link back to one of them would loop
+    pending = [(root, PurePosixPath())]
+    while pending:
+        folder, rel_folder = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            skip(rel_folder, "unreadable", f"cannot list folder: {e.strerror or e}")
+            continue
+        for entry in entries:
+            rel = rel_folder / entry.name
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                skip(rel, "hidden", "hidden (name starts with a dot)")
+                continue
+            problem = text_problem(entry.name, identifier=True)
+            if problem:
+                skip(rel, "bad_name", f"file name {problem}; rename it")
+                continue
+            is_link = entry.is_symlink()
+            try:
+                st = path.stat()
+                target = path.resolve(strict=True) if is_link else path
+            except (OSError, RuntimeError) as e:
+                if is_link:
+                    skip(rel, "broken_link", f"symbolic link to {os.readlink(path)!r}, which does not exist or loops")
+                else:
+                    skip(rel, "unreadable", f"cannot read: {getattr(e, 'strerror', None) or e}")
+                continue
+            if is_link and not allow_outside_root and not target.is_relative_to(root):
+                skip(rel, "outside_root", f"symbolic link to {target}, outside the catalogue folder {root} "
+                                          "(allow with --allow-outside-root)")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                target = target.resolve()  # a folder reached through a linked folder
+                if target in walked:
+                    skip(rel, "link_loop", f"symbolic link to {target}, a folder already read")
+                    continue
+                walked.add(target)
+                pending.append((path, rel))
+            elif stat.S_ISREG(st.st_mode):
+                files.append((rel, path))
+            else:
+                skip(rel, "not_a_file", "not a regular file (a FIFO, socket or device)")
+    for rel, path in sorted(files, key=lambda f: str(f[0])):
+        sniffed = _sniff(path)
+        if sniffed:
+            skip(rel, *sniffed)
             continue
         parent = str(rel.parent) if str(rel.parent) != "." else None
-        cat.add(str(rel.with_suffix("")), str(p), str(rel), title=rel.stem, category=parent)
+        cat.add(str(rel.with_suffix("")), str(path), str(rel), title=rel.stem, category=parent, reason="bad_name")
+    cat.problems.sort(key=lambda p: p.where)
     return cat
 
 
@@ -157,6 +329,7 @@ def read_manifest(path: Path, columns: ColumnMap, image_root=None, allow_outside
     cat = Catalogue()
     records = _read_records(path)
     header_checked = False
+    bad_columns: set[str] = set()  # CSV header names that are not text: dropped, reported once
     for where, record in records:
         if isinstance(record, RowProblem):
             cat.problems.append(record)
@@ -166,9 +339,16 @@ def read_manifest(path: Path, columns: ColumnMap, image_root=None, allow_outside
             missing = [c for c in (columns.id, columns.image) if c not in record]
             if missing:
                 raise CatalogueError(
-                    f"{path}: no column {' or '.join(repr(m) for m in missing)}; columns are "
-                    f"{', '.join(map(repr, record))}. Map yours with --id-column / --image-column"
+                    f"{printable(str(path))}: no column {' or '.join(repr(m) for m in missing)}; columns are "
+                    f"{', '.join(repr(printable(c)) for c in record)}. Map yours with --id-column / --image-column"
                 )
+            if path.suffix.lower() not in _JSON_SUFFIXES:
+                for c in record:
+                    problem = text_problem(c)
+                    if problem:
+                        bad_columns.add(c)
+                        cat.problems.append(RowProblem(f"{path.name}:1", "bad_text",
+                                                       f"column name {problem}; the column is not read"))
         pid = _clean(record.get(columns.id))
         image = _clean(record.get(columns.image))
         if pid is None:
@@ -176,6 +356,11 @@ def read_manifest(path: Path, columns: ColumnMap, image_root=None, allow_outside
             continue
         if image is None:
             cat.problems.append(RowProblem(where, "empty_image", f"column {columns.image!r} is empty", pid))
+            continue
+        problem = text_problem(pid, identifier=True) or text_problem(image, identifier=True)
+        if problem:  # before the path is resolved: the OS refuses a path holding a NUL
+            field_name = "id" if text_problem(pid, identifier=True) else "image"
+            cat.problems.append(RowProblem(where, "bad_text", f"{field_name} {problem}", pid))
             continue
         source, problem = _resolve_source(image, root, explicit_root=image_root is not None,
                                           allow_outside_root=allow_outside_root)
@@ -185,30 +370,41 @@ def read_manifest(path: Path, columns: ColumnMap, image_root=None, allow_outside
         meta = {
             k: v for k, v in record.items()
             if k not in (columns.id, columns.image, columns.title, columns.category) and v not in (None, "")
+            and k not in bad_columns
         }
         cat.add(pid, source, where, record.get(columns.title), record.get(columns.category), meta)
     return cat
 
 
 def _read_records(path: Path) -> Iterable[tuple[str, dict | RowProblem]]:
+    """(where, record) per row, or (where, RowProblem) for a row that cannot be parsed.
+
+    Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) so that only
+    the rows that hold them are refused (by :meth:`Catalogue.add`), not the whole file.
+    """
     name = path.name
     try:
-        if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-            with open(path, encoding="utf-8-sig") as f:
+        if path.suffix.lower() in _JSON_SUFFIXES:
+            with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue
+                    where = f"{name}:{n}"
                     try:
                         obj = json.loads(line)
+                        if not isinstance(obj, dict):
+                            yield where, RowProblem(where, "bad_json", "line is not a JSON object")
+                            continue
+                        record = {str(k): _scalar(v) for k, v in obj.items()}
                     except ValueError as e:
-                        yield f"{name}:{n}", RowProblem(f"{name}:{n}", "bad_json", f"not valid JSON: {e}")
+                        yield where, RowProblem(where, "bad_json", f"not valid JSON: {e}")
                         continue
-                    if not isinstance(obj, dict):
-                        yield f"{name}:{n}", RowProblem(f"{name}:{n}", "bad_json", "line is not a JSON object")
+                    except RecursionError:
+                        yield where, RowProblem(where, "bad_json", "JSON nested too deeply")
                         continue
-                    yield f"{name}:{n}", {str(k): _scalar(v) for k, v in obj.items()}
+                    yield where, record
             return
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             sample = f.read(65536)
             f.seek(0)
             # Only the delimiter is sniffed: the Sniffer's guesses of quoting rules from a
@@ -218,16 +414,22 @@ def _read_records(path: Path) -> Iterable[tuple[str, dict | RowProblem]]:
             except csv.Error:
                 delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
             reader = csv.DictReader(f, dialect=csv.excel, delimiter=delimiter)
-            for record in reader:
+            while True:
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:  # a field over csv.field_size_limit(): the reader goes on after it
+                    where = f"{name}:{reader.line_num + 1}"
+                    yield where, RowProblem(where, "bad_row", f"cannot parse row: {e}")
+                    continue
                 where = f"{name}:{reader.line_num}"
                 if None in record:
                     yield where, RowProblem(where, "bad_row", "row has more fields than the header")
                     continue
                 yield where, {k: v for k, v in record.items() if k is not None}
-    except UnicodeDecodeError as e:
-        raise CatalogueError(f"{path} is not UTF-8 text: {e}") from e
     except OSError as e:
-        raise CatalogueError(f"cannot read {path}: {e}") from e
+        raise CatalogueError(f"cannot read {printable(str(path))}: {e.strerror or e}") from e
 
 
 def _scalar(v):
@@ -261,6 +463,7 @@ def read_shards(shards: list[Path]) -> Catalogue:
     ``id``, else KEY.
     """
     cat = Catalogue()
+    suffixes = image_suffixes()
     for shard in shards:
         try:
             with tarfile.open(shard) as tar:
@@ -275,7 +478,7 @@ def read_shards(shards: list[Path]) -> Catalogue:
                     groups.setdefault(key, {})[ext.lower()] = m
                 for key, members in groups.items():
                     where = f"{shard.name}:{key}"
-                    images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
+                    images = [ext for ext in members if ext in suffixes]
                     if not images:
                         continue
                     meta: dict = {}

@@ -99,16 +99,22 @@ def test_folder_ids_categories_and_sources(photo_folder: Path):
         assert src.resolve().relative_to(photo_folder.resolve()).with_suffix("").as_posix() == pid
     assert by_id["Men/Tops/hoodie-gray-back"].source.endswith("hoodie-gray-back.JPG")
     assert min(open_image(by_id["Men/jacket"].source).size) > 100
-    assert cat.problems == []
 
 
-def test_folder_ignores_hidden_and_non_images(photo_folder: Path):
+def test_folder_skips_hidden_and_non_images_and_reports_each(photo_folder: Path):
     cat = read_catalogue(photo_folder)
     sources = [Path(r.source).name for r in cat.rows]
     assert ".hidden.jpg" not in sources
     assert not any(name.endswith((".txt", ".md", ".DS_Store")) for name in sources)
     assert "empty-folder.jpg" not in sources
     assert len(cat.rows) == 6
+    # every file not read is in the report with its reason; the empty folder is a folder, not a file
+    assert _problems(cat) == {
+        ".hidden.jpg": "hidden",
+        "Men/.DS_Store": "hidden",
+        "Men/notes.txt": "not_an_image",
+        "Men/readme.md": "not_an_image",
+    }
 
 
 def test_folder_ignores_files_in_hidden_folders(photo_folder: Path, images_dir: Path):
@@ -382,9 +388,17 @@ def test_unknown_catalogue_kinds(tmp_path: Path):
     (tmp_path / "x.xlsx").write_bytes(b"PK")
     with pytest.raises(CatalogueError):
         read_catalogue(tmp_path / "x.xlsx")
-    (tmp_path / "latin1.csv").write_bytes("id,image,title\na,x.jpg,Caf\xe9\n".encode("latin-1"))
-    with pytest.raises(CatalogueError, match="UTF-8"):
-        read_catalogue(tmp_path / "latin1.csv")
+
+
+def test_non_utf8_csv_rows_are_reported_and_the_rest_read(tmp_path: Path):
+    """A Latin-1 byte costs its row, not the whole manifest (it used to stop the run)."""
+    (tmp_path / "latin1.csv").write_bytes("id,image,title\na,x.jpg,Caf\xe9\nb,y.jpg,Plain\n".encode("latin-1"))
+    cat = read_catalogue(tmp_path / "latin1.csv")
+    assert [r.product_id for r in cat.rows] == ["b"]
+    [problem] = cat.problems
+    assert (problem.where, problem.reason, problem.product_id) == ("latin1.csv:2", "bad_text", "a")
+    assert "title is not valid UTF-8" in problem.message and "\\xe9" in problem.message
+    json.dumps(problem.to_dict()).encode("utf-8")  # printable and encodable
 
 
 # --------------------------------------------------------------------------- (f) image_root
