@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,8 @@ DEFAULT_TEMPLATES = (
     "a photo of the {}.",
 )
 MAX_LABELS = 1000
+# open_clip's SimpleTokenizer memoises the BPE split of every word it has seen, without bound
+TOKENIZER_CACHE_WORDS = 50_000
 
 
 class LabelSetError(LookalikeError):
@@ -55,6 +57,9 @@ class Label:
 class LabelSet:
     labels: tuple[Label, ...]
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    # whether ZeroShotClassifier keeps this set's embeddings on disk: only label-set files (the
+    # server's configured set, the CLI's --labels), never sets that come with a request
+    cache_on_disk: bool = field(default=False, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -66,7 +71,7 @@ class LabelSet:
         return cls.from_dict({"labels": names, "templates": list(templates)})
 
     @classmethod
-    def from_dict(cls, data) -> "LabelSet":
+    def from_dict(cls, data, cache_on_disk: bool = False) -> "LabelSet":
         """Parse the file structure described in the module docstring. Raises LabelSetError."""
         if isinstance(data, list):
             data = {"labels": data}
@@ -97,7 +102,7 @@ class LabelSet:
             raise LabelSetError("a label set needs at least 2 labels")
         if len(labels) > MAX_LABELS:
             raise LabelSetError(f"a label set may hold at most {MAX_LABELS} labels")
-        return cls(tuple(labels), tuple(templates))
+        return cls(tuple(labels), tuple(templates), cache_on_disk)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "LabelSet":
@@ -116,7 +121,7 @@ class LabelSet:
                 data = yaml.safe_load(text)
         except Exception as e:  # yaml.YAMLError / ValueError: the file is the user's
             raise LabelSetError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {e}") from e
-        return cls.from_dict(data)
+        return cls.from_dict(data, cache_on_disk=True)
 
 
 class ZeroShotClassifier:
@@ -125,17 +130,22 @@ class ZeroShotClassifier:
     def __init__(self, model: ClipModel, label_set: LabelSet):
         self.model = model
         self.label_set = label_set
+        bound_tokenizer_cache(model.tokenizer)
         self.weights = self._label_embeddings()  # (n_labels, dim)
 
     def _label_embeddings(self) -> np.ndarray:
         """One unit vector per label: the normalised mean of its prompt x template text embeddings
         (prompt ensembling, Radford et al. 2021, sec. 3.1.4). Float32 ``(n_labels, dim)``.
 
-        Kept on disk under ``cache_dir()/labels`` (:func:`indexer.backends.cache_dir`), keyed by the
-        model's weights, precision and the prompt texts: a server starts without re-embedding its
-        label set (hundreds of prompts, seconds of text-tower time on a CPU)."""
+        A set with ``cache_on_disk`` (one read from a file) is kept on disk under ``cache_dir()/labels``
+        (:func:`indexer.backends.cache_dir`), keyed by the model's weights, precision and the prompt
+        texts: a server starts without re-embedding its label set (hundreds of prompts, seconds of
+        text-tower time on a CPU). Other sets are not: a file per label set a client sends would
+        fill the disk."""
         ls = self.label_set
         texts = [t.format(p) for lab in ls.labels for p in lab.prompts for t in ls.templates]
+        if not ls.cache_on_disk:
+            return self._embed(texts)
         key = hashlib.sha256(json.dumps([self.model.identity.weights_sha256, self.model.precision, texts]).encode())
         path = cache_dir() / "labels" / f"{key.hexdigest()[:32]}.npy"
         try:
@@ -144,14 +154,7 @@ class ZeroShotClassifier:
                 return cached
         except (OSError, ValueError):
             pass  # not cached yet, or a damaged entry: compute it again
-        emb = self.model.embed_texts(texts)
-        out, i = [], 0
-        for lab in ls.labels:
-            n = len(lab.prompts) * len(ls.templates)
-            mean = emb[i : i + n].mean(axis=0)
-            out.append(mean / max(np.linalg.norm(mean), 1e-12))
-            i += n
-        weights = np.stack(out).astype(np.float32)
+        weights = self._embed(texts)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
@@ -160,6 +163,18 @@ class ZeroShotClassifier:
         except OSError as e:  # a read-only home: compute at every start instead
             log.warning("cannot cache label embeddings in %s: %s", path.parent, e)
         return weights
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """The normalised mean of each label's ``texts`` embeddings (they come label by label)."""
+        ls = self.label_set
+        emb = self.model.embed_texts(texts)
+        out, i = [], 0
+        for lab in ls.labels:
+            n = len(lab.prompts) * len(ls.templates)
+            mean = emb[i : i + n].mean(axis=0)
+            out.append(mean / max(np.linalg.norm(mean), 1e-12))
+            i += n
+        return np.stack(out).astype(np.float32)
 
     def scores(self, image_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """image_embeddings: float32 ``(n, dim)`` unit rows -> (probabilities, cosines), each ``(n, n_labels)``.
@@ -198,3 +213,28 @@ class ZeroShotClassifier:
                 for j in order
             ])
         return out
+
+
+class _BoundedWordCache(dict):
+    """A dict that stops taking new entries at ``max_items``: open_clip's tokenizer memoises the
+    BPE split of every word it meets (``SimpleTokenizer.cache``), so each distinct word a client
+    sends would stay in memory for the life of the process. Entries are never removed, because
+    the tokenizer reads the cache unlocked from several threads (``if token in cache: return
+    cache[token]``) and a removal between the two steps would raise KeyError; a word past the
+    bound is split again each time, which costs microseconds for a real word."""
+
+    def __init__(self, entries: dict, max_items: int):
+        super().__init__(entries)
+        self.max_items = max_items
+
+    def __setitem__(self, key, value) -> None:
+        if len(self) < self.max_items:
+            super().__setitem__(key, value)
+
+
+def bound_tokenizer_cache(tokenizer, max_words: int = TOKENIZER_CACHE_WORDS) -> None:
+    """Cap the word cache of an open_clip ``SimpleTokenizer`` at ``max_words`` entries (idempotent;
+    tokenizers without such a cache are left alone)."""
+    cache = getattr(tokenizer, "cache", None)
+    if type(cache) is dict:
+        tokenizer.cache = _BoundedWordCache(cache, max_words)

@@ -1,4 +1,5 @@
 """Label sets, prompt ensembles and zero-shot scoring."""
+import copy
 import json
 
 import numpy as np
@@ -80,7 +81,7 @@ def test_prompt_ensemble_is_mean_of_template_embeddings(tiny_model):
 
 def test_label_embeddings_are_cached_on_disk_by_model_and_prompts(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
-    ls = LabelSet.from_dict({"labels": ["hoodie", "watch", "yoga mat"]})
+    ls = LabelSet.from_dict({"labels": ["hoodie", "watch", "yoga mat"]}, cache_on_disk=True)
     first = ZeroShotClassifier(tiny_model, ls)
     assert len(list((tmp_path / "labels").glob("*.npy"))) == 1
 
@@ -89,10 +90,36 @@ def test_label_embeddings_are_cached_on_disk_by_model_and_prompts(tiny_model, tm
 
     monkeypatch.setattr(tiny_model, "embed_texts", no_text_tower)
     np.testing.assert_array_equal(ZeroShotClassifier(tiny_model, ls).weights, first.weights)
-    other = LabelSet.from_dict({"labels": ["hoodie", "watch", "backpack"]})
+    other = LabelSet.from_dict({"labels": ["hoodie", "watch", "backpack"]}, cache_on_disk=True)
     with pytest.raises(AssertionError, match="cached label embeddings"):
         ZeroShotClassifier(tiny_model, other)  # other prompts: not a cache hit
     monkeypatch.undo()
     next((tmp_path / "labels").glob("*.npy")).write_bytes(b"damaged")
     monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
     np.testing.assert_allclose(ZeroShotClassifier(tiny_model, ls).weights, first.weights, atol=1e-6)
+
+
+def test_label_sets_from_requests_leave_no_file(tiny_model, tmp_path, monkeypatch):
+    """Only label-set files are cached on disk: a file per label set a client sends would fill the disk."""
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps({"labels": ["hoodie", "watch"]}))
+    assert LabelSet.load(path).cache_on_disk
+    ZeroShotClassifier(tiny_model, LabelSet.load(path))
+    assert len(list((tmp_path / "labels").glob("*.npy"))) == 1
+    for i in range(5):
+        ZeroShotClassifier(tiny_model, LabelSet.from_names([f"label {i}", "other"]))
+    assert len(list((tmp_path / "labels").glob("*.npy"))) == 1
+
+
+def test_tokenizer_word_cache_is_bounded(tiny_model):
+    from indexer.labels import bound_tokenizer_cache
+
+    tokenizer = copy.copy(tiny_model.tokenizer)
+    assert isinstance(tokenizer.cache, dict), "test-tiny uses open_clip's SimpleTokenizer, which has a word cache"
+    tokenizer.cache = dict(tokenizer.cache)  # unbounded, as open_clip builds it
+    start = len(tokenizer.cache)
+    bound_tokenizer_cache(tokenizer, max_words=start + 10)
+    tokenizer([" ".join(f"word{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}q" for i in range(200))])
+    assert len(tokenizer.cache) == start + 10
+    assert tokenizer(["a photo of a hoodie"]).shape[0] == 1
