@@ -288,22 +288,31 @@ def candidates(
     *,
     ef_search: int | None = None,
     nprobe: int | None = None,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The raw FAISS search: for Flat and HNSW the top-``k``; for IVF-PQ the ``k * rerank`` best
     by PQ-approximate score, to pass to :func:`rerank`.
 
     queries: float32 ``(q, d)`` unit rows. ``ef_search`` (HNSW) and ``nprobe`` (IVF-PQ) override
     the spec's defaults for this call only; each is ignored by the other types and by Flat.
+    ``allowed``: int64 ids; when given, only they can be returned (FAISS ``IDSelectorBatch`` in the
+    search parameters: exact for Flat; HNSW and IVF-PQ may find fewer than ``k`` of a small set).
     Returns (scores float32 ``(q, c)``, ids int64 ``(q, c)``), best first, id -1 where FAISS found
     fewer.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    # the selector must outlive the search call: FAISS keeps only a raw pointer to it
+    sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
     if spec.type == FLAT:
-        return index.search(queries, k)
+        return index.search(queries, k, params=faiss.SearchParameters(sel=sel) if sel is not None else None)
     if spec.type == HNSW:
-        return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=ef_search or spec.params["ef_search"]))
-    params = faiss.SearchParametersIVF(nprobe=nprobe or spec.params["nprobe"])
-    return index.search(queries, k * spec.params["rerank"], params=params)
+        params = faiss.SearchParametersHNSW(efSearch=ef_search or spec.params["ef_search"])
+    else:
+        params = faiss.SearchParametersIVF(nprobe=nprobe or spec.params["nprobe"])
+        k = k * spec.params["rerank"]
+    if sel is not None:
+        params.sel = sel
+    return index.search(queries, k, params=params)
 
 
 def search(

@@ -45,6 +45,7 @@ import numpy as np
 from . import ann
 from .errors import LookalikeError, NotFound
 from .model import ModelIdentity
+from .vectors import VectorIndex
 
 FORMAT_VERSION = 1
 DB_NAME = "catalogue.sqlite"
@@ -53,6 +54,11 @@ REPORT_NAME = "report.json"
 #: An HNSW graph is rebuilt from SQLite at the next save once tombstones (deleted photos it
 #: cannot drop) exceed this fraction of it: they cost memory and over-fetching on every search.
 MAX_TOMBSTONE_FRACTION = 0.2
+#: Scores are rounded to this many decimals (float32 cosines are good to about 1e-7).
+SCORE_DECIMALS = 6
+#: A category filter that matches at most this many photos is searched exactly (all of them
+#: scored); a larger one goes through FAISS with an id selector.
+FILTER_EXACT_MAX = 50_000
 #: check(): an IVF-PQ code whose reconstruction has a lower cosine with its photo's stored
 #: embedding is reported (PQ error gives ~0.8-0.95; an unrelated vector ~0).
 MIN_RECONSTRUCTION_COSINE = 0.5
@@ -91,6 +97,13 @@ CREATE INDEX IF NOT EXISTS photos_product ON photos(product_id);
 
 class StoreError(LookalikeError):
     code = "index_error"
+
+
+class IndexLocked(StoreError):
+    """Another process (``lookalike index``, a server) holds the index's write lock."""
+
+    code = "index_locked"
+    http_status = 409
 
 
 class IncompleteIndex(StoreError):
@@ -157,7 +170,7 @@ class Hit:
     def to_dict(self) -> dict:
         return {
             "id": self.product_id,
-            "score": round(self.score, 6),
+            "score": self.score,
             "title": self.title,
             "category": self.category,
             "image": self.source,
@@ -202,14 +215,15 @@ class Store:
         self.path = Path(path)
         self.writable = writable
         self._local = threading.local()
-        self._faiss_lock = threading.RLock()
+        self._epoch = 0  # bumped when the store becomes writable: per-thread connections reopen
         self._lock_fd: int | None = None
         self._write_lock = threading.RLock()  # transactions and index switches: one at a time
-        self._index: faiss.Index | None = None
-        self._spec = ann.IndexSpec(ann.FLAT)
-        self._tombstones = 0  # ids in an HNSW graph whose photos were deleted
-        self._index_generation = -1
+        self._refresh_lock = threading.Lock()  # read-only stores: one catch-up at a time
         self.identity: ModelIdentity | None = None
+        self.vectors: VectorIndex | None = None  # the one owner of the in-memory FAISS index
+        #: Called between a transaction's SQLite COMMIT and its FAISS update (tests use it to force
+        #: interleavings; None in normal use).
+        self.after_commit_hook = None
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -249,8 +263,8 @@ class Store:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
         db.execute("COMMIT")
         store.identity = identity
-        store._index = store._new_index()
-        store._index_generation = 0
+        store.vectors = VectorIndex(identity.dim)
+        store.vectors.replace(store._new_index(), ann.IndexSpec(ann.FLAT), 0, np.zeros(0, np.int64))
         store.save()
         return store
 
@@ -275,9 +289,15 @@ class Store:
             raise IncompleteIndex(f"{path} was not fully created (interrupted?); run 'lookalike index' again")
         version = int(meta.get("format_version", "0"))
         if version != FORMAT_VERSION:
+            store.close()
             raise StoreError(f"{path} has index format {version}; this lookalike reads format {FORMAT_VERSION}")
-        store.identity = ModelIdentity.from_dict(json.loads(meta["model"]))
-        store._load_index()
+        try:
+            store.identity = ModelIdentity.from_dict(json.loads(meta["model"]))
+            store.vectors = VectorIndex(store.identity.dim)
+            store._load_index()
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -303,11 +323,47 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(f"{self.path} is being written by another process; wait for it to finish") from None
+            raise IndexLocked(f"{self.path} is being written by another process; wait for it to finish") from None
         self._lock_fd = fd
+
+    def try_become_writable(self) -> bool:
+        """Take the write lock of a store opened read-only, if no other process holds it now.
+
+        On success the store catches up with SQLite (one consistent read), accepts writes from then
+        on and returns True; else it stays read-only and returns False. A server that started while
+        ``lookalike index`` ran calls this until the indexer is done.
+        """
+        if self.writable:
+            return True
+        try:
+            self._acquire_lock()
+        except IndexLocked:
+            return False
+        with self._write_lock, self._refresh_lock:
+            self.writable = True
+            self._epoch += 1  # this thread's and every other thread's connection reopens read-write
+            self._load_index()
+        return True
+
+    @contextmanager
+    def _read_txn(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite read transaction: every query inside sees the same committed state (WAL
+        snapshot isolation), so a generation read inside matches the rows read inside."""
+        db = self._db()
+        if db.in_transaction:
+            yield db
+            return
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "epoch", 0) != self._epoch:
+            conn.close()
+            conn = None
         if conn is None:
             uri = (self.path / DB_NAME).resolve().as_uri() + ("" if self.writable else "?mode=ro")
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE in Store.transaction)
@@ -317,6 +373,7 @@ class Store:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = FULL")
             self._local.conn = conn
+            self._local.epoch = self._epoch
         return conn
 
     def meta(self) -> dict[str, str]:
@@ -362,40 +419,45 @@ class Store:
         with self._write_lock:
             self._db().execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('index_choice', ?)", (json.dumps(choice),))
 
+    def _photo_ids(self) -> np.ndarray:
+        """int64 ``(n,)`` ascending: every photo id in SQLite."""
+        cur = self._db().execute("SELECT photo_id FROM photos ORDER BY photo_id")
+        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+
     def _load_index(self) -> None:
-        gen = self.generation()
-        spec = self.index_spec()
-        snap = self._snapshot_path(gen)
-        index = None
-        if snap.is_file():
-            try:
-                index = faiss.read_index(str(snap))
-            except RuntimeError:
-                index = None
-            if index is not None and not self._same_ids(index, spec):
-                index = None
-        rebuilt = index is None
-        if rebuilt:
-            spec = self._buildable(spec)
-            index = self._rebuild_index(spec)
-        tombstones = 0 if spec.removes else max(0, index.ntotal - self.count_photos())
-        with self._faiss_lock:
-            self._index, self._spec, self._tombstones = index, spec, tombstones
-            self._index_generation = gen
+        """Load the snapshot of SQLite's generation, or rebuild the index from SQLite when the
+        snapshot is missing or disagrees with it, from one consistent SQLite read; then hand it to
+        :attr:`vectors`. A writable store replaces a bad snapshot."""
+        with self._read_txn():
+            gen = self.generation()
+            spec = self.index_spec()
+            sql_ids = self._photo_ids()
+            snap = self._snapshot_path(gen)
+            index = None
+            if snap.is_file():
+                try:
+                    index = faiss.read_index(str(snap))
+                except RuntimeError:
+                    index = None
+                if index is not None and not self._same_ids(index, spec, sql_ids):
+                    index = None
+            rebuilt = index is None
+            if rebuilt:
+                spec = self._buildable(spec)
+                index = self._rebuild_index(spec)
+        self.vectors.replace(index, spec, gen, sql_ids)
         if self.writable and rebuilt:
             self.save(replace_snapshot=True)
 
-    def _same_ids(self, index, spec: ann.IndexSpec) -> bool:
+    def _same_ids(self, index, spec: ann.IndexSpec, sql_ids: np.ndarray) -> bool:
         """Whether a snapshot has ``spec``'s type and layout and holds each of SQLite's photo ids
-        once: exactly those, or, for HNSW, those and tombstones."""
+        (``sql_ids``) once: exactly those, or, for HNSW, those and tombstones."""
         described = ann.describe(index)
         if described is None or described.type != spec.type or described.params != spec.structure():
             return False
         if index.d != self.identity.dim:
             return False
         ids = np.sort(ann.held_ids(index))
-        sql_ids = np.fromiter((r[0] for r in self._db().execute("SELECT photo_id FROM photos ORDER BY photo_id")),
-                              dtype=np.int64)
         if spec.removes:
             return np.array_equal(ids, sql_ids)
         return bool(np.all(ids[1:] != ids[:-1])) and bool(np.isin(sql_ids, ids, assume_unique=True).all())
@@ -411,7 +473,7 @@ class Store:
 
         IVF-PQ first trains on a seeded random sample of them (:func:`indexer.ann.training_size`).
         """
-        spec = spec or self._spec
+        spec = spec or self.vectors.spec
         db = self._db()
         training = None
         n_train = ann.training_size(spec, self.count_photos())
@@ -461,16 +523,17 @@ class Store:
         parameters commit with a new generation (the old snapshot is then stale).
         """
         with self._write_lock:
+            current = self.vectors.state()
             choice = self.index_choice()
             n = self.count_photos()
             wanted = ann.choose_index(n, self.identity.dim, choice["memory_budget_bytes"], choice["requested"])
-            if wanted.type == self._spec.type and not force:
-                wanted = self._spec  # keep the parameters it was built with (IVF-PQ's training)
-            too_many_tombstones = self._tombstones > MAX_TOMBSTONE_FRACTION * max(self._index.ntotal, 1)
-            if wanted != self._spec or too_many_tombstones or force:
+            if wanted.type == current.spec.type and not force:
+                wanted = current.spec  # keep the parameters it was built with (IVF-PQ's training)
+            too_many_tombstones = current.tombstones > MAX_TOMBSTONE_FRACTION * max(current.ntotal, 1)
+            if wanted != current.spec or too_many_tombstones or force:
                 index = self._rebuild_index(wanted)
-            elif self._spec != self.index_spec():
-                index = self._index  # built as Flat because an IVF-PQ lost its training data: record it
+            elif current.spec != self.index_spec():
+                index = current.index  # built as Flat because an IVF-PQ lost its training data: record it
             else:
                 return
             db = self._db()
@@ -479,20 +542,45 @@ class Store:
                 for key, value in (("index_type", wanted.type), ("index_params", json.dumps(wanted.params))):
                     db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
                 _bump_generation(db)
+                sql_ids = self._photo_ids()
+                gen = self.generation()
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            with self._faiss_lock:
-                self._index, self._spec, self._tombstones = index, wanted, 0
-                self._index_generation = self.generation()
+            self.vectors.replace(index, wanted, gen, sql_ids)
 
     def refresh(self) -> bool:
-        """Reload if another process committed since we loaded; returns True if it did."""
-        if self.generation() != self._index_generation:
+        """Catch up with commits another process made since the index was loaded; True if there were.
+
+        Only a read-only store has anything to catch up with: a writable one holds the write lock,
+        so its own transactions are the only commits, and they update the index as they commit
+        (a writable store returns False at once). The catch-up reads SQLite once, consistently:
+        photos added and removed since the index's generation are applied to it (photo ids are
+        never reused, so the id sets say exactly what changed); a changed index type, or HNSW
+        tombstones past :data:`MAX_TOMBSTONE_FRACTION`, loads the whole index instead. Costs one
+        scan of the photo ids plus reading the new vectors: run it off the request path (the
+        server runs it in a background thread).
+        """
+        if self.writable:
+            return False
+        with self._refresh_lock:
+            current = self.vectors.state()
+            with self._read_txn():
+                gen = self.generation()
+                if gen == current.generation:
+                    return False
+                spec = self._buildable(self.index_spec())
+                if spec == current.spec and current.tombstones <= MAX_TOMBSTONE_FRACTION * max(current.ntotal, 1):
+                    sql_ids = self._photo_ids()
+                    live = self.vectors.live_ids()
+                    added = np.setdiff1d(sql_ids, live, assume_unique=True)
+                    removed = np.setdiff1d(live, sql_ids, assume_unique=True)
+                    ids, vecs = self._vectors(added)
+                    self.vectors.apply(ids, vecs, removed, gen)
+                    return True
             self._load_index()
             return True
-        return False
 
     # ----------------------------------------------------------------- reading
     def count_products(self) -> int:
@@ -623,35 +711,63 @@ class Store:
         return sorted(merged.values(), key=lambda h: (-h.score, h.product_id))[:k]
 
     def _search_one(self, q, k, category, min_score, excluded, knobs) -> list[Hit]:
-        with self._faiss_lock:
-            index, spec, tombstones = self._index, self._spec, self._tombstones
-            ntotal = index.ntotal
-        if ntotal == 0 or k <= 0 or tombstones >= ntotal:
+        state = self.vectors.state()
+        ntotal, live = state.ntotal, state.ntotal - state.tombstones
+        if ntotal == 0 or k <= 0 or live <= 0:
             return []
+        allowed = None
+        if category:
+            allowed = self._category_photo_ids(category)
+            if not len(allowed):
+                return []
+            if len(allowed) <= FILTER_EXACT_MAX:
+                # exact search of the filtered photos: an approximate index can miss most of a
+                # small subset, and this returns min(k, matching products) by construction
+                lookup = self._vectors if state.spec.type == ann.IVFPQ else self.vectors.lookup
+                scores, ids = ann.rerank(q, allowed[None, :], len(allowed), lookup)
+                return self._collect(scores, ids, category, min_score, excluded)[0][:k]
         # over-fetch photos: several may be of one product, and tombstones are dropped below
-        fetch = min(ntotal, max(4 * k + len(excluded), 32) * ntotal // (ntotal - tombstones))
+        fetch = min(ntotal, max(4 * k + len(excluded), 32) * ntotal // live)
         while True:
-            with self._faiss_lock:
-                scores, ids = ann.candidates(index, spec, q, fetch, **knobs)
-            if spec.type == ann.IVFPQ:  # exact re-ranking, outside the lock: it reads SQLite
+            scores, ids = self.vectors.candidates(q, fetch, allowed=allowed, **knobs)
+            if state.spec.type == ann.IVFPQ:  # exact re-ranking, outside the lock: it reads SQLite
                 scores, ids = ann.rerank(q, ids, fetch, self._vectors)
-            best: dict[str, tuple[float, int]] = {}
-            photo_ids = [int(i) for i in ids[0] if i >= 0]  # ids missing from SQLite (deleted) are skipped
-            info = self._photo_info(photo_ids)
-            for score, pid in zip(scores[0], ids[0]):
-                if pid < 0 or int(pid) not in info:
-                    continue
-                if min_score is not None and score < min_score:
-                    break
-                product_id = info[int(pid)][0]
-                if product_id in excluded or product_id in best:
-                    continue
-                best[product_id] = (float(score), int(pid))
-            hits = self._hits(best, info, category)
-            below_min = min_score is not None and len(scores[0]) and scores[0][-1] < min_score
+            hits, below_min = self._collect(scores, ids, category, min_score, excluded)
             if len(hits) >= k or fetch >= ntotal or below_min:
                 return hits[:k]
             fetch = min(ntotal, fetch * 4)
+
+    def _collect(self, scores, ids, category, min_score, excluded) -> tuple[list[Hit], bool]:
+        """Hits from FAISS candidates (scores, ids: ``(1, c)``, best first): each product once, by its
+        best photo, those under ``min_score`` dropped. Scores are clamped to [-1, 1] and rounded to
+        :data:`SCORE_DECIMALS` (float32 sums give 0.99999994 or 1.0000001 for an exact copy): the
+        value compared with ``min_score`` is the value returned. Returns (hits, whether the
+        candidates reached under min_score)."""
+        scores = np.round(np.clip(scores[0].astype(np.float64), -1.0, 1.0), SCORE_DECIMALS)
+        best: dict[str, tuple[float, int]] = {}
+        info = self._photo_info([int(i) for i in ids[0] if i >= 0])  # ids missing from SQLite (deleted) are skipped
+        for score, pid in zip(scores, ids[0]):
+            if pid < 0 or int(pid) not in info:
+                continue
+            if min_score is not None and score < min_score:
+                break
+            product_id = info[int(pid)][0]
+            if product_id in excluded or product_id in best:
+                continue
+            best[product_id] = (float(score), int(pid))
+        below_min = min_score is not None and len(scores) > 0 and scores[-1] < min_score
+        return self._hits(best, info, category), bool(below_min)
+
+    def _category_photo_ids(self, category: str) -> np.ndarray:
+        """int64 ids of the photos of products in ``category`` or below it (as :func:`_in_category`)."""
+        cats = [c for (c,) in self._db().execute("SELECT DISTINCT category FROM products") if _in_category(c, category)]
+        out: list[int] = []
+        for i in range(0, len(cats), 900):
+            chunk = cats[i : i + 900]
+            q = ("SELECT photos.photo_id FROM photos JOIN products ON products.id = photos.product_id "
+                 f"WHERE products.category IN ({','.join('?' * len(chunk))})")
+            out.extend(r[0] for r in self._db().execute(q, chunk))
+        return np.array(sorted(out), dtype=np.int64)
 
     def _photo_info(self, photo_ids: list[int]) -> dict[int, tuple[str, str, str]]:
         """photo id -> (product id, source, metadata JSON)."""
@@ -709,19 +825,18 @@ class Store:
                 yield batch
                 if batch.changed:
                     _bump_generation(db)
+                gen = self.generation()
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            if self.after_commit_hook is not None:
+                self.after_commit_hook()
             if batch.changed:
-                with self._faiss_lock:
-                    if batch.removed_ids:
-                        ann.remove_ids(self._index, self._spec, np.array(sorted(batch.removed_ids), dtype=np.int64))
-                        if not self._spec.removes:
-                            self._tombstones += len(batch.removed_ids)
-                    if batch.added_ids:
-                        self._index.add_with_ids(np.stack(batch.added_vecs), np.array(batch.added_ids, dtype=np.int64))
-                    self._index_generation = self.generation()
+                # the same writer, still under the write lock: the index reflects exactly this commit
+                vecs = np.stack(batch.added_vecs) if batch.added_vecs else np.zeros((0, self.identity.dim), np.float32)
+                self.vectors.apply(np.array(batch.added_ids, dtype=np.int64), vecs,
+                                   np.array(sorted(batch.removed_ids), dtype=np.int64), gen)
 
     def save(self, replace_snapshot: bool = False) -> None:
         """Write the FAISS snapshot for the current generation and the manifest, atomically.
@@ -734,9 +849,7 @@ class Store:
         """
         self._require_writable()
         self._maybe_switch_index()
-        with self._faiss_lock:
-            gen = self._index_generation
-            data = faiss.serialize_index(self._index)
+        gen, data = self.vectors.serialize()
         snap = self._snapshot_path(gen)
         if replace_snapshot or not snap.exists():
             atomic_write(snap, data.tobytes())

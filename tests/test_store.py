@@ -465,7 +465,7 @@ def test_exception_in_transaction_rolls_back_sqlite_and_faiss(filled):
     queries = unit(np.random.default_rng(21), 4, cat.dim)
     before = search_all(store, queries, k=1000)
     gen, n_products, n_photos = store.generation(), store.count_products(), store.count_photos()
-    ntotal = store._index.ntotal
+    ntotal = store.vectors.state().ntotal
     extra = unit(np.random.default_rng(22), 2, cat.dim)
 
     class Boom(Exception):
@@ -481,7 +481,7 @@ def test_exception_in_transaction_rolls_back_sqlite_and_faiss(filled):
     assert store.generation() == gen
     assert store.count_products() == n_products and store.count_photos() == n_photos
     assert "new" not in store.product_ids()
-    assert store._index.ntotal == ntotal
+    assert store.vectors.state().ntotal == ntotal
     assert search_all(store, queries, k=1000) == before
     for q, hits in zip(extra, store.search(extra, k=1000)):  # the rolled-back photos are not in FAISS
         assert_hits(hits, cat.expected(q, 1000))
@@ -787,7 +787,7 @@ def test_search_knobs_change_recall_for_one_call_only(approx):
     default = product_recall(store, cat, queries)
     assert product_recall(store, cat, queries, **{knob: 1}) < default - 0.05
     assert product_recall(store, cat, queries, **{knob: 512}) >= default
-    assert store.index_spec() == spec_before == store._spec
+    assert store.index_spec() == spec_before == store.vectors.spec
     assert read_manifest(store.path)["index"]["params"] == spec_before.params
     with pytest.raises(StoreError, match=f"{knob} must be between 1 and"):
         store.search(queries[:1], 10, **{knob: 0})
@@ -844,11 +844,11 @@ def test_hnsw_is_rebuilt_without_tombstones_once_they_pass_the_limit(store: Stor
     with store.transaction() as tx:
         tx.delete_products([f"p{i}" for i in range(5)])  # 10%: kept as tombstones
     store.save()
-    assert len(ann.held_ids(store._index)) == 50
+    assert len(store.vectors.held_ids()) == 50
     with store.transaction() as tx:
         tx.delete_products([f"p{i}" for i in range(5, 15)])  # 30%: rebuilt at the save
     store.save()
-    assert sorted(ann.held_ids(store._index)) == _sql_photos(store)[0]
+    assert sorted(store.vectors.held_ids()) == _sql_photos(store)[0]
     report = store.check()
     assert report["ok"] and report["notes"] == [], report
 
@@ -861,7 +861,7 @@ def test_index_switch_interrupted_before_its_snapshot_is_rebuilt_on_open(filled)
     store.close()
     queries = unit(np.random.default_rng(10), 3, cat.dim)
     with Store.open(store.path, writable=True) as w:
-        assert w.index_spec().type == ann.HNSW and ann.describe(w._index).type == ann.HNSW
+        assert w.index_spec().type == ann.HNSW and ann.describe(w.vectors.state().index).type == ann.HNSW
         for q, hits in zip(queries, w.search(queries, k=10)):
             assert_hits(hits, cat.expected(q, 10))
         assert w.check()["ok"]
