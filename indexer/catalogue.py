@@ -516,13 +516,17 @@ def tar_member(source: str) -> tuple[str, str] | None:
     return None
 
 
-def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None) -> bytes:
-    """The bytes of a photo source (file, tar member or URL). Raises ImageError-compatible LookalikeError."""
+def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None,
+                      allow_private_urls: bool = False) -> bytes:
+    """The bytes of a photo source (file, tar member or URL). Raises ImageError.
+
+    A URL is fetched only from a public address unless ``allow_private_urls`` (see
+    :func:`indexer.fetch.fetch_url`)."""
     from .images import ImageError
     from .fetch import fetch_url
 
     if source.lower().startswith(("http://", "https://")):
-        return fetch_url(source, max_bytes=max_bytes)
+        return fetch_url(source, max_bytes=max_bytes, allow_private=allow_private_urls)
     member = tar_member(source)
     if member:
         shard, name = member

@@ -80,6 +80,7 @@ def cmd_index(args) -> int:
         report = index_catalogue(
             catalogue, store, model, catalogue_name=str(args.catalogue), batch_size=args.batch_size,
             workers=args.workers, prune=args.prune, progress=not args.quiet,
+            allow_private_urls=args.allow_private_urls,
         )
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
@@ -368,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title-column", default="title")
     p.add_argument("--category-column", default="category")
     p.add_argument("--image-root", default=None, help="folder that relative image paths start from (default: the manifest's)")
-    p.add_argument("--allow-outside-root", action="store_true", help="read relative image paths that lead outside the root")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read relative image paths, and a folder's symbolic links, that lead outside the root")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="fetch photo URLs on private, loopback or link-local addresses (internal catalogues)")
     _index_type_args(p)
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

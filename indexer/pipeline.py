@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .catalogue import Catalogue, CatalogueRow, read_source_bytes
+from .catalogue import Catalogue, CatalogueRow, printable, read_source_bytes
 from .errors import LookalikeError
 from .images import DEFAULT_MAX_PIXELS, ImageError, open_image
 from .model import ClipModel
@@ -64,8 +64,10 @@ class _Item:
 class _PhotoDataset(Dataset):
     """Reads, hashes, decodes and preprocesses one photo per item; never raises."""
 
-    def __init__(self, tasks: list[_Task], preprocess, max_pixels: int, max_file_bytes: int, draft_size: int):
+    def __init__(self, tasks: list[_Task], preprocess, max_pixels: int, max_file_bytes: int, draft_size: int,
+                 allow_private_urls: bool = False):
         self.tasks = tasks
+        self.allow_private_urls = allow_private_urls
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
@@ -79,7 +81,7 @@ class _PhotoDataset(Dataset):
         task = self.tasks[i]
         item = _Item(task)
         try:
-            data = read_source_bytes(task.row.source, self.max_file_bytes, self._tar_cache)
+            data = read_source_bytes(task.row.source, self.max_file_bytes, self._tar_cache, self.allow_private_urls)
             item.sha256 = hashlib.sha256(data).hexdigest()
             if task.known is not None and task.known.sha256 == item.sha256:
                 item.unchanged = True
@@ -142,7 +144,7 @@ class IndexReport:
     def summary(self) -> str:
         lines = [
             f"indexed {self.indexed} photos, {self.unchanged} unchanged, {self.failed} failed, "
-            f"{len(self.row_problems)} bad catalogue rows"
+            f"{len(self.row_problems)} catalogue rows or files skipped"
             + (f", pruned {self.pruned_products} products / {self.pruned_photos} photos" if self.pruned_products or self.pruned_photos else ""),
             f"index now holds {self.index_products} products, {self.index_photos} photos "
             f"({self.images_per_s:.1f} images/s over {self.seconds:.1f} s)",
@@ -152,9 +154,9 @@ class IndexReport:
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more failures (see report.json)")
         for p in self.row_problems[:20]:
-            lines.append(f"  bad row {p['where']}: {p['reason']}: {p['message']}")
+            lines.append(f"  skipped {p['where']}: {p['reason']}: {p['message']}")
         if len(self.row_problems) > 20:
-            lines.append(f"  ... and {len(self.row_problems) - 20} more bad rows (see report.json)")
+            lines.append(f"  ... and {len(self.row_problems) - 20} more skipped (see report.json)")
         return "\n".join(lines)
 
 
@@ -190,6 +192,7 @@ def index_catalogue(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     progress: bool = True,
+    allow_private_urls: bool = False,
 ) -> IndexReport:
     """Embed every new or changed photo of ``catalogue`` into ``store``.
 
@@ -198,7 +201,8 @@ def index_catalogue(
     prune: delete products, and photos of products, that are no longer in the catalogue.
     commit_every: photos (embedded or found unchanged) per store commit; default
     ``$LOOKALIKE_COMMIT_EVERY`` if set, else 1024. Raises LookalikeError if that
-    variable is not a whole number of 1 or more.
+    variable is not a whole number of 1 or more. allow_private_urls: fetch photo URLs whose
+    host is a private, loopback or other non-public address (refused by default).
     Returns the run's report, which is also written to ``INDEX_DIR/report.json``.
     """
     if commit_every is None:
@@ -232,7 +236,8 @@ def index_catalogue(
         workers = min(32, os.cpu_count() or 1)
     if batch_size is None:
         batch_size = 256 if model.device.type == "cuda" else 64
-    dataset = _PhotoDataset(tasks, model.preprocess, max_pixels, max_file_bytes, draft_size=model.draft_size)
+    dataset = _PhotoDataset(tasks, model.preprocess, max_pixels, max_file_bytes, draft_size=model.draft_size,
+                            allow_private_urls=allow_private_urls)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -279,7 +284,8 @@ def index_catalogue(
             elif it.reason is not None:
                 report.failed += 1
                 report.failures.append({"id": it.task.row.product_id, "image": it.task.row.source,
-                                        "where": it.task.row.where, "reason": it.reason, "message": it.message})
+                                        "where": it.task.row.where, "reason": it.reason,
+                                        "message": printable(it.message)})
         if len(pending) + len(touched) >= commit_every:
             flush()
         if bar is not None:

@@ -45,6 +45,7 @@ class PhotoHost(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.photos = photos
         self.hits: Counter[str] = Counter()
+        self.hosts: list[str | None] = []  # the Host header of each request
         self.lock = threading.Lock()
 
     def handle_error(self, request, client_address) -> None:
@@ -65,6 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         with self.server.lock:
             self.server.hits[self.path] += 1
+            self.server.hosts.append(self.headers.get("Host"))
             hits = self.server.hits[self.path]
         parts = self.path.strip("/").split("/")
         try:
@@ -116,6 +118,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._redirect(self.path)
         elif kind == "redirect":  # /redirect/PHOTO
             self._redirect(f"/photo/{parts[1]}")
+        elif kind == "redirect-abs":  # /redirect-abs/PHOTO: to the photo on 127.0.0.1, by absolute URL
+            self._redirect(f"http://127.0.0.1:{self.server.server_address[1]}/photo/{parts[1]}?hop=2")
         elif kind == "to-ftp":
             self._redirect("ftp://127.0.0.1/photo.jpg")
         else:
@@ -172,6 +176,7 @@ def fast_network(monkeypatch):
 
 
 def _fails(url: str, reason: str, **kw) -> tuple[ImageError, float]:
+    kw.setdefault("allow_private", True)  # the photo host listens on 127.0.0.1
     t0 = time.monotonic()
     with pytest.raises(ImageError) as e:
         fetch_url(url, **kw)
@@ -183,7 +188,7 @@ def _fails(url: str, reason: str, **kw) -> tuple[ImageError, float]:
 
 
 def test_fetches_a_real_jpeg(host):
-    data = fetch_url(host.url("/photo/u0.jpg"), max_bytes=50 * 1024 * 1024)
+    data = fetch_url(host.url("/photo/u0.jpg"), max_bytes=50 * 1024 * 1024, allow_private=True)
     assert data == host.photos["u0.jpg"]
     image = open_image(data)
     assert image.mode == "RGB" and min(image.size) > 100
@@ -191,7 +196,7 @@ def test_fetches_a_real_jpeg(host):
 
 def test_a_body_of_exactly_max_bytes_is_accepted(host):
     photo = host.photos["u1.jpg"]
-    assert fetch_url(host.url("/photo/u1.jpg"), max_bytes=len(photo)) == photo
+    assert fetch_url(host.url("/photo/u1.jpg"), max_bytes=len(photo), allow_private=True) == photo
 
 
 def test_404_fails_at_once(host):
@@ -203,7 +208,7 @@ def test_404_fails_at_once(host):
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_a_server_error_is_retried_and_then_succeeds(host, status):
     path = f"/flaky/{status}/u2.jpg/retried"
-    assert fetch_url(host.url(path), max_bytes=10**7) == host.photos["u2.jpg"]
+    assert fetch_url(host.url(path), max_bytes=10**7, allow_private=True) == host.photos["u2.jpg"]
     assert host.hits[path] == 2
 
 
@@ -242,20 +247,20 @@ def test_too_large_chunked_without_length(host):
     with httpx.stream("GET", host.url("/chunked/3")) as r:  # the endpoint really sends no length
         assert "content-length" not in r.headers and r.headers["transfer-encoding"] == "chunked"
         assert len(r.read()) == 3000
-    assert fetch_url(host.url("/chunked/5"), max_bytes=5000) == b"\xab" * 5000
+    assert fetch_url(host.url("/chunked/5"), max_bytes=5000, allow_private=True) == b"\xab" * 5000
     err, _ = _fails(host.url("/chunked/20"), "too_large", max_bytes=5000)
     assert "5000-byte limit" in str(err)
 
 
 def test_redirects_are_followed(host):
-    assert fetch_url(host.url("/redirect/u3.jpg"), max_bytes=10**7) == host.photos["u3.jpg"]
+    assert fetch_url(host.url("/redirect/u3.jpg"), max_bytes=10**7, allow_private=True) == host.photos["u3.jpg"]
 
 
 def test_a_redirect_loop_fails_without_retrying(host):
     err, _ = _fails(host.url("/loop/unit"), "download_failed", max_bytes=10**6, retries=2)
     assert "redirect" in str(err).lower()
-    # httpx follows at most 20 redirects; the same loop is not walked again on a retry
-    assert 2 <= host.hits["/loop/unit"] <= 21
+    # at most MAX_REDIRECTS redirects are followed; the same loop is not walked again on a retry
+    assert host.hits["/loop/unit"] == fetch.MAX_REDIRECTS + 1
 
 
 def test_a_redirect_to_another_scheme_fails(host):
@@ -280,6 +285,83 @@ def test_a_closed_port_fails_after_the_retries(host):
         port = s.getsockname()[1]
     err, _ = _fails(f"http://127.0.0.1:{port}/photo.jpg", "download_failed", max_bytes=10**6, retries=1)
     assert "ConnectError" in str(err) and "after 2 tries" in str(err)
+
+
+# --------------------------------------------------------------------------- addresses that are not public
+
+
+@pytest.mark.parametrize("where", ["127.0.0.1", "localhost", "[::1]", "2130706433", "0x7f.1", "127.1",
+                                   "[::ffff:127.0.0.1]", "0.0.0.0"])
+def test_loopback_is_refused_by_default_in_any_spelling(host, where):
+    """The photo host answers on 127.0.0.1; none of these spellings of it is fetched."""
+    port = host.server_address[1]
+    path = f"/photo/u0.jpg?spelling={where}"
+    url = f"http://{where}:{port}{path}"
+    with pytest.raises(ImageError) as e:
+        fetch_url(url, max_bytes=10**7)
+    assert e.value.reason in ("bad_url", "download_failed"), str(e.value)
+    if e.value.reason == "bad_url":
+        assert "--allow-private-urls" in str(e.value)
+    assert host.hits[path] == 0
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "224.0.0.1",
+                                     "240.0.0.1", "100.64.0.1", "[fe80::1]", "[fc00::1]", "[ff02::1]", "[::]"])
+def test_private_link_local_multicast_reserved_unspecified_are_refused_without_a_connection(address):
+    t0 = time.monotonic()
+    with pytest.raises(ImageError) as e:
+        fetch_url(f"http://{address}/photo.jpg", max_bytes=10**6)
+    assert e.value.reason == "bad_url" and "--allow-private-urls" in str(e.value)
+    assert time.monotonic() - t0 < 0.2  # refused before any connect, no retry
+
+
+def test_a_name_that_resolves_to_loopback_is_refused(host, monkeypatch):
+    """The check runs on what DNS answers, not on the spelling of the host."""
+    import socket
+
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda h, *a, **kw: real("127.0.0.1" if h == "photos.example" else h, *a, **kw))
+    path = "/photo/u0.jpg?via=dns"
+    with pytest.raises(ImageError) as e:
+        fetch_url(f"http://photos.example:{host.server_address[1]}{path}", max_bytes=10**7)
+    assert e.value.reason == "bad_url" and "127.0.0.1" in str(e.value)
+    assert host.hits[path] == 0
+
+
+def test_a_redirect_into_loopback_is_refused(host, monkeypatch):
+    """The target of every redirect is checked, not only the first host: the first hop's address
+    passes the check here (it stands for a public host), and its redirect to 127.0.0.1 is refused."""
+    from indexer import fetch as fetch_module
+
+    real_refused, checks = fetch_module._refused_address, []
+
+    def first_hop_is_public(address):
+        checks.append(address)
+        return None if len(checks) == 1 else real_refused(address)
+
+    monkeypatch.setattr(fetch_module, "_refused_address", first_hop_is_public)
+    path = "/redirect-abs/u1.jpg"
+    with pytest.raises(ImageError) as e:
+        fetch_url(host.url(path), max_bytes=10**7, retries=0)
+    assert e.value.reason == "bad_url" and "127.0.0.1" in str(e.value)
+    assert checks == ["127.0.0.1", "127.0.0.1"]
+    assert host.hits[path] == 1 and host.hits["/photo/u1.jpg?hop=2"] == 0
+
+
+def test_a_pinned_request_keeps_the_host_name(host, monkeypatch):
+    """Refusals aside, a checked request goes to the resolved address with the URL's Host header."""
+    from indexer import fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "_refused_address", lambda a: None)
+    data = fetch_url(f"http://localhost:{host.server_address[1]}/photo/u2.jpg", max_bytes=10**7)
+    assert data == host.photos["u2.jpg"]
+    assert host.hosts[-1] == f"localhost:{host.server_address[1]}"
+
+
+def test_private_urls_on_request(host):
+    assert fetch_url(host.url("/photo/u0.jpg"), max_bytes=10**7, allow_private=True) == host.photos["u0.jpg"]
+    port = host.server_address[1]
+    assert fetch_url(f"http://2130706433:{port}/photo/u0.jpg", max_bytes=10**7, allow_private=True) == host.photos["u0.jpg"]
 
 
 # --------------------------------------------------------------------------- a manifest with URLs
@@ -310,7 +392,8 @@ def test_index_a_manifest_mixing_files_and_urls(host, photo_files, tiny_model, t
     catalogue = read_catalogue(manifest)
     assert [(p.reason, p.product_id) for p in catalogue.problems] == [("bad_url", "FTP")]
     with Store.create(tmp_path / "idx", tiny_model.identity) as store:
-        report = index_catalogue(catalogue, store, tiny_model, batch_size=4, workers=2, progress=False)
+        report = index_catalogue(catalogue, store, tiny_model, batch_size=4, workers=2, progress=False,
+                                 allow_private_urls=True)
         n_ok = len(local) + 1 + len(good)
         assert (report.indexed, report.failed, report.unchanged) == (n_ok, len(bad), 0)
         assert {f["image"]: f["reason"] for f in report.failures} == {url: r for url, r in bad.values()}
@@ -338,7 +421,8 @@ def test_index_a_manifest_mixing_files_and_urls(host, photo_files, tiny_model, t
 
         # a re-run fetches the URLs again but embeds nothing: their content hash is unchanged
         fetched = host.hits["/photo/u0.jpg"]
-        again = index_catalogue(catalogue, store, tiny_model, batch_size=4, workers=0, progress=False)
+        again = index_catalogue(catalogue, store, tiny_model, batch_size=4, workers=0, progress=False,
+                                allow_private_urls=True)
         assert (again.indexed, again.unchanged, again.failed) == (0, n_ok, len(bad))
         assert host.hits["/photo/u0.jpg"] == fetched + 1
         assert store.check()["ok"]
