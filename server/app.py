@@ -33,7 +33,7 @@ from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError, image_from_bytes
 from indexer.labels import LabelSet, ZeroShotClassifier
 from indexer.model import ClipModel, load_model
-from indexer.store import Product, Store, StoreError, check_model
+from indexer.store import IndexLocked, Product, Store, check_model
 from indexer.updates import PhotoUpload, decode_upload, delete_product, patch_product, upsert_product
 
 from .observability import Metrics, RequestObserver
@@ -167,7 +167,6 @@ class Engine:
         self._classifiers: OrderedDict[tuple[str, ...], ZeroShotClassifier] = OrderedDict()
         self._thumbnails: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
-        self._last_refresh = time.monotonic()
         self.write_block: LookalikeError | None = None
         if settings.read_only:
             self.write_block = LookalikeError("this server is read-only (read_only = true)", code="read_only", http_status=403)
@@ -183,10 +182,36 @@ class Engine:
                                         on_batch=metrics.batch_size.labels("image").observe)
         self._stop = threading.Event()
         self._saver = None
+        self._follower = None
         if store.writable:
-            self._saver = threading.Thread(target=self._save_loop, name="lookalike-snapshot", daemon=True)
-            self._saver.start()
+            self._start_saver()
+        else:
+            self._follower = threading.Thread(target=self._follow_loop, name="lookalike-follow", daemon=True)
+            self._follower.start()
         self.update_gauges()
+
+    def _start_saver(self) -> None:
+        self._saver = threading.Thread(target=self._save_loop, name="lookalike-snapshot", daemon=True)
+        self._saver.start()
+
+    def _follow_loop(self) -> None:
+        """A read-only store, in the background: every REFRESH_INTERVAL_S, pick up commits made by
+        another process (``lookalike index``) without ever making a request wait for it, and, on a
+        server that accepts writes, take the write lock as soon as that process lets it go (the
+        409 ``index_locked`` says "retry": this is what makes the retry work)."""
+        wants_writes = self.write_block is not None and self.write_block.code == "index_locked"
+        while not self._stop.wait(REFRESH_INTERVAL_S):
+            try:
+                if wants_writes and self.store.try_become_writable():
+                    self.write_block = None
+                    log.info("the index's write lock is free: writes are accepted now")
+                    self.update_gauges()
+                    self._start_saver()
+                    return
+                if self.store.refresh():
+                    self.update_gauges()
+            except Exception:  # the next round tries again
+                log.exception("following the index's changes failed")
 
     def _save_loop(self) -> None:
         """Write the FAISS snapshot after live writes, at most every snapshot_interval_s. SQLite already
@@ -205,6 +230,8 @@ class Engine:
         if self.batcher is not None:
             self.batcher.close()
         self._stop.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
         if self._saver is not None:
             self._saver.join(timeout=10)
             self.save_snapshot()
@@ -213,14 +240,6 @@ class Engine:
     def update_gauges(self) -> None:
         self.metrics.products.set(self.store.count_products())
         self.metrics.photos.set(self.store.count_photos())
-
-    def refresh(self) -> None:
-        """Pick up commits made by an indexer in another process (checked every couple of seconds)."""
-        now = time.monotonic()
-        if now - self._last_refresh >= REFRESH_INTERVAL_S:
-            self._last_refresh = now
-            if self.store.refresh():
-                self.update_gauges()
 
     def classifier(self, names: list[str] | None) -> ZeroShotClassifier:
         if not names:
@@ -266,7 +285,6 @@ class Engine:
 
     def search(self, vec, k: int, category: str | None, min_score: float | None,
                ef_search: int | None = None, nprobe: int | None = None):
-        self.refresh()
         t0 = time.perf_counter()
         hits = self.store.search(vec, k, category=category, min_score=min_score, ef_search=ef_search, nprobe=nprobe)[0]
         self.metrics.search_seconds.observe(time.perf_counter() - t0)
@@ -413,10 +431,8 @@ def create_app(
             try:
                 # Only a server that accepts writes takes the index's write lock.
                 store = Store.open(cfg.index, writable=bool(cfg.keys()) and not cfg.read_only)
-            except StoreError as e:
-                if "another process" not in str(e):
-                    raise
-                store = Store.open(cfg.index)  # an indexer holds the write lock: serve, refuse writes
+            except IndexLocked:
+                store = Store.open(cfg.index)  # an indexer holds the write lock: serve, refuse writes until it is done
             ident = store.identity
             m = model
             if m is None:
@@ -582,7 +598,6 @@ def create_app(
         nprobe: NProbe = None,
     ) -> SearchResponse:
         t0 = time.perf_counter()
-        engine.refresh()
         hits = engine.store.similar(product_id, k, category=category, ef_search=ef_search, nprobe=nprobe)
         return SearchResponse(results=[h.to_dict() for h in hits], close_match=engine.close_match(hits, "image"),
                               took_ms=_ms(t0))

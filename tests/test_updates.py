@@ -213,3 +213,45 @@ def test_searches_concurrent_with_writes_never_fail_or_see_deleted(index_copy, t
             assert store.has_product(pid), pid  # every acknowledged write is there after the restart
         assert not any(store.has_product(pid) for pid in deleted_at)
         assert store.check()["ok"], store.check()["problems"]
+
+
+def _poll(fn, timeout_s: float = 20.0):
+    """fn() until it returns something true, at most ``timeout_s`` (the server follows the index
+    every REFRESH_INTERVAL_S in the background); returns the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def test_locked_server_follows_the_indexer_and_becomes_writable_when_it_is_done(index_copy, tiny_model):
+    """A server with keys started while 'lookalike index' runs: it serves the indexer's commits
+    without a restart (followed in the background, not rebuilt inside a search), and its 409
+    'retry' works once the indexer lets go of the lock."""
+    from indexer.store import Product
+    from indexer.updates import PhotoUpload, upsert_product
+
+    photo, later = _photo((250, 10, 130), shape=2), _photo((10, 250, 30), shape=1)
+    indexer = Store.open(index_copy, writable=True)
+    try:
+        with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY)) as c:
+            assert _add(c, "R2", [later]).status_code == 409
+            upsert_product(indexer, tiny_model, Product("FROM-INDEXER", "t", None, {}), [PhotoUpload(photo)])
+
+            def top_hit(data):
+                r = c.post("/v1/search/image?k=1", files={"image": ("q.jpg", data, "image/jpeg")})
+                assert r.status_code == 200, r.text
+                return r.json()["results"][0]
+
+            assert _poll(lambda: top_hit(photo)["id"] == "FROM-INDEXER")
+            indexer.close()
+            r = _poll(lambda: (lambda r: r if r.status_code == 201 else None)(_add(c, "R2", [later])))
+            assert r is not None and r.status_code == 201
+            assert top_hit(later)["id"] == "R2" and top_hit(later)["score"] == 1.0
+            assert c.get("/readyz").json()["products"] == Store.open(index_copy).count_products()
+    finally:
+        indexer.close()
+    with Store.open(index_copy) as store:
+        assert store.check()["ok"]
