@@ -149,10 +149,10 @@ def text_problem(value: str, identifier: bool = False) -> str | None:
         return None
     ch = bad.group()
     if "\ud800" <= ch <= "\udfff":
-        return f"is not valid UTF-8 text ({printable(value)!r})"
+        return f"is not valid UTF-8 text ('{printable(value)}')"
     if ch == "\x00":
-        return f"holds a NUL character ({printable(value)!r})"
-    return f"holds a control character ({printable(value)!r})"
+        return f"holds a NUL character ('{printable(value)}')"
+    return f"holds a control character ('{printable(value)}')"
 
 
 def _row_text_problem(product_id, source, title, category, metadata) -> str | None:
@@ -509,10 +509,12 @@ def _read_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
 
 
 def tar_member(source: str) -> tuple[str, str] | None:
-    """Split ``shard.tar::member`` into (shard path, member name); None for other sources."""
+    """Split ``shard.tar::member`` into (shard path, member name); None for other sources (a file
+    whose own name holds ``::`` is a file: the part before ``::`` must name a ``.tar``)."""
     if TAR_SEPARATOR in source and not source.lower().startswith(("http://", "https://")):
         shard, member = source.split(TAR_SEPARATOR, 1)
-        return shard, member
+        if shard.lower().endswith(".tar"):
+            return shard, member
     return None
 
 

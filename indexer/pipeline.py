@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .catalogue import Catalogue, CatalogueRow, printable, read_source_bytes
+from .catalogue import Catalogue, CatalogueRow, printable, read_source_bytes, tar_member
 from .errors import LookalikeError
 from .images import DEFAULT_MAX_PIXELS, ImageError, open_image
 from .model import ClipModel
@@ -170,7 +170,7 @@ def _commit_every_from_env() -> int:
 
 
 def _stat(source: str) -> tuple[int | None, int | None]:
-    if "://" in source or "::" in source:
+    if "://" in source or tar_member(source):
         return None, None
     try:
         st = os.stat(source)

@@ -304,3 +304,16 @@ def test_tar_member_names_that_are_not_utf8(tmp_path: Path, jpeg_bytes):
     cat = read_catalogue(shard)
     assert [r.product_id for r in cat.rows] == ["ok"]
     assert [(p.reason, p.where) for p in cat.problems] == [("bad_text", "s.tar:caf\\xe9")]
+
+
+def test_a_file_name_holding_the_tar_separator_is_a_file(tmp_path: Path, jpeg_bytes):
+    """``::`` marks a tar member only after a ``.tar`` path; a photo named so is read as a file."""
+    from indexer.catalogue import read_source_bytes, tar_member
+
+    root = tmp_path / "shop"
+    root.mkdir()
+    (root / "size::xl.jpg").write_bytes(jpeg_bytes)
+    cat = read_catalogue(root)
+    [row] = cat.rows
+    assert row.product_id == "size::xl" and tar_member(row.source) is None
+    assert read_source_bytes(row.source, 10**7) == jpeg_bytes
