@@ -133,7 +133,8 @@ def _stream(client: httpx.Client, url: httpx.URL, allow_private: bool) -> Iterat
     for address in addresses:
         why = _refused_address(address)
         if why:
-            raise ImageError("bad_url", f"{url}: {host} is {address}, a {why} address; only public addresses "
+            what = f"{host} is" if address == host else f"{host} resolves to {address},"
+            raise ImageError("bad_url", f"{url}: {what} a {why} address; only public addresses "
                                         "are fetched (allow private ones with --allow-private-urls)")
     headers, extensions = {"Host": url.netloc.decode("ascii")}, {"sni_hostname": host}
     for i, address in enumerate(addresses):
