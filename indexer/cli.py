@@ -91,8 +91,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
+    from server import serving
     from server.app import create_app
     from server.observability import configure_logging
     from server.settings import ServerSettings
@@ -118,7 +117,7 @@ def cmd_serve(args) -> int:
                      device=None if args.device == "auto" else args.device,
                      precision=None if args.precision == "auto" else args.precision,
                      backend=None if args.backend == "auto" else args.backend, background_load=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    serving.run(app, settings, args.host, args.port)
     return 0
 
 

@@ -36,6 +36,7 @@ from indexer.model import ClipModel, load_model
 from indexer.store import IndexLocked, Product, Store, check_model
 from indexer.updates import PhotoUpload, decode_upload, delete_product, patch_product, upsert_product
 
+from .limits import RequestLimits, check_labels, one_file, trim_lru
 from .observability import Metrics, RequestObserver
 from .settings import ServerSettings
 
@@ -314,11 +315,10 @@ class Engine:
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)
         data = buf.getvalue()
-        if self.settings.thumbnail_cache_items:
+        if self.settings.thumbnail_cache_items and len(data) <= self.settings.thumbnail_cache_bytes:
             with self._lock:
                 self._thumbnails[key] = data
-                while len(self._thumbnails) > self.settings.thumbnail_cache_items:
-                    self._thumbnails.popitem(last=False)
+                trim_lru(self._thumbnails, self.settings.thumbnail_cache_items, self.settings.thumbnail_cache_bytes)
         return data
 
 
@@ -476,6 +476,9 @@ def create_app(
     app.state.load_error = None
     app.state.settings = cfg
     app.state.metrics = metrics
+    # the key and body-size checks run before any route reads the body; the observer, outermost,
+    # also counts and logs the requests they refuse
+    app.add_middleware(RequestLimits, settings=cfg, require_read=require_read, require_write=require_write)
     app.add_middleware(RequestObserver, metrics=metrics, access_log=cfg.access_log)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -534,6 +537,7 @@ def create_app(
     @app.post("/v1/search/image", dependencies=read_auth, response_model=SearchResponse, responses=ERRORS, tags=["search"],
               summary="Find products that look like an uploaded photo")
     async def search_image(
+        request: Request,
         engine: EngineDep,
         image: Annotated[UploadFile, File(description="the query photo (JPEG, PNG, WebP, ...)")],
         k: Annotated[int, Query(ge=1, le=1000, description="number of products")] = 10,
@@ -543,6 +547,7 @@ def create_app(
         ef_search: EfSearch = None,
         nprobe: NProbe = None,
     ) -> SearchResponse:
+        await one_file(request, "image")
         data = await _read_upload(image, engine.max_upload_bytes)
         from starlette.concurrency import run_in_threadpool
 
@@ -569,14 +574,17 @@ def create_app(
     @app.post("/v1/labels", dependencies=read_auth, response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
               summary="Zero-shot labels for a photo")
     async def labels_route(
+        request: Request,
         engine: EngineDep,
         image: Annotated[UploadFile, File(description="the photo to label")],
         labels: Annotated[list[str] | None, Form(description="labels to choose from instead of the default set; "
                                                  "repeat the field or give one comma-separated value")] = None,
         k: Annotated[int, Query(ge=1, le=1000, description="number of labels returned")] = 5,
     ) -> LabelsResponse:
-        data = await _read_upload(image, engine.max_upload_bytes)
+        await one_file(request, "image")
         names = [n.strip() for value in labels or [] for n in value.split(",") if n.strip()]
+        check_labels(names, request.app.state.settings)
+        data = await _read_upload(image, engine.max_upload_bytes)
         from starlette.concurrency import run_in_threadpool
 
         def run() -> LabelsResponse:

@@ -56,13 +56,54 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """Send the ``lookalike`` loggers to stderr in ``fmt`` (json|text) at ``level``."""
-    logger = logging.getLogger("lookalike")
+    """Send the ``lookalike`` loggers to stderr in ``fmt`` (json|text) at ``level``, and with them
+    what else the server process prints: Python warnings (Pillow's "Corrupt EXIF data", ...) and
+    uvicorn's own messages (at WARNING and above). libtiff's C-level error messages, which would
+    bypass both, are switched off (:func:`silence_libtiff`)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
-    logger.propagate = False
+    logging.captureWarnings(True)
+    for name, logger_level in (("lookalike", level), ("py.warnings", level), ("uvicorn", "WARNING")):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logger_level)
+        logger.propagate = False
+    for name in ("uvicorn.error", "uvicorn.access"):  # handlers uvicorn's own log config may have added
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    silence_libtiff()
+
+
+def silence_libtiff() -> bool:
+    """Turn off libtiff's library-wide error handler, which writes plain text to stderr
+    ("tempfile.tif: Using code not yet in table.") outside any logger. Pillow already turns off its
+    warning handler (TiffDecode.c: ``TIFFSetWarningHandler(NULL)``); the error still reaches Python
+    as a decoder error, which the server answers as a 400, so only the stray text is lost. A NULL
+    handler is libtiff's documented way to suppress messages (TIFFError(3tiff)).
+
+    Finds the libtiff that Pillow's ``_imaging`` loaded in ``/proc/self/maps`` (Linux); returns
+    whether it did."""
+    import ctypes
+
+    from PIL import Image  # noqa: F401  (loads _imaging, and with it libtiff)
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "/libtiff" in line}
+    except OSError:
+        return False
+    done = False
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)  # the library already mapped: dlopen returns the same instance
+            for setter in (lib.TIFFSetErrorHandler, lib.TIFFSetErrorHandlerExt):
+                setter.restype = ctypes.c_void_p
+                setter.argtypes = [ctypes.c_void_p]
+                setter(None)
+            done = True
+        except (OSError, AttributeError):
+            continue
+    return done
 
 
 class RequestObserver:

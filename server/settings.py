@@ -28,9 +28,35 @@ class ServerSettings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32")
     labels_file: Path | None = Field(None, description="default label set (YAML/JSON); data/labels/retail.yaml if unset")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest accepted upload, bytes (413 above)")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1,
+                                  description="largest accepted photo, bytes (413 above); the whole multipart body of "
+                                              "a search or labels request may be max_json_bytes larger")
+    max_product_upload_bytes: int = Field(100 * 1024 * 1024, ge=1,
+                                          description="largest accepted body of POST /v1/products (all its photos "
+                                                      "and metadata together), bytes (413 above)")
+    max_json_bytes: int = Field(64 * 1024, ge=1024,
+                                description="largest accepted body of every other request (JSON queries, product "
+                                            "patches), bytes (413 above)")
+    max_labels: int = Field(100, ge=2, le=1000, description="most labels one POST /v1/labels request may give (422 above)")
+    max_label_chars: int = Field(100, ge=1, le=1000,
+                                 description="longest label one POST /v1/labels request may give, characters (422 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, pixels (413 above)")
     thumbnail_cache_items: int = Field(512, ge=0, description="resized product photos kept in memory")
+    thumbnail_cache_bytes: int = Field(64 * 1024 * 1024, ge=0,
+                                       description="most bytes of resized product photos kept in memory")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request line and headers are not "
+                                                            "complete this long after they start is closed, seconds")
+    body_timeout_s: float = Field(30.0, gt=0, description="a connection whose request body sends nothing for this "
+                                                          "long is closed, seconds")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this long, "
+                                                           "seconds")
+    max_connections: int = Field(2048, ge=16, description="most open client connections; beyond it the oldest one "
+                                                          "still waiting for its request is closed (lowered to fit "
+                                                          "the process's file descriptor limit)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
+                                  description="most bytes of an unfinished request line plus headers the server "
+                                              "buffers (400 above; h11's max_incomplete_event_size)")
+    backlog: int = Field(2048, ge=1, description="connections the kernel queues before the server accepts them")
     api_keys: str = Field("", description="comma-separated API keys; write routes need one (Authorization: Bearer KEY); "
                                       "with none set, writes are disabled")
     auth_reads: bool = Field(False, description="read routes (search, labels, products) need an API key too")
