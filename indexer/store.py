@@ -54,6 +54,13 @@ REPORT_NAME = "report.json"
 #: An HNSW graph is rebuilt from SQLite at the next save once tombstones (deleted photos it
 #: cannot drop) exceed this fraction of it: they cost memory and over-fetching on every search.
 MAX_TOMBSTONE_FRACTION = 0.2
+#: Photos uploaded through the API live in ``INDEX_DIR/uploads/``; their source is this prefix and
+#: the path under the index directory, so the index can move and the server start from anywhere.
+INDEX_SOURCE_PREFIX = "index:"
+UPLOADS_DIR = "uploads"
+#: Stored JSON (metadata) read back deeper than this is not returned (written data is capped lower,
+#: see indexer.updates.MAX_METADATA_DEPTH; this guards indexes written before that check).
+MAX_READ_DEPTH = 32
 #: Scores are rounded to this many decimals (float32 cosines are good to about 1e-7).
 SCORE_DECIMALS = 6
 #: A category filter that matches at most this many photos is searched exactly (all of them
@@ -113,6 +120,38 @@ class IncompleteIndex(StoreError):
 class ModelMismatch(LookalikeError):
     code = "model_mismatch"
     http_status = 409
+
+
+def stored_json(text: str | None) -> dict:
+    """A stored JSON object made safe to return whatever was stored: non-finite numbers become
+    None, strings with lone surrogates have them replaced, and a value nested deeper than
+    :data:`MAX_READ_DEPTH`, unparsable or not an object gives ``{}``."""
+    try:
+        value = json.loads(text or "{}", parse_constant=lambda _: None)
+    except (ValueError, RecursionError):
+        return {}
+    try:
+        value = _safe_value(value, 0)
+    except RecursionError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _safe_value(value, depth: int):
+    if depth > MAX_READ_DEPTH:
+        raise RecursionError
+    if isinstance(value, dict):
+        return {_safe_value(str(k), depth + 1): _safe_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_safe_value(v, depth + 1) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def _now() -> str:
@@ -630,13 +669,13 @@ class Store:
             "id": row[0],
             "title": row[1],
             "category": row[2],
-            "metadata": json.loads(row[3]),
+            "metadata": stored_json(row[3]),
             "label": row[4],
             "label_score": row[5],
             "updated_at": row[6],
             "images": [
                 {"photo_id": p[0], "image": p[1], "sha256": p[2], "width": p[3], "height": p[4],
-                 "metadata": json.loads(p[5])}
+                 "metadata": stored_json(p[5])}
                 for p in photos
             ],
         }
@@ -800,9 +839,46 @@ class Store:
             if r is None or (category and not _in_category(r[2], category)):
                 continue
             _, source, photo_meta = info[photo_id]
-            hits.append(Hit(pid, score, photo_id, source, r[1], r[2], json.loads(r[3]), r[4], r[5], json.loads(photo_meta)))
+            hits.append(Hit(pid, score, photo_id, source, r[1], r[2], stored_json(r[3]), r[4], r[5], stored_json(photo_meta)))
         hits.sort(key=lambda h: (-h.score, h.product_id))
         return hits
+
+    # ------------------------------------------------------------------ photos
+    def resolve_source(self, source: str) -> str:
+        """Where a photo's bytes are: an uploaded photo's ``index:uploads/NAME`` becomes a path under
+        this index directory; any other source (a catalogue path, URL or tar member) is returned as is."""
+        if source.startswith(INDEX_SOURCE_PREFIX):
+            return str(self.path / source[len(INDEX_SOURCE_PREFIX):])
+        return source
+
+    def keep_upload(self, data: bytes, name: str) -> str:
+        """Store an uploaded photo as ``INDEX_DIR/uploads/NAME`` (written atomically, once) and return
+        its source, ``index:uploads/NAME``. Call inside :meth:`transaction` so that
+        :meth:`remove_unreferenced_uploads` cannot remove it before the photo row commits."""
+        self._require_writable()
+        folder = self.path / UPLOADS_DIR
+        folder.mkdir(exist_ok=True)
+        path = folder / name
+        if not path.exists():
+            atomic_write(path, data)
+        return f"{INDEX_SOURCE_PREFIX}{UPLOADS_DIR}/{name}"
+
+    def remove_unreferenced_uploads(self, sources: Iterable[str]) -> int:
+        """Delete the uploaded photo files among ``sources`` that no photo row refers to any more
+        (after a product was deleted or its photos replaced); returns how many were deleted."""
+        self._require_writable()
+        removed = 0
+        with self._write_lock:  # no transaction can add a reference meanwhile
+            db = self._db()
+            for source in set(sources):
+                if not source.startswith(INDEX_SOURCE_PREFIX):
+                    continue
+                if db.execute("SELECT 1 FROM photos WHERE source = ? LIMIT 1", (source,)).fetchone() is None:
+                    path = Path(self.resolve_source(source))
+                    if path.is_file():
+                        path.unlink()
+                        removed += 1
+        return removed
 
     # ----------------------------------------------------------------- writing
     def _require_writable(self) -> None:
@@ -969,6 +1045,7 @@ class Store:
                 norms_bad += 1
         if norms_bad:
             problems.append(f"{norms_bad} stored vectors have the wrong size or are not unit-norm")
+        self._check_photo_files(problems, notes)
         manifest_path = self.path / MANIFEST_NAME
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -994,6 +1071,33 @@ class Store:
             "path": str(self.path),
         }
 
+
+    def _check_photo_files(self, problems: list[str], notes: list[str]) -> None:
+        """Uploaded photos (kept in the index directory) must exist: a missing one is a problem.
+        Catalogue photos that are gone from disk are a note (the catalogue owns them: search still
+        finds them, their images cannot be served). Upload files no photo refers to are a note."""
+        missing_uploads, missing_local = [], []
+        referenced: set[str] = set()
+        for (source,) in self._db().execute("SELECT DISTINCT source FROM photos"):
+            if source.startswith(INDEX_SOURCE_PREFIX):
+                referenced.add(source)
+                if not Path(self.resolve_source(source)).is_file():
+                    missing_uploads.append(source)
+            elif "://" not in source and not Path(source.split("::")[0]).exists():
+                missing_local.append(source)
+        if missing_uploads:
+            problems.append(f"{len(missing_uploads)} uploaded photos are missing from {self.path / UPLOADS_DIR} "
+                            f"(e.g. {missing_uploads[0]}): upload them again")
+        if missing_local:
+            notes.append(f"{len(missing_local)} catalogue photos are no longer on disk (e.g. {missing_local[0]}): "
+                         "search still finds them but cannot show them; 'lookalike index CATALOGUE --prune' drops "
+                         "the photos a catalogue no longer lists")
+        folder = self.path / UPLOADS_DIR
+        if folder.is_dir():
+            stray = [p.name for p in folder.iterdir()
+                     if p.is_file() and f"{INDEX_SOURCE_PREFIX}{UPLOADS_DIR}/{p.name}" not in referenced]
+            if stray:
+                notes.append(f"{len(stray)} files in {folder} belong to no photo (e.g. {stray[0]}); they can be deleted")
 
     def _differing_vectors(self, index, faiss_ids: np.ndarray) -> int:
         """How many photos' vectors in ``index`` (holding ``faiss_ids``, in storage order) differ from

@@ -7,16 +7,27 @@ Used by the server's ``/v1/products`` routes and by ``lookalike add`` / ``lookal
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import math
 from dataclasses import dataclass
-from pathlib import Path
+
+from PIL import Image
 
 from .errors import LookalikeError, NotFound
 from .images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
 from .model import ClipModel
-from .store import PhotoRecord, Product, Store, atomic_write
+from .store import PhotoRecord, Product, Store
 
 MAX_PHOTOS_PER_PRODUCT = 64
 MAX_ID_LENGTH = 512
+#: Product ids may not end with these: ``GET /v1/products/{id}/image`` and ``.../similar`` would
+#: read another route, and the product could never be read back.
+RESERVED_ID_SUFFIXES = ("/image", "/similar")
+#: Limits on a product's metadata, checked before anything is written (a JSON object).
+MAX_METADATA_BYTES = 64 * 1024  # as UTF-8 JSON
+MAX_METADATA_DEPTH = 8  # {"a": {"b": [1]}} has depth 3
+MAX_TEXT_LENGTH = 2000  # title and category, in characters
 
 
 @dataclass
@@ -40,25 +51,90 @@ def decode_upload(data: bytes, model: ClipModel, max_pixels: int, what: str):
         raise LookalikeError(f"{what}: {e}", code=e.reason, http_status=status) from None
 
 
+def _bad(message: str) -> LookalikeError:
+    return LookalikeError(message, code="bad_product", http_status=422)
+
+
+def _check_text(name: str, value: str) -> None:
+    """Text SQLite and JSON can store and return: valid UTF-8 (no lone surrogate), no NUL."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"{name} holds a lone surrogate (broken UTF-16, e.g. half an emoji)") from None
+    if "\x00" in value:
+        raise _bad(f"{name} holds a NUL character")
+
+
 def validate_product_id(product_id) -> str:
+    """The id, stripped. Raises LookalikeError (422) for an empty or overlong id, control
+    characters, invalid text, or an id ending with one of :data:`RESERVED_ID_SUFFIXES`."""
     if not isinstance(product_id, str) or not product_id.strip():
-        raise LookalikeError("a product needs a non-empty string 'id'", code="bad_product")
-    if len(product_id) > MAX_ID_LENGTH or any(ord(c) < 32 for c in product_id):
-        raise LookalikeError(f"product id must be at most {MAX_ID_LENGTH} printable characters", code="bad_product")
-    return product_id.strip()
+        raise _bad("a product needs a non-empty string 'id'")
+    _check_text("product id", product_id)
+    if len(product_id) > MAX_ID_LENGTH or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in product_id):
+        raise _bad(f"product id must be at most {MAX_ID_LENGTH} printable characters")
+    product_id = product_id.strip()
+    if product_id.endswith(RESERVED_ID_SUFFIXES):
+        raise _bad(f"product id may not end with {' or '.join(RESERVED_ID_SUFFIXES)} (those are routes)")
+    return product_id
 
 
-def _keep_copy(store: Store, data: bytes, sha: str, filename: str) -> str:
-    """Write an uploaded photo under ``INDEX_DIR/uploads/`` (named by content hash) and return its path."""
-    folder = store.path / "uploads"
-    folder.mkdir(exist_ok=True)
-    ext = Path(filename).suffix.lower()
-    if not ext or len(ext) > 6 or not ext[1:].isalnum():
-        ext = ".img"
-    path = folder / f"{sha}{ext}"
-    if not path.exists():
-        atomic_write(path, data)
-    return str(path)
+def validate_product(product: Product) -> Product:
+    """Check everything about a product before it is written, so that what commits can always be
+    read back: the id (:func:`validate_product_id`), title and category (strings of at most
+    :data:`MAX_TEXT_LENGTH` characters), and metadata: a JSON object of finite numbers, strings,
+    booleans, nulls, lists and objects, at most :data:`MAX_METADATA_DEPTH` deep and
+    :data:`MAX_METADATA_BYTES` as JSON. Returns the product with its id stripped; raises
+    LookalikeError (422, ``bad_product``) naming the first problem."""
+    pid = validate_product_id(product.id)
+    for name, value in (("title", product.title), ("category", product.category)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise _bad(f"{name} must be a string")
+        if len(value) > MAX_TEXT_LENGTH:
+            raise _bad(f"{name} is longer than {MAX_TEXT_LENGTH} characters")
+        _check_text(name, value)
+    if not isinstance(product.metadata, dict):
+        raise _bad("metadata must be a JSON object")
+    _check_value(product.metadata, "metadata", 1)
+    size = len(json.dumps(product.metadata, ensure_ascii=False).encode("utf-8"))
+    if size > MAX_METADATA_BYTES:
+        raise _bad(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+    return Product(pid, product.title, product.category, product.metadata)
+
+
+def _check_value(value, where: str, depth: int) -> None:
+    if depth > MAX_METADATA_DEPTH:
+        raise _bad(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep (at {where})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _bad(f"metadata keys must be strings (at {where})")
+            _check_text(f"{where} key", key)
+            _check_value(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_value(item, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise _bad(f"{where} is {value}: numbers must be finite")
+    elif isinstance(value, str):
+        _check_text(where, value)
+    elif not (value is None or isinstance(value, (bool, int))):
+        raise _bad(f"{where} has a value of type {type(value).__name__}, which JSON cannot hold")
+
+
+def _upload_name(data: bytes, sha: str) -> str:
+    """File name for an uploaded photo: its content hash and the extension of its detected format
+    (never the client's file name: a PNG sent as ``x.sh`` is stored as ``SHA.png``)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "").upper()
+    except Exception:  # decoded fine earlier; only the name is at stake
+        fmt = ""
+    ext = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "JPEG2000": "jp2"}.get(fmt, fmt.lower())
+    return f"{sha}.{ext if ext.isalnum() and ext else 'img'}"
 
 
 def upsert_product(store: Store, model: ClipModel, product: Product, photos: list[PhotoUpload],
@@ -69,7 +145,8 @@ def upsert_product(store: Store, model: ClipModel, product: Product, photos: lis
     Every photo is decoded and embedded before anything is written: one bad photo refuses
     the whole request (LookalikeError with the photo's reason). Returns (product, created).
     """
-    pid = validate_product_id(product.id)
+    product = validate_product(product)
+    pid = product.id
     if len(photos) > MAX_PHOTOS_PER_PRODUCT:
         raise LookalikeError(f"at most {MAX_PHOTOS_PER_PRODUCT} photos per product", code="too_many_photos")
     exists = store.has_product(pid)
@@ -82,20 +159,22 @@ def upsert_product(store: Store, model: ClipModel, product: Product, photos: lis
         vec = model.embed_images([image])[0]
         w, h = image.info.get("original_size", image.size)
         records.append((photo, sha, vec, w, h))
-    rows = []
-    for photo, sha, vec, w, h in records:
-        source = photo.source or _keep_copy(store, photo.data, sha, photo.filename)
-        rows.append(PhotoRecord(pid, source, sha, vec, len(photo.data), None, w, h, {}))
-    product = Product(pid, product.title, product.category, product.metadata)
+    old_sources: list[str] = []
     with store.transaction() as tx:
         created = not store.has_product(pid)
-        if created and not rows:
+        if created and not records:
             raise NotFound(f"product {pid!r} was deleted meanwhile")
         tx.upsert_products([product])
-        if rows:
-            old = [p["photo_id"] for p in store.get_product(pid)["images"]]
-            tx.delete_photos(old)
+        if records:
+            # uploads are written inside the transaction: a concurrent delete's clean-up waits for it
+            rows = [PhotoRecord(pid, photo.source or store.keep_upload(photo.data, _upload_name(photo.data, sha)),
+                                sha, vec, len(photo.data), None, w, h, {})
+                    for photo, sha, vec, w, h in records]
+            old = store.get_product(pid)["images"] if not created else []
+            old_sources = [p["image"] for p in old]
+            tx.delete_photos([p["photo_id"] for p in old])
             tx.add_photos(rows)
+    store.remove_unreferenced_uploads(old_sources)
     return store.get_product(pid), created
 
 
@@ -109,13 +188,15 @@ def patch_product(store: Store, product_id: str, title=None, category=None, meta
                 merged.pop(key, None)
             else:
                 merged[key] = value
-        tx.upsert_products([Product(product_id, current["title"] if title is None else title,
-                                    current["category"] if category is None else category, merged)])
+        tx.upsert_products([validate_product(Product(product_id, current["title"] if title is None else title,
+                                                     current["category"] if category is None else category, merged))])
     return store.get_product(product_id)
 
 
 def delete_product(store: Store, product_id: str) -> None:
     """Delete a product and its photos' vectors. Raises NotFound."""
     with store.transaction() as tx:
+        sources = [p[0] for p in tx.db.execute("SELECT source FROM photos WHERE product_id = ?", (product_id,))]
         if not tx.delete_products([product_id]):
             raise NotFound(f"no product with id {product_id!r}")
+    store.remove_unreferenced_uploads(sources)

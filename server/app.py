@@ -16,6 +16,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -67,7 +68,8 @@ class Result(BaseModel):
     score: float = Field(description="cosine similarity of the product's best-matching photo, in [-1, 1]")
     title: str | None = None
     category: str | None = None
-    image: str = Field(description="the product photo that matched (path, URL or shard member)")
+    image: str = Field(description="URL of the product photo that matched, on this server "
+                       "(`/v1/products/{id}/image?photo_id=N`; add `&size=256` for a thumbnail)")
     photo_id: int = Field(description="id of the matched photo")
     image_metadata: dict = Field(default_factory=dict, description="catalogue columns of the matched photo's row")
     metadata: dict = Field(default_factory=dict, description="the product's other catalogue columns")
@@ -116,7 +118,7 @@ class LabelsResponse(BaseModel):
 
 class ProductImage(BaseModel):
     photo_id: int
-    image: str
+    image: str = Field(description="URL of the photo on this server (`/v1/products/{id}/image?photo_id=N`)")
     sha256: str
     width: int | None = None
     height: int | None = None
@@ -308,7 +310,7 @@ class Engine:
             if data is not None:
                 self._thumbnails.move_to_end(key)
                 return data
-        raw = read_source_bytes(photo["image"], 64 * 1024 * 1024)
+        raw = read_source_bytes(self.store.resolve_source(photo["image"]), 64 * 1024 * 1024)
         im = image_from_bytes(raw, max_pixels=self.max_pixels, draft_size=size)
         if size:
             im.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -559,7 +561,7 @@ def create_app(
         hits = engine.search(vec, k, category, min_score, ef_search, nprobe)
         labs = engine.default_labels.top_k(vec, 5)[0] if labels else []
         rejected = engine.default_labels.none_of_these(vec)[0] if labels else None
-        return SearchResponse(results=[h.to_dict() for h in hits], close_match=engine.close_match(hits, "image"),
+        return SearchResponse(results=_public_hits(hits), close_match=engine.close_match(hits, "image"),
                               labels=labs, none_of_these=rejected, took_ms=_ms(t0))
 
     @app.post("/v1/search/text", dependencies=read_auth, response_model=SearchResponse, responses=ERRORS, tags=["search"],
@@ -568,7 +570,7 @@ def create_app(
         t0 = time.perf_counter()
         vec = engine.embed_text(body.query)
         hits = engine.search(vec, body.k, body.category, body.min_score, body.ef_search, body.nprobe)
-        return SearchResponse(results=[h.to_dict() for h in hits], close_match=engine.close_match(hits, "text"),
+        return SearchResponse(results=_public_hits(hits), close_match=engine.close_match(hits, "text"),
                               took_ms=_ms(t0))
 
     @app.post("/v1/labels", dependencies=read_auth, response_model=LabelsResponse, responses=ERRORS, tags=["labels"],
@@ -607,7 +609,7 @@ def create_app(
     ) -> SearchResponse:
         t0 = time.perf_counter()
         hits = engine.store.similar(product_id, k, category=category, ef_search=ef_search, nprobe=nprobe)
-        return SearchResponse(results=[h.to_dict() for h in hits], close_match=engine.close_match(hits, "image"),
+        return SearchResponse(results=_public_hits(hits), close_match=engine.close_match(hits, "image"),
                               took_ms=_ms(t0))
 
     @app.get("/v1/products/{product_id:path}/image", dependencies=read_auth, responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
@@ -641,7 +643,7 @@ def create_app(
     @app.get("/v1/products/{product_id:path}", dependencies=read_auth, response_model=ProductResponse, responses=ERRORS, tags=["products"],
              summary="A product with its photos and metadata")
     def product(engine: EngineDep, product_id: str) -> ProductResponse:
-        return engine.store.get_product(product_id)
+        return _public_product(engine.store.get_product(product_id))
 
     @app.post("/v1/products", response_model=ProductResponse, status_code=201, dependencies=write_auth,
               responses={**ERRORS, 200: {"model": ProductResponse, "description": "an existing product was replaced"},
@@ -672,14 +674,14 @@ def create_app(
         product, created = await run_in_threadpool(
             upsert_product, engine.store, engine.model, Product(pid, title, category, meta), uploads, engine.max_pixels)
         engine.update_gauges()
-        return JSONResponse(ProductResponse(**product).model_dump(), status_code=201 if created else 200)
+        return JSONResponse(ProductResponse(**_public_product(product)).model_dump(), status_code=201 if created else 200)
 
     @app.patch("/v1/products/{product_id:path}", response_model=ProductResponse, dependencies=write_auth,
                responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
                tags=["catalogue updates"], summary="Change a product's title, category or metadata")
     def change_product(engine: EngineDep, product_id: str, body: ProductPatch) -> ProductResponse:
         engine = _writable(engine)
-        return patch_product(engine.store, product_id, body.title, body.category, body.metadata)
+        return _public_product(patch_product(engine.store, product_id, body.title, body.category, body.metadata))
 
     @app.delete("/v1/products/{product_id:path}", status_code=204, dependencies=write_auth,
                 responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
@@ -691,6 +693,19 @@ def create_app(
         return Response(status_code=204)
 
     return app
+
+
+def _photo_url(product_id: str, photo_id: int) -> str:
+    return f"/v1/products/{quote(product_id, safe='')}/image?photo_id={photo_id}"
+
+
+def _public_hits(hits) -> list[dict]:
+    """Search hits as the API returns them: the photo as a URL of this server, never a server path."""
+    return [{**h.to_dict(), "image": _photo_url(h.product_id, h.photo_id)} for h in hits]
+
+
+def _public_product(product: dict) -> dict:
+    return {**product, "images": [{**p, "image": _photo_url(product["id"], p["photo_id"])} for p in product["images"]]}
 
 
 def _ms(t0: float) -> float:
