@@ -34,6 +34,10 @@ from typing import Iterable
 
 from .errors import LookalikeError
 
+#: Product ids may not end with these: ``GET /v1/products/{id}/image`` and ``.../similar`` would
+#: read another route, and the product could never be read back over HTTP.
+RESERVED_ID_SUFFIXES = ("/image", "/similar")
+
 TAR_SEPARATOR = "::"
 _JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 # Pillow registers these extensions for formats it can only write.
@@ -101,6 +105,9 @@ class Catalogue:
         A row with text that cannot be stored (see the module docstring) is not added but
         reported with ``reason``; returns whether the row was added."""
         problem = _row_text_problem(product_id, source, title, category, metadata)
+        if not problem and product_id.strip().endswith(RESERVED_ID_SUFFIXES):
+            problem, reason = (f"product id {printable(product_id)!r} ends with "
+                               f"{' or '.join(RESERVED_ID_SUFFIXES)}, which are API routes"), "bad_id"
         if problem:
             self.problems.append(RowProblem(where, reason, problem, product_id))
             return False

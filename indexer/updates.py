@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .catalogue import RESERVED_ID_SUFFIXES
 from .errors import LookalikeError, NotFound
 from .images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
 from .model import ClipModel
@@ -21,9 +22,6 @@ from .store import PhotoRecord, Product, Store
 
 MAX_PHOTOS_PER_PRODUCT = 64
 MAX_ID_LENGTH = 512
-#: Product ids may not end with these: ``GET /v1/products/{id}/image`` and ``.../similar`` would
-#: read another route, and the product could never be read back.
-RESERVED_ID_SUFFIXES = ("/image", "/similar")
 #: Limits on a product's metadata, checked before anything is written (a JSON object).
 MAX_METADATA_BYTES = 64 * 1024  # as UTF-8 JSON
 MAX_METADATA_DEPTH = 8  # {"a": {"b": [1]}} has depth 3

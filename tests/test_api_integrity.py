@@ -152,3 +152,16 @@ def test_public_answers_carry_urls_not_server_paths(index_copy, tiny_model):
         assert c.get(results[0]["image"] + "&size=64").status_code == 200
         product = c.get(f"/v1/products/{results[0]['id']}").json()
         assert all(p["image"].startswith("/v1/products/") for p in product["images"])
+
+
+def test_catalogue_rows_with_route_suffix_ids_are_reported(tmp_path):
+    """The rule the API applies to ids holds for catalogue rows too: every stored id can be read."""
+    from indexer.catalogue import read_catalogue
+
+    photo = tmp_path / "p.png"
+    photo.write_bytes(_png((5, 5, 5)))
+    manifest = tmp_path / "c.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": pid, "image": str(photo)}) for pid in ("ok", "x/image", "y/similar")))
+    cat = read_catalogue(manifest)
+    assert sorted(cat.products) == ["ok"]
+    assert sorted(p.reason for p in cat.problems) == ["bad_id", "bad_id"]
