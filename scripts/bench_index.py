@@ -23,11 +23,20 @@ fixed query photos under either set of embeddings.
 ``--levers`` also times each lever alone on the Magento photos, in this process (see
 docs/PERFORMANCE.md): decode workers, JPEG draft mode, bf16, OpenVINO, batch size.
 ``--device cuda`` runs both on the GPU (fp32 baseline; ours with fp16 autocast, pinned
-memory, non-blocking copies) and samples GPU utilisation with nvidia-smi.
+memory, non-blocking copies) and samples GPU utilisation (``nvidia-smi``, else NVML through
+``pynvml``) every 0.2 s: ``gpu_util_pct`` is the mean over the indexing itself (the last
+``seconds`` of the run's report), ``gpu_util_run_pct`` over the whole subprocess (start-up
+and model loading included). The decode rate (``decode_images_per_s``) is the pipeline's
+decoding alone: the same DataLoader, decode workers, JPEG draft mode, preprocessing and
+batch size as ``lookalike index`` on that device, with no model; our images/s near it
+means decoding is the limit, not the GPU. It is measured by default on CUDA, with
+``--decode`` on CPU. Photos are read from ``$LOOKALIKE_DATASETS`` (default
+``../shared/datasets``): ``magento/images/**/*.jpg`` and ``cifar10/test.tar.gz``.
 
 The last line with ``--json`` is one JSON object: ``baseline_images_per_s``,
 ``images_per_s``, ``ratio``, ``top10_overlap``, ``mean_cosine`` (over all image sets:
-total images / total seconds; agreement averaged), plus ``sets`` with each set's figures.
+total images / total seconds; agreement averaged), ``gpu_util_pct`` and
+``decode_images_per_s`` (likewise, when measured), plus ``sets`` with each set's figures.
 """
 from __future__ import annotations
 
@@ -49,7 +58,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
 ARCH = "ViT-B-32"
 
 
@@ -104,8 +113,8 @@ def random_weights(work: Path) -> Path:
     return path
 
 
-def baseline(paths: list[str], weights: Path, device: str, batch_size: int) -> tuple[np.ndarray, float]:
-    """The plain loop: returns (embeddings float32 (n, 512), images/s)."""
+def baseline(paths: list[str], weights: Path, device: str, batch_size: int) -> tuple[np.ndarray, float, float | None]:
+    """The plain loop: returns (embeddings float32 (n, 512), images/s, mean GPU % during the loop on CUDA)."""
     import open_clip
     import torch
     from PIL import Image
@@ -113,32 +122,59 @@ def baseline(paths: list[str], weights: Path, device: str, batch_size: int) -> t
     model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(weights))
     model.eval().to(device)
     out = []
-    t0 = time.perf_counter()
-    for i in range(0, len(paths), batch_size):
-        batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]])
-        with torch.no_grad():
-            feats = model.encode_image(batch.to(device)).float()
-        out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
-    seconds = time.perf_counter() - t0
-    return np.concatenate(out), len(paths) / seconds
+    with GpuSampler() if device.startswith("cuda") else _Null() as sampler:
+        t0 = time.perf_counter()
+        for i in range(0, len(paths), batch_size):
+            batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]])
+            with torch.no_grad():
+                feats = model.encode_image(batch.to(device)).float()
+            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        seconds = time.perf_counter() - t0
+    return np.concatenate(out), len(paths) / seconds, getattr(sampler, "mean", None)
 
 
 # ----------------------------------------------------------------------------- ours
 class GpuSampler:
-    """Mean GPU utilisation (%) from ``nvidia-smi`` every 0.2 s while running."""
+    """GPU utilisation (%) every 0.2 s while running: ``nvidia-smi``, else NVML (``pynvml``).
+
+    ``samples`` holds ``(time.monotonic(), percent)`` pairs; ``mean`` is over all of them,
+    ``mean_since(t)`` over those taken at or after ``t``.
+    """
 
     def __init__(self) -> None:
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
+        self.source: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._read = self._reader()
+
+    def _reader(self):
+        def smi() -> float:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout
+            return float(out.split()[0])
+
+        try:
+            smi()
+            self.source = "nvidia-smi"
+            return smi
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            pass
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.source = "nvml"
+            return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:  # no NVML library, no GPU: no samples
+            return None
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while self._read is not None and not self._stop.wait(0.2):
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
-                self.samples.append(float(out.split()[0]))
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                self.samples.append((time.monotonic(), self._read()))
+            except Exception:
                 return
 
     def __enter__(self) -> "GpuSampler":
@@ -149,13 +185,20 @@ class GpuSampler:
         self._stop.set()
         self._thread.join()
 
+    def mean_since(self, t: float = float("-inf")) -> float | None:
+        xs = [u for ts, u in self.samples if ts >= t]
+        return round(float(np.mean(xs)), 1) if xs else None
+
     @property
     def mean(self) -> float | None:
-        return round(float(np.mean(self.samples)), 1) if self.samples else None
+        return self.mean_since()
 
 
-def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, extra: list[str]) -> tuple[np.ndarray, float, float | None]:
-    """`lookalike index` in a subprocess: returns (embeddings in ``paths`` order, images/s, GPU %)."""
+def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, extra: list[str]) -> tuple[np.ndarray, float, dict]:
+    """`lookalike index` in a subprocess: returns (embeddings in ``paths`` order, images/s, GPU figures).
+
+    GPU figures (on CUDA): ``gpu_util_pct`` over the indexing (the report's last ``seconds``),
+    ``gpu_util_run_pct`` over the whole subprocess, ``gpu_samples`` taken during the indexing."""
     manifest = work / f"{name}.jsonl"
     write_manifest(paths, manifest)
     out = work / f"index-{name}"
@@ -164,6 +207,7 @@ def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, ex
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with GpuSampler() if device.startswith("cuda") else _Null() as sampler:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        ended = time.monotonic()
     if proc.returncode != 0:
         raise SystemExit(f"error: lookalike index failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
@@ -173,7 +217,12 @@ def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, ex
     vecs = {pid: np.frombuffer(blob, np.float32) for pid, blob in db.execute("SELECT product_id, vector FROM photos")}
     db.close()
     emb = np.stack([vecs[f"p{i:06d}"] for i in range(len(paths))])
-    return emb, float(report["images_per_s"]), getattr(sampler, "mean", None)
+    gpu: dict = {}
+    if isinstance(sampler, GpuSampler) and sampler.samples:
+        since = ended - float(report["seconds"])
+        gpu = {"gpu_util_pct": sampler.mean_since(since), "gpu_util_run_pct": sampler.mean,
+               "gpu_samples": sum(1 for ts, _ in sampler.samples if ts >= since), "gpu_util_source": sampler.source}
+    return emb, float(report["images_per_s"]), gpu
 
 
 class _Null:
@@ -182,6 +231,43 @@ class _Null:
 
     def __exit__(self, *exc):
         return None
+
+
+# --------------------------------------------------------------------------- decode
+def decode_rate(paths: list[str], device: str, work: Path, name: str) -> dict:
+    """The pipeline's decoding alone, no model: ``lookalike index``'s DataLoader over the same photos with
+    its defaults on ``device`` (decode workers = cores up to 32, batch 256 on CUDA and 64 on CPU, JPEG
+    draft mode, open_clip's preprocessing, batches stacked in the workers; pinned on CUDA).
+    Returns ``{"decode_images_per_s", "decode_workers", "decode_batch_size"}`` (worker start-up included,
+    as in the indexing run)."""
+    import open_clip
+    from torch.utils.data import DataLoader
+
+    from indexer.catalogue import read_catalogue
+    from indexer.images import DEFAULT_MAX_PIXELS
+    from indexer.pipeline import DEFAULT_MAX_FILE_BYTES, _Batch, _PhotoDataset, _Task
+
+    manifest = work / f"decode-{name}.jsonl"
+    write_manifest(paths, manifest)
+    tasks = [_Task(row, None, None, None) for row in read_catalogue(manifest).rows]
+    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=None)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    del model
+    cuda = device.startswith("cuda")
+    workers = min(32, os.cpu_count() or 1)  # indexer.pipeline.index_catalogue's defaults
+    batch_size = 256 if cuda else 64
+    parallel = workers if len(tasks) > batch_size else 0
+    dataset = _PhotoDataset(tasks, preprocess, DEFAULT_MAX_PIXELS, DEFAULT_MAX_FILE_BYTES, draft_size=max(2 * size, 224))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=parallel, collate_fn=_Batch, pin_memory=cuda,
+                        prefetch_factor=4 if parallel else None)
+    t0 = time.perf_counter()
+    decoded = sum(len(batch.ok) for batch in loader)
+    seconds = time.perf_counter() - t0
+    if decoded != len(paths):
+        raise SystemExit(f"error: decoding alone decoded {decoded} of {len(paths)} photos")
+    return {"decode_images_per_s": round(decoded / seconds, 2), "decode_workers": parallel,
+            "decode_batch_size": batch_size}
 
 
 # ------------------------------------------------------------------------ agreement
@@ -259,6 +345,12 @@ def machine() -> dict:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
     return info
 
 
@@ -269,12 +361,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="96 images per set: under a minute")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch-size", type=int, default=64, help="baseline batch size (ours: lookalike index's default)")
+    ap.add_argument("--decode", action="store_true", help="also time the pipeline's decoding alone (default on CUDA)")
+    ap.add_argument("--datasets", default=None, help="datasets folder (default $LOOKALIKE_DATASETS, else ../shared/datasets)")
     ap.add_argument("--levers", action="store_true", help="also time each lever alone on the Magento photos")
     ap.add_argument("--lever-images", type=int, default=725, help="Magento photos per lever run (default 725, all once)")
     ap.add_argument("--work", default=None, help="folder for the manifests and indexes (default: a temporary one)")
     ap.add_argument("--index-args", default="", help="extra arguments for lookalike index, e.g. '--precision fp32'")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args(argv)
+    global DATASETS
+    if args.datasets:
+        DATASETS = Path(args.datasets).resolve()
+    cuda = args.device.startswith("cuda")
     n = 96 if args.quick else args.images
     tmp = tempfile.TemporaryDirectory(prefix="bench-index-") if args.work is None else None
     work = Path(args.work or tmp.name)
@@ -287,14 +385,24 @@ def main(argv=None) -> int:
         if paths is None:
             raise SystemExit(f"error: unknown set {name!r}: use magento, cifar10")
         log(f"{name}: {len(paths)} images ({len(set(paths))} distinct)")
-        base_emb, base_ips = baseline(paths, weights, args.device, args.batch_size)
-        log(f"  baseline (plain open_clip loop, fp32): {base_ips:.1f} images/s")
+        base_emb, base_ips, base_gpu = baseline(paths, weights, args.device, args.batch_size)
+        log(f"  baseline (plain open_clip loop, fp32): {base_ips:.1f} images/s"
+            + (f", GPU {base_gpu}% busy" if base_gpu is not None else ""))
         our_emb, our_ips, gpu = ours(paths, weights, args.device, work, name, args.index_args.split())
-        log(f"  lookalike index:                       {our_ips:.1f} images/s" + (f", GPU {gpu}% busy" if gpu is not None else ""))
+        log(f"  lookalike index:                       {our_ips:.1f} images/s"
+            + (f", GPU {gpu['gpu_util_pct']}% busy while indexing ({gpu['gpu_samples']} samples; "
+               f"{gpu['gpu_util_run_pct']}% over the whole run)" if gpu else ""))
+        decode = decode_rate(paths, args.device, work, name) if args.decode or cuda else {}
+        if decode:
+            log(f"  decoding alone ({decode['decode_workers']} workers, batch {decode['decode_batch_size']}): "
+                f"{decode['decode_images_per_s']:.1f} images/s")
         top10, cos = agreement(paths, base_emb, our_emb)
-        results["sets"][name] = {"images": len(paths), "baseline_images_per_s": round(base_ips, 2),
+        results["sets"][name] = {"images": len(paths), "distinct_images": len(set(paths)),
+                                 "baseline_images_per_s": round(base_ips, 2),
                                  "images_per_s": round(our_ips, 2), "ratio": round(our_ips / base_ips, 2),
-                                 "top10_overlap": round(top10, 4), "mean_cosine": round(cos, 5), "gpu_util_pct": gpu}
+                                 "top10_overlap": round(top10, 4), "mean_cosine": round(cos, 5),
+                                 "gpu_util_pct": gpu.get("gpu_util_pct"), "baseline_gpu_util_pct": base_gpu,
+                                 **{k: v for k, v in gpu.items() if k != "gpu_util_pct"}, **decode}
         total_base += len(paths) / base_ips
         total_ours += len(paths) / our_ips
     total = sum(s["images"] for s in results["sets"].values())
@@ -306,16 +414,28 @@ def main(argv=None) -> int:
         "top10_overlap": round(float(np.mean([s["top10_overlap"] for s in sets])), 4),
         "mean_cosine": round(float(np.mean([s["mean_cosine"] for s in sets])), 5),
     })
+    timed = [(s["images"] / s["images_per_s"], s["gpu_util_pct"]) for s in sets if s["gpu_util_pct"] is not None]
+    if timed:  # weighted by each set's indexing time
+        results["gpu_util_pct"] = round(sum(t * u for t, u in timed) / sum(t for t, _ in timed), 1)
+    if all("decode_images_per_s" in s for s in sets):
+        results["decode_images_per_s"] = round(total / sum(s["images"] / s["decode_images_per_s"] for s in sets), 2)
     if args.levers:
         log("levers (Magento photos, in-process pipeline, CPU):")
         results["levers"] = levers(magento_paths(min(n, args.lever_images)), weights, work)
 
-    print(f"\n{'set':<10}{'images':>8}{'baseline img/s':>16}{'ours img/s':>12}{'ratio':>8}{'top-10 overlap':>16}{'mean cos':>10}")
+    def extra(s: dict) -> str:
+        gpu, dec = s.get("gpu_util_pct"), s.get("decode_images_per_s")
+        return ((f"{gpu:>8.1f}" if gpu is not None else f"{'-':>8}") if "gpu_util_pct" in results else "") + \
+               ((f"{dec:>14.1f}" if dec is not None else f"{'-':>14}") if "decode_images_per_s" in results else "")
+
+    print(f"\n{'set':<10}{'images':>8}{'baseline img/s':>16}{'ours img/s':>12}{'ratio':>8}{'top-10 overlap':>16}{'mean cos':>10}"
+          + (f"{'GPU %':>8}" if "gpu_util_pct" in results else "")
+          + (f"{'decode img/s':>14}" if "decode_images_per_s" in results else ""))
     for name, s in results["sets"].items():
         print(f"{name:<10}{s['images']:>8}{s['baseline_images_per_s']:>16.1f}{s['images_per_s']:>12.1f}"
-              f"{s['ratio']:>8.2f}{s['top10_overlap']:>16.3f}{s['mean_cosine']:>10.4f}")
+              f"{s['ratio']:>8.2f}{s['top10_overlap']:>16.3f}{s['mean_cosine']:>10.4f}" + extra(s))
     print(f"{'all':<10}{total:>8}{results['baseline_images_per_s']:>16.1f}{results['images_per_s']:>12.1f}"
-          f"{results['ratio']:>8.2f}{results['top10_overlap']:>16.3f}{results['mean_cosine']:>10.4f}")
+          f"{results['ratio']:>8.2f}{results['top10_overlap']:>16.3f}{results['mean_cosine']:>10.4f}" + extra(results))
     if args.json:
         print(json.dumps(results))
     if tmp is not None:

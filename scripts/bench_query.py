@@ -1,7 +1,8 @@
 """Query latency, concurrency and cold start of `lookalike serve` on loopback, with and without
 micro-batching, in one run.
 
-    python scripts/bench_query.py [--index DIR] [--model ViT-B-32|lookalike-base] [--quick] [--json]
+    python scripts/bench_query.py [--index DIR] [--model ViT-B-32|lookalike-base] [--device auto|cpu|cuda]
+                                  [--quick] [--json]
 
 Without ``--index`` it first indexes the Magento catalogue photos (all 725; 120 with
 ``--quick``) with ``--model`` (ViT-B-32 with seeded random weights by default: the
@@ -17,15 +18,21 @@ window), it starts the real server as a subprocess and measures:
   sending its next query as soon as the last is answered, for ``--seconds`` per level.
 
 The client runs on the same machine, so it takes some CPU from the server (on 2 cores,
-noticeably). The last line with ``--json`` is one JSON object: ``image_p50_ms``,
+noticeably). ``--device`` is passed to ``lookalike index`` and to the server
+(``LOOKALIKE_DEVICE``); ``auto``, the default, is CUDA where there is a GPU. Photos are read
+from ``--datasets`` or ``$LOOKALIKE_DATASETS`` (default ``../shared/datasets``). Where no
+``lookalike`` command is installed (a bare checkout on ``PYTHONPATH``), the server is started
+through a shim that runs ``python -m indexer.cli``. The last line with ``--json`` is one JSON object: ``image_p50_ms``,
 ``image_p99_ms``, ``text_p50_ms``, ``text_p99_ms``, ``text_cached_p50_ms``, ``qps``
-(``{"1": {"batched": x, "unbatched": y}, ...}``), ``cold_start_s``, plus per-mode details.
+(``{"1": {"batched": x, "unbatched": y}, ...}``), ``cold_start_s``, ``machine``, plus per-mode details.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serverproc  # noqa: E402
 
-DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
 TEXTS = ["hoodie", "red running shoes", "black yoga pants", "a leather bag", "a sports watch", "striped tee",
          "rain jacket", "white tank top", "green shorts", "a water bottle", "blue sweatshirt", "gym bag",
          "fitness ball", "grey hoodie with zipper", "purple bra", "running jacket", "a backpack", "yoga mat",
@@ -51,7 +58,39 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_index(work: Path, model: str, photos: list[Path]) -> Path:
+def ensure_cli(work: Path) -> None:
+    """Put a ``lookalike`` shim on ``PATH`` when no ``lookalike`` command is installed (serverproc starts
+    the server as ``lookalike serve``): it runs this interpreter with ``-m indexer.cli`` and the checkout
+    on ``PYTHONPATH``."""
+    if shutil.which("lookalike", path=str(Path(sys.executable).parent)) or shutil.which("lookalike"):
+        return
+    bin_dir = work / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "lookalike"
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" -m indexer.cli "$@"\n')
+    shim.chmod(0o755)
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    log(f"no lookalike command installed: serving through {shim}")
+
+
+def machine() -> dict:
+    """CPU model, cores and, where nvidia-smi answers, the GPU and its driver."""
+    info: dict = {"cpu": platform.processor(), "cores": os.cpu_count()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        if out:
+            info["gpu"], info["driver"] = [x.strip() for x in out[0].split(",", 1)]
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def build_index(work: Path, model: str, photos: list[Path], device: str = "auto") -> Path:
     """Index ``photos`` (one product each) with ``model`` via ``lookalike index``."""
     manifest = work / "catalogue.jsonl"
     with manifest.open("w") as f:
@@ -67,7 +106,8 @@ def build_index(work: Path, model: str, photos: list[Path]) -> Path:
         torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), weights)
         args += ["--pretrained", str(weights)]
     out = work / "index"
-    cmd = [sys.executable, "-m", "indexer.cli", "index", str(manifest), "--out", str(out), "--quiet", "--offline", *args]
+    cmd = [sys.executable, "-m", "indexer.cli", "index", str(manifest), "--out", str(out), "--quiet", "--offline",
+           "--device", device, *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if proc.returncode != 0:
         raise SystemExit(f"error: lookalike index failed:\n{proc.stderr[-2000:]}")
@@ -129,7 +169,8 @@ def throughput(base: str, uploads: list[bytes], clients: int, seconds: float) ->
 
 
 def run_mode(index: Path, work: Path, batched: bool, uploads: list[bytes], args) -> dict:
-    env = {"LOOKALIKE_ACCESS_LOG": "false", "LOOKALIKE_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+    env = {"LOOKALIKE_ACCESS_LOG": "false", "LOOKALIKE_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+           "LOOKALIKE_DEVICE": args.device}
     if not batched:
         env["LOOKALIKE_BATCH_WINDOW_MS"] = "0"
     port = serverproc.free_port()
@@ -139,13 +180,19 @@ def run_mode(index: Path, work: Path, batched: bool, uploads: list[bytes], args)
     proc = serverproc.spawn(index, port, env, log_path)
     try:
         with httpx.Client(base_url=base, timeout=120) as c:
+            deadline = time.monotonic() + args.start_timeout
             while True:  # cold start: until the first image query is answered
                 if proc.poll() is not None:
                     raise SystemExit(f"error: server exited: {log_path.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"error: no answer to an image query in {args.start_timeout:.0f} s: "
+                                     f"{log_path.read_text(errors='replace')[-2000:]}")
                 try:
                     r = c.post("/v1/search/image", files={"image": ("q.jpg", uploads[0], "image/jpeg")})
                     if r.status_code == 200:
                         break
+                    if r.status_code != 503 or "failed to load" in r.text:  # 503: still loading
+                        raise SystemExit(f"error: the first image query answered {r.status_code}: {r.text[:500]}")
                 except httpx.TransportError:
                     pass
                 time.sleep(0.02)
@@ -170,33 +217,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--index", default=None, help="serve this index instead of building one from the Magento photos")
     ap.add_argument("--model", default="ViT-B-32", help="model for the index built here (ViT-B-32 random weights, or a bundled name)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda: for the index built here and the server")
+    ap.add_argument("--datasets", default=None, help="datasets folder (default $LOOKALIKE_DATASETS, else ../shared/datasets)")
     ap.add_argument("--quick", action="store_true", help="small index, short levels: under a minute")
     ap.add_argument("--queries", type=int, default=100, help="queries per latency measurement (default 100)")
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds per concurrency level (default 15)")
     ap.add_argument("--clients", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the server's first answer")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args(argv)
     args.clients = [int(x) for x in args.clients.split(",")]
     if args.quick:
         args.queries, args.seconds = min(args.queries, 20), min(args.seconds, 2.0)
-    photos = sorted((DATASETS / "magento" / "images").rglob("*.jpg"))
+    datasets = Path(args.datasets).resolve() if args.datasets else DATASETS
+    photos = sorted((datasets / "magento" / "images").rglob("*.jpg"))
     if not photos:
-        raise SystemExit(f"error: no photos under {DATASETS / 'magento' / 'images'} (set LOOKALIKE_DATASETS)")
+        raise SystemExit(f"error: no photos under {datasets / 'magento' / 'images'} (set LOOKALIKE_DATASETS)")
     with tempfile.TemporaryDirectory(prefix="bench-query-") as tmp:
         work = Path(tmp)
+        ensure_cli(work)
         if args.index:
             index = Path(args.index)
         else:
             chosen = photos[:: max(1, len(photos) // 120)] if args.quick else photos
             log(f"indexing {len(chosen)} Magento photos with {args.model} ...")
-            index = build_index(work, args.model, chosen)
+            index = build_index(work, args.model, chosen, args.device)
         uploads = [p.read_bytes() for p in photos[1::7][:40]]
         modes = {"unbatched": run_mode(index, work, False, uploads, args),
                  "batched": run_mode(index, work, True, uploads, args)}
     u, b = modes["unbatched"], modes["batched"]
     qps = {str(lu["clients"]): {"batched": lb["qps"], "unbatched": lu["qps"], "ratio": round(lb["qps"] / lu["qps"], 2)}
            for lu, lb in zip(u["levels"], b["levels"])}
-    result = {"model": args.model, "index": str(args.index or "Magento photos"),
+    result = {"model": args.model, "index": str(args.index or f"{len(chosen)} Magento photos"),
+              "device": args.device, "machine": machine(),
               "image_p50_ms": b["image_p50_ms"], "image_p99_ms": b["image_p99_ms"],
               "text_p50_ms": b["text_p50_ms"], "text_p99_ms": b["text_p99_ms"],
               "text_cached_p50_ms": b["text_cached_p50_ms"], "qps": qps, "cold_start_s": u["cold_start_s"],
