@@ -6,10 +6,13 @@ product writes and deletes; checks errors, lost writes and memory growth; prints
 INDEX_DIR is copied to a temporary folder and served by ``lookalike serve`` (the real
 server, a subprocess) on a free 127.0.0.1 port with a temporary API key. Each client loops
 for ``--seconds``: 50 % image searches, 25 % text searches, 15 % product adds, 10 % deletes
-of its own earlier adds. Afterwards every acknowledged (and not deleted) write must be
-found, every acknowledged delete must be gone. Memory: the server's resident set size
+of its own earlier adds. Afterwards, on the same running server (no restart), every
+acknowledged (and not deleted) product must be readable and found by an image search with
+its own photo (among the top 50, score >= 0.9999: its vector is in the live FAISS index),
+and every acknowledged delete must be gone; after the server stops, ``check`` of the index
+must find no problem (no FAISS id missing or held twice). Memory: the server's resident set size
 (VmRSS) after a warm-up of a fifth of the run, and at the end; growth must stay under 10 %.
-Exit status 0 when there were no errors, no lost writes and growth < 10 %, else 1.
+Exit status 0 when there were no errors, no lost writes, a clean check and growth < 10 %, else 1.
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         base = f"http://127.0.0.1:{port}"
         latencies: dict[str, list[float]] = {"image": [], "text": [], "add": [], "delete": []}
         errors: list[str] = []
-        added: set[str] = set()
+        added: dict[str, bytes] = {}
         deleted: set[str] = set()
         lock = threading.Lock()
         photos = [p.read_bytes() for p in query_photos]
@@ -92,14 +95,15 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
                         elif roll < 0.9 or not mine:
                             kind = "add"
                             pid = f"LOAD-{n}-{i}"
+                            photo = _photo(rng)
                             r = c.post("/v1/products", headers={"authorization": f"Bearer {KEY}"},
                                        data={"metadata": json.dumps({"id": pid, "title": f"load {n} {i}"})},
-                                       files=[("images", ("p.jpg", _photo(rng), "image/jpeg"))])
+                                       files=[("images", ("p.jpg", photo, "image/jpeg"))])
                             ok = r.status_code == 201
                             if ok:
                                 mine.append(pid)
                                 with lock:
-                                    added.add(pid)
+                                    added[pid] = photo
                         else:
                             kind = "delete"
                             pid = mine.pop(rng.randrange(len(mine)))
@@ -131,15 +135,22 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         sampler.join()
         end_rss = _rss_kb(proc.pid)
 
-        lost, resurrected = [], []
+        lost, unsearchable, resurrected = [], [], []
         with httpx.Client(base_url=base, timeout=60) as c:
-            for pid in sorted(added - deleted):
+            for pid in sorted(set(added) - deleted):
                 if c.get(f"/v1/products/{pid}").status_code != 200:
                     lost.append(pid)
+                r = c.post("/v1/search/image?k=50&labels=false", files={"image": ("q.jpg", added[pid], "image/jpeg")})
+                if r.status_code != 200 or not any(x["id"] == pid and x["score"] >= 0.9999 for x in r.json()["results"]):
+                    unsearchable.append(pid)
             for pid in sorted(deleted):
                 if c.get(f"/v1/products/{pid}").status_code != 404:
                     resurrected.append(pid)
         serverproc.stop(proc)
+        from indexer.store import Store
+
+        with Store.open(index) as store:
+            check = store.check()
 
     def pct(values, q):
         return round(float(np.percentile(values, q)), 2) if values else None
@@ -149,7 +160,8 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         "seconds": seconds, "clients": clients, "requests": total, "requests_per_s": round(total / seconds, 2),
         "errors": len(errors), "error_examples": errors[:5],
         "writes_acknowledged": len(added), "deletes_acknowledged": len(deleted),
-        "lost_writes": len(lost), "resurrected_deletes": len(resurrected),
+        "lost_writes": len(lost), "unsearchable_writes": len(unsearchable), "unsearchable_examples": unsearchable[:5],
+        "resurrected_deletes": len(resurrected), "check_problems": check["problems"],
         "rss_warm_mb": round(warm_rss[0] / 1024, 1) if warm_rss else None, "rss_end_mb": round(end_rss / 1024, 1),
     }
     result["rss_growth"] = round(end_rss / warm_rss[0] - 1, 4) if warm_rss and warm_rss[0] else None
@@ -157,7 +169,7 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         result[f"{kind}_count"] = len(values)
         result[f"{kind}_p50_ms"] = pct(values, 50)
         result[f"{kind}_p99_ms"] = pct(values, 99)
-    result["ok"] = (result["errors"] == 0 and not lost and not resurrected
+    result["ok"] = (result["errors"] == 0 and not lost and not unsearchable and not resurrected and check["ok"]
                     and result["rss_growth"] is not None and result["rss_growth"] < 0.10)
     return result
 
@@ -178,7 +190,9 @@ def main(argv=None) -> int:
     if not args.json:
         print(f"{result['requests']} requests in {result['seconds']:.0f} s with {result['clients']} clients "
               f"({result['requests_per_s']}/s): {result['errors']} errors, {result['lost_writes']} lost writes, "
+              f"{result['unsearchable_writes']} acknowledged writes not found by their own photo, "
               f"{result['resurrected_deletes']} deleted products found again")
+        print(f"  check after shutdown: {'clean' if not result['check_problems'] else result['check_problems']}")
         for kind in ("image", "text", "add", "delete"):
             print(f"  {kind:<6} n={result[f'{kind}_count']:<6} p50 {result[f'{kind}_p50_ms']} ms  "
                   f"p99 {result[f'{kind}_p99_ms']} ms")

@@ -1,5 +1,6 @@
 """The load-test script's short mode, run as a user runs it (its own process): concurrent searches and
-writes against the real server, with no errors and no lost writes."""
+writes against the real server, with no errors and no lost writes: every acknowledged product is
+found by an image search with its own photo while the server runs, and check is clean after it stops."""
 import json
 import subprocess
 import sys
@@ -15,6 +16,8 @@ def test_quick_load_test_has_no_errors_or_lost_writes(magento_index):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == 0, result["error_examples"]
     assert result["lost_writes"] == 0 and result["resurrected_deletes"] == 0
+    assert result["unsearchable_writes"] == 0, result["unsearchable_examples"]
+    assert result["check_problems"] == []
     assert result["image_count"] > 0 and result["text_count"] > 0 and result["add_count"] > 0
     assert result["writes_acknowledged"] > 0
     assert result["image_p50_ms"] > 0 and result["image_p99_ms"] >= result["image_p50_ms"]
