@@ -504,6 +504,13 @@ def create_app(
             parts.append(f"{loc or 'request'}: {err.get('msg')}")
         return _error(422, "validation_error", "; ".join(parts) or "invalid request")
 
+    @app.exception_handler(MemoryError)
+    async def _out_of_memory(request: Request, exc: MemoryError):
+        # a request the process cannot afford (a decode past every check, say) is the client's
+        # oversized input, not a server fault: the same 413 the size checks give
+        log.warning("out of memory on %s", request.url.path)
+        return _error(413, "too_large", "the request needs more memory than this server allows; send a smaller image")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)

@@ -165,3 +165,17 @@ def test_catalogue_rows_with_route_suffix_ids_are_reported(tmp_path):
     cat = read_catalogue(manifest)
     assert sorted(cat.products) == ["ok"]
     assert sorted(p.reason for p in cat.problems) == ["bad_id", "bad_id"]
+
+
+def test_out_of_memory_in_a_request_is_a_413(index_copy, tiny_model, monkeypatch):
+    from indexer import updates
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(updates, "image_from_bytes", no_memory)
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY)) as c:
+        r = c.post("/v1/search/image", files={"image": ("q.png", _png((1, 1, 1)), "image/png")})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        assert _add(c, "MEM", [_png((2, 2, 2))]).status_code == 413
+        assert c.get("/healthz").status_code == 200
