@@ -22,7 +22,7 @@
 #
 # Settings (environment): DEVICE (cuda), IMAGES (2000 per set), INDEX_ARGS (extra bench_index.py
 # arguments), QUERY_ARGS (bench_query.py arguments; default "--queries 50 --seconds 5"), PYTHON (python3),
-# WHEELS (.whl), SITE (/tmp/site), INDEX_TIMEOUT (270), QUERY_TIMEOUT (180).
+# WHEELS (.whl), SITE (/tmp/site), INDEX_TIMEOUT (300), QUERY_TIMEOUT (170).
 # A dry run on a machine without a GPU (the project's venv, nothing installed):
 #   DEVICE=cpu IMAGES=24 QUERY_ARGS="--quick --model test-tiny --seconds 1" PYTHON=.venv/bin/python \
 #     WHEELS=/nonexistent bash scripts/gpu_bench.sh
@@ -39,8 +39,8 @@ DEVICE=${DEVICE:-cuda}
 IMAGES=${IMAGES:-2000}
 INDEX_ARGS=${INDEX_ARGS:-}
 QUERY_ARGS=${QUERY_ARGS:---queries 50 --seconds 5}
-INDEX_TIMEOUT=${INDEX_TIMEOUT:-270}
-QUERY_TIMEOUT=${QUERY_TIMEOUT:-180}
+INDEX_TIMEOUT=${INDEX_TIMEOUT:-300}
+QUERY_TIMEOUT=${QUERY_TIMEOUT:-170}
 WHEELS=$(cd "$WHEELS" 2>/dev/null && pwd || echo "$WHEELS")
 if [ -n "${LOOKALIKE_DATASETS:-}" ]; then
     LOOKALIKE_DATASETS=$(cd "$LOOKALIKE_DATASETS" && pwd) || exit 1
