@@ -453,12 +453,16 @@ class Run:
     # 4
     def bodies(self) -> list[Outcome]:
         multipart = {"Content-Type": "multipart/form-data; boundary=xyz"}
+        # a well-formed start, so that only the size (or the key) can be the reason to refuse it
+        part = (b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n")
         json_type = {"Content-Type": "application/json"}
         plans = [
             ("1 GiB upload, no key, chunked generator -> POST /v1/products", (401,),
-             head("POST", "/v1/products", {**multipart, "Transfer-Encoding": "chunked"}), chunked(filler(GIB))),
+             head("POST", "/v1/products", {**multipart, "Transfer-Encoding": "chunked"}),
+             chunked(filler(GIB, prefix=part))),
             ("1 GiB upload, no key, Content-Length -> POST /v1/products", (401,),
-             head("POST", "/v1/products", {**multipart, "Content-Length": str(GIB)}), filler(GIB)),
+             head("POST", "/v1/products", {**multipart, "Content-Length": str(GIB)}), filler(GIB, prefix=part)),
             ("Content-Length 1 GiB, with key, no body sent -> POST /v1/products", (413,),
              head("POST", "/v1/products", {**multipart, **AUTH, "Content-Length": str(GIB)}), ()),
             ("400 MB JSON (Content-Length) -> /v1/search/text", (413,),
@@ -471,7 +475,7 @@ class Run:
         if not self.quick:
             plans.append(("1 GiB upload, with key, chunked -> POST /v1/products", (413,),
                           head("POST", "/v1/products", {**multipart, **AUTH, "Transfer-Encoding": "chunked"}),
-                          chunked(filler(GIB))))
+                          chunked(filler(GIB, prefix=part))))
         out = []
         for request, expect, h, body in plans:
             r = raw_request(self.port, h, body, timeout=60)
