@@ -176,7 +176,7 @@ def build_payloads(full: bool) -> dict[str, bytes]:
         "thin 1x100000 PNG": thin_png(1, 100_000),
         "thin 1x1000000 PNG": thin_png(1, 1_000_000),
         "WebP 16383x16383 solid": solid_webp(16383, 16383),
-        "PNG 16-bit RGBA 8000x8000": zero_png(8000, 8000, 16, 6),
+        "PNG 16-bit RGBA 6000x6000": zero_png(6000, 6000, 16, 6),
         "ICO 16x16 holding PNG 13375x13375": ico_lying(zero_png(13375, 13375, 1, 0)),
         "GIF screen 65535x65535": gif_huge_screen(),
         "JPEG 12000x9000": big_jpeg(),
@@ -367,6 +367,7 @@ class Outcome:
     seconds: float
     note: str = ""
     problem: str = ""  # set when the answer's status is right but its content is not
+    answer: str = ""  # the start of an error answer's body
 
     @property
     def ok(self) -> bool:
@@ -384,17 +385,19 @@ class Run:
     def timed(self, request: str, expect: tuple, call: Callable[[], httpx.Response],
               check: Callable[[httpx.Response], str] | None = None) -> Outcome:
         t0 = time.perf_counter()
-        problem = ""
+        problem = answer = ""
         try:
             r = call()
             status: int | str = r.status_code
             if check is not None and r.status_code in expect:
                 problem = check(r)
+            if r.status_code >= 400:
+                answer = r.text[:300]
         except httpx.TimeoutException:
             status = "timeout"
         except httpx.HTTPError as e:
             status = type(e).__name__
-        return Outcome(request, expect, Counter([status]), time.perf_counter() - t0, problem=problem)
+        return Outcome(request, expect, Counter([status]), time.perf_counter() - t0, problem=problem, answer=answer)
 
     def upload(self, path: str, name: str, data: bytes, auth: bool = False, **params) -> httpx.Response:
         return self.client.post(path, params=params, headers=AUTH if auth else None,
@@ -418,7 +421,7 @@ class Run:
 
     # 2
     def bombs(self) -> list[Outcome]:
-        plan = [("WebP 16383x16383 solid", (413, 422)), ("PNG 16-bit RGBA 8000x8000", (200, 413)),
+        plan = [("WebP 16383x16383 solid", (413, 422)), ("PNG 16-bit RGBA 6000x6000", (200, 413)),
                 ("ICO 16x16 holding PNG 13375x13375", (413, 422)), ("GIF screen 65535x65535", (413, 422))]
         rounds = [("/v1/search/image", False)] + ([] if self.quick else [("/v1/products", True)])
         out = []
@@ -437,6 +440,16 @@ class Run:
                 out.append(self.timed(f"{name} -> /v1/search/image", (413, 422),
                                       lambda: self.upload("/v1/search/image", "big", self.payloads[name])))
         return out
+
+    def heavy_decodes(self) -> list[Outcome]:
+        """Photos under every size limit that each need about 700 MB to decode, four at once: the
+        server must neither need four times that at once nor keep it afterwards."""
+        heavy = "PNG 16-bit RGBA 6000x6000"
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda i: self.timed(f"{heavy} #{i} -> /v1/search/image (4 at once)", (200, 413),
+                                                      lambda: self.upload("/v1/search/image", "p.png",
+                                                                          self.payloads[heavy], labels="false")),
+                                 range(4)))
 
     # 3
     def big_photo(self) -> list[Outcome]:
@@ -707,7 +720,7 @@ def run(args) -> dict:
         log_path = tmp / "server.log"
         port = serverproc.free_port()
         env = {"LOOKALIKE_API_KEYS": KEY, "LOOKALIKE_HEADER_TIMEOUT_S": str(header_timeout),
-               "LOOKALIKE_ACCESS_LOG": "false"}
+               "LOOKALIKE_ACCESS_LOG": "false", **dict(kv.split("=", 1) for kv in args.server_env)}
         proc = serverproc.spawn(index, port, env, log_path)
         attacks: dict[str, dict] = {}
         died = None
@@ -715,7 +728,8 @@ def run(args) -> dict:
             serverproc.wait_ready(proc, port, log_path)
             mon = Monitor(proc.pid, port, args.healthz_timeout)
             r = Run(port, payloads, args.quick, header_timeout)
-            plan = [("thin images", r.thin), ("decode-huge files", r.bombs), ("108 Mpx photo", r.big_photo),
+            plan = [("thin images", r.thin), ("decode-huge files", r.bombs),
+                    ("4 heavy decodes at once", r.heavy_decodes), ("108 Mpx photo", r.big_photo),
                     ("request bodies", r.bodies), ("slow clients", r.slow_clients), ("costly open routes", r.costly_routes),
                     ("integrity", r.integrity), ("smaller kinds", r.small_kinds)]
             for name, attack in plan:
@@ -758,7 +772,7 @@ def run(args) -> dict:
     statuses = [s for a in attacks.values() for o in a["outcomes"] for s, n in o.statuses.items() for _ in range(n)]
     peak_kb = max([a["peak_rss_kb"] for a in attacks.values()] + [hwm_kb])
     five_xx = sum(1 for s in statuses if isinstance(s, int) and s >= 500)
-    unexpected = [f"{name}: {o.request}: {dict(o.statuses)}{' ' + o.problem if o.problem else ''}"
+    unexpected = [f"{name}: {o.request}: {dict(o.statuses)} {o.problem or o.answer}".rstrip()
                   for name, a in attacks.items() for o in a["outcomes"] if not o.ok]
     healthz_ok = all(a["healthz_ok"] for a in attacks.values()) and died is None
     result = {
@@ -801,7 +815,8 @@ def _public(a: dict) -> dict:
         "status_codes": [s for o in a["outcomes"] for s in o.statuses],
         "requests": [{"request": o.request, "statuses": {_key(s): n for s, n in o.statuses.items()},
                       "expect": list(o.expect), "ok": o.ok, "seconds": round(o.seconds, 3),
-                      **({"note": o.note} if o.note else {}), **({"problem": o.problem} if o.problem else {})}
+                      **({"note": o.note} if o.note else {}), **({"problem": o.problem} if o.problem else {}),
+                      **({"answer": o.answer} if o.answer else {})}
                      for o in a["outcomes"]],
         "seconds": round(a["seconds"], 2),
         "peak_rss_mb": round(a["peak_rss_kb"] / 1024, 1),
@@ -852,6 +867,8 @@ def main(argv=None) -> int:
     ap.add_argument("--healthz-timeout", type=float, default=2.0,
                     help="a /healthz probe slower than this, seconds, counts as not answered (default 2)")
     ap.add_argument("--log", type=Path, help="copy the server's log here")
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the server, e.g. LOOKALIKE_DECODE_MEMORY_BYTES=800000000 (repeatable)")
     args = ap.parse_args(argv)
     result = run(args)
     print_table(result)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXPECTED_ATTACKS = {"thin images", "decode-huge files", "108 Mpx photo", "request bodies", "slow clients",
+EXPECTED_ATTACKS = {"thin images", "decode-huge files", "4 heavy decodes at once", "108 Mpx photo", "request bodies", "slow clients",
                     "costly open routes", "integrity", "smaller kinds"}
 
 
