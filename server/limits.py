@@ -187,8 +187,8 @@ async def one_file(request: Request, field: str) -> None:
 
 def check_labels(names: list[str], settings: ServerSettings) -> None:
     """Refuse (422) a per-request label set over ``max_labels`` labels or with a label over
-    ``max_label_chars`` characters: every label costs text-tower time (one 12,000-letter label
-    took 16 s of CPU in the tokenizer) and a place in the classifier cache."""
+    ``max_label_chars`` characters: every label costs tokenizer and text-tower time (one
+    12,000-letter label was measured at 16 s of CPU) and a place in the classifier cache."""
     if len(names) > settings.max_labels:
         raise LookalikeError(f"at most {settings.max_labels} labels per request (got {len(names)})",
                              code="too_many_labels", http_status=422)

@@ -302,7 +302,7 @@ def test_labels_are_capped_in_count_and_length(server):
     r = httpx.post(server.url + "/v1/labels", files={"image": photo}, data={"labels": ["x" * 12000, "shoe"]},
                    headers=AUTH, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["code"] == "label_too_long"
-    assert time.monotonic() - t0 < 5  # embedding it took 16 s of CPU in the tokenizer alone
+    assert time.monotonic() - t0 < 5  # embedding such a label took 16 s of CPU in the measurement
     r = httpx.post(server.url + "/v1/labels", files={"image": photo},
                    data={"labels": ",".join(f"label {i}" for i in range(21))}, headers=AUTH, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_labels"
