@@ -32,7 +32,6 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from .errors import LookalikeError
+from .records import ModelIdentity  # noqa: F401  (re-exported: the identity of a loaded model)
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -53,32 +53,6 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(LookalikeError):
     """The model or its weights could not be loaded."""
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What an index records about the model that made its vectors.
-
-    ``weights_sha256`` is the SHA-256 of every parameter and buffer tensor of the
-    loaded model, in state-dict key order, as float32 bytes: it identifies the
-    weights whatever file format or source they came from.
-    """
-
-    name: str
-    pretrained: str | None
-    weights_sha256: str
-    dim: int
-    image_size: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelIdentity":
-        return cls(**{k: d.get(k) for k in ("name", "pretrained", "weights_sha256", "dim", "image_size")})
-
-    def same_weights(self, other: "ModelIdentity") -> bool:
-        return self.weights_sha256 == other.weights_sha256 and self.dim == other.dim
 
 
 def resolve_device(device: str | None) -> torch.device:

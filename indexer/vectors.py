@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -150,3 +151,14 @@ class VectorIndex:
         """Record a commit that changed no vector (metadata only)."""
         with self._lock:
             self._generation = generation
+
+
+def snapshot_path(index_dir: Path, generation: int) -> Path:
+    """The FAISS snapshot file of ``generation``: ``INDEX_DIR/vectors.g<N>.faiss``."""
+    return Path(index_dir) / f"vectors.g{generation}.faiss"
+
+
+def saved_generation(index_dir: Path) -> int:
+    """The newest generation with a snapshot file in ``index_dir`` (-1 if none)."""
+    gens = [int(p.name[len("vectors.g"):-len(".faiss")]) for p in Path(index_dir).glob("vectors.g*.faiss")]
+    return max(gens, default=-1)

@@ -1,7 +1,9 @@
 """HTTP API through FastAPI's TestClient, on an index of real Magento photos (the search knobs of
 approximate indexes on a synthetic one)."""
+import hashlib
 import io
 import json
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -44,7 +46,11 @@ def test_image_search_finds_the_photos_own_product(client, catalogue_rows):
         first = body["results"][0]
         assert first["id"] == row["id"]
         assert first["score"] >= 0.99
-        assert first["image"] == row["image"]  # says which photo matched
+        # says which photo matched: a URL of this server (never a server path) for that photo id,
+        # whose stored content hash is the query file's
+        assert first["image"] == f"/v1/products/{quote(first['id'], safe='')}/image?photo_id={first['photo_id']}"
+        photos = {p["photo_id"]: p for p in client.get(f"/v1/products/{quote(first['id'], safe='')}").json()["images"]}
+        assert photos[first["photo_id"]]["sha256"] == hashlib.sha256(_jpeg(row["image"])).hexdigest()
         assert first["title"] == row["title"] and first["category"] == row["category"]
         assert len(body["results"]) == 5
         assert len({x["id"] for x in body["results"]}) == 5  # products, not photos
@@ -88,7 +94,10 @@ def test_products_similar_and_images(client, catalogue_rows):
     pid = catalogue_rows[0]["id"]
     p = client.get(f"/v1/products/{pid}").json()
     assert p["id"] == pid and p["images"]
-    assert {i["image"] for i in p["images"]} == {r["image"] for r in catalogue_rows if r["id"] == pid}
+    assert len(p["images"]) == len({r["image"] for r in catalogue_rows if r["id"] == pid})
+    for photo in p["images"]:  # photo URLs, which serve the photo
+        assert photo["image"] == f"/v1/products/{quote(pid, safe='')}/image?photo_id={photo['photo_id']}"
+    assert client.get(p["images"][-1]["image"] + "&size=32").status_code == 200
     sim = client.get(f"/v1/products/{pid}/similar?k=4").json()["results"]
     assert len(sim) == 4 and pid not in {x["id"] for x in sim}
     r = client.get(f"/v1/products/{pid}/image?size=64")

@@ -108,7 +108,7 @@ def test_bad_writes_change_nothing(index_copy, tiny_model):
             (_add(c, "B2", [], title="new product without photos"), 400),
             (c.post("/v1/products", data={"metadata": "{nope"}, headers=AUTH), 422),
             (c.post("/v1/products", data={"metadata": "[1]"}, headers=AUTH), 422),
-            (_add(c, "", [_photo((1, 2, 3))]), 400),
+            (_add(c, "", [_photo((1, 2, 3))]), 422),  # a bad id is invalid metadata, like a bad title
             (_add(c, "B3", [_photo((1, 2, 3))], title=5), 422),
             (c.post("/v1/products", files={"images": ("a.jpg", b"x", "image/jpeg")}, headers=AUTH), 422),
         ]
