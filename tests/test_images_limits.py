@@ -122,7 +122,7 @@ print(json.dumps([outcome, status("VmHWM") - base]))
 """
     proc = subprocess.run(
         [sys.executable, "-c", child, str(path), json.dumps(kwargs)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     outcome, peak = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -374,7 +374,7 @@ def test_budget_from_environment(monkeypatch) -> None:
         if value is not None:
             env[DECODE_MEMORY_ENV] = value
         code = "from indexer.images import decode_memory_budget as b; print(b().capacity_bytes)"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=False)
         if proc.returncode:
             return -1
         return int(proc.stdout)
@@ -445,7 +445,9 @@ try:
 except ImageError as e:
     print(e.reason)
 """
-    proc = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, cwd=ROOT, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "too_large"
 
