@@ -50,7 +50,7 @@ import httpx
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serverproc  # noqa: E402
+import serverproc
 
 KEY = "attack-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -375,30 +375,35 @@ class Outcome:
         return not self.problem and all(s in self.expect for s in self.statuses)
 
 
+def timed(request: str, expect: tuple, call: Callable[[], httpx.Response],
+          check: Callable[[httpx.Response], str] | None = None) -> Outcome:
+    """Make one request with ``call``; ``check`` looks at the content of an answer whose status is expected
+    and says what is wrong with it ("" when nothing)."""
+    t0 = time.perf_counter()
+    problem = answer = ""
+    try:
+        r = call()
+        status: int | str = r.status_code
+        if check is not None and r.status_code in expect:
+            problem = check(r)
+        if r.status_code >= 400:
+            answer = r.text[:300]
+    except httpx.TimeoutException:
+        status = "timeout"
+    except httpx.HTTPError as e:
+        status = type(e).__name__
+    return Outcome(request, expect, Counter([status]), time.perf_counter() - t0, problem=problem, answer=answer)
+
+
 class Run:
+    """The attacks against the server on ``port``: each method makes its requests and returns their outcomes."""
+
     def __init__(self, port: int, payloads: dict[str, bytes], quick: bool, header_timeout: float) -> None:
         self.port, self.payloads, self.quick, self.header_timeout = port, payloads, quick, header_timeout
         self.base = f"http://127.0.0.1:{port}"
         self.client = httpx.Client(base_url=self.base, timeout=120)
         self.lost_writes = 0
         self.acked: list[str] = []
-
-    def timed(self, request: str, expect: tuple, call: Callable[[], httpx.Response],
-              check: Callable[[httpx.Response], str] | None = None) -> Outcome:
-        t0 = time.perf_counter()
-        problem = answer = ""
-        try:
-            r = call()
-            status: int | str = r.status_code
-            if check is not None and r.status_code in expect:
-                problem = check(r)
-            if r.status_code >= 400:
-                answer = r.text[:300]
-        except httpx.TimeoutException:
-            status = "timeout"
-        except httpx.HTTPError as e:
-            status = type(e).__name__
-        return Outcome(request, expect, Counter([status]), time.perf_counter() - t0, problem=problem, answer=answer)
 
     def upload(self, path: str, name: str, data: bytes, auth: bool = False, **params) -> httpx.Response:
         return self.client.post(path, params=params, headers=AUTH if auth else None,
@@ -416,8 +421,8 @@ class Run:
         names = ["thin 1x100000 PNG", "thin 1x1000000 PNG"] + ([] if self.quick else ["thin 100000x1 PNG"])
         for name in names:
             for route in ("/v1/search/image", "/v1/labels"):
-                out.append(self.timed(f"{name} -> {route}", (200, 413, 422),
-                                      lambda: self.upload(route, "thin.png", self.payloads[name])))
+                out.append(timed(f"{name} -> {route}", (200, 413, 422),
+                                      lambda route=route, name=name: self.upload(route, "thin.png", self.payloads[name])))
         return out
 
     # 2
@@ -427,19 +432,19 @@ class Run:
         rounds = [("/v1/search/image", False)] + ([] if self.quick else [("/v1/products", True)])
         out = []
         for route, write in rounds:
-            def one(i: int, name: str, expect: tuple) -> Outcome:
+            def one(i: int, name: str, expect: tuple, route: str = route, write: bool = write) -> Outcome:
                 if write:
                     ok = tuple(201 if s == 200 else s for s in expect)
-                    return self.timed(f"{name} -> {route} (4 at once)", ok,
+                    return timed(f"{name} -> {route} (4 at once)", ok,
                                       lambda: self.add(f"ATK-BOMB-{i}", self.payloads[name], "bomb"))
-                return self.timed(f"{name} -> {route} (4 at once)", expect,
+                return timed(f"{name} -> {route} (4 at once)", expect,
                                   lambda: self.upload(route, "bomb", self.payloads[name], labels="false"))
             with ThreadPoolExecutor(4) as pool:
                 out += list(pool.map(lambda a: one(*a), [(i, n, e) for i, (n, e) in enumerate(plan)]))
         if not self.quick:
             for name in ("PNG 16-bit grey 30000x30000", "WebP 11000x11000 solid"):
-                out.append(self.timed(f"{name} -> /v1/search/image", (413, 422),
-                                      lambda: self.upload("/v1/search/image", "big", self.payloads[name])))
+                out.append(timed(f"{name} -> /v1/search/image", (413, 422),
+                                      lambda name=name: self.upload("/v1/search/image", "big", self.payloads[name])))
         return out
 
     def heavy_decodes(self) -> list[Outcome]:
@@ -447,7 +452,7 @@ class Run:
         four at once: the server must neither need four times that at once nor keep it afterwards."""
         heavy = "PNG 16-bit RGBA 4500x4500" if self.quick else "PNG 16-bit RGBA 6000x6000"
         with ThreadPoolExecutor(4) as pool:
-            return list(pool.map(lambda i: self.timed(f"{heavy} #{i} -> /v1/search/image (4 at once)", (200, 413),
+            return list(pool.map(lambda i: timed(f"{heavy} #{i} -> /v1/search/image (4 at once)", (200, 413),
                                                       lambda: self.upload("/v1/search/image", "p.png",
                                                                           self.payloads[heavy], labels="false")),
                                  range(4)))
@@ -455,12 +460,12 @@ class Run:
     # 3
     def big_photo(self) -> list[Outcome]:
         data = self.payloads["JPEG 12000x9000"]
-        out = [self.timed(f"JPEG 12000x9000 ({len(data) / MB:.1f} MB) -> /v1/search/image", (200,),
+        out = [timed(f"JPEG 12000x9000 ({len(data) / MB:.1f} MB) -> /v1/search/image", (200,),
                           lambda: self.upload("/v1/search/image", "phone.jpg", data))]
         if not self.quick:
-            out.append(self.timed("JPEG 12000x9000 -> /v1/labels", (200,),
+            out.append(timed("JPEG 12000x9000 -> /v1/labels", (200,),
                                   lambda: self.upload("/v1/labels", "phone.jpg", data)))
-            out.append(self.timed("JPEG 12000x9000 -> POST /v1/products", (201,),
+            out.append(timed("JPEG 12000x9000 -> POST /v1/products", (201,),
                                   lambda: self.add("ATK-PHONE", data, "phone.jpg")))
         return out
 
@@ -508,7 +513,7 @@ class Run:
             s.setblocking(False)
             socks.append(s)
         opened = time.perf_counter() - t0
-        during = self.timed(f"text search while {n} half-sent heads are held", (200,),
+        during = timed(f"text search while {n} half-sent heads are held", (200,),
                             lambda: self.client.post("/v1/search/text", json={"query": "red shoe", "k": 5}))
         ends: dict[socket.socket, int | str] = {}
         deadline = time.monotonic() + self.header_timeout + 5
@@ -543,17 +548,17 @@ class Run:
         def no_results(r: httpx.Response) -> str:
             return "" if r.json().get("results") == [] else f"{len(r.json().get('results', []))} results"
 
-        out = [self.timed("/v1/labels, one 12,000-letter label", (422,), lambda: labels(["a" * 12_000, "b"])),
-               self.timed("/v1/labels, 10,000 labels (repeated field)", (422,),
+        out = [timed("/v1/labels, one 12,000-letter label", (422,), lambda: labels(["a" * 12_000, "b"])),
+               timed("/v1/labels, 10,000 labels (repeated field)", (422,),
                           lambda: labels([f"label {i}" for i in range(10_000)])),
-               self.timed("/v1/search/text category 'nope'", (200,),
+               timed("/v1/search/text category 'nope'", (200,),
                           lambda: self.client.post("/v1/search/text",
                                                    json={"query": "red shoe", "k": 50, "category": "nope"}),
                           no_results)]
         if not self.quick:
-            out.append(self.timed("/v1/labels, 10,000 labels (one comma-separated value)", (422,),
+            out.append(timed("/v1/labels, 10,000 labels (one comma-separated value)", (422,),
                                   lambda: labels([",".join(f"label {i}" for i in range(10_000))])))
-            out.append(self.timed("/v1/search/image category 'nope', k=1000", (200,),
+            out.append(timed("/v1/search/image category 'nope', k=1000", (200,),
                                   lambda: self.upload("/v1/search/image", "p.png", photo, k=1000, category="nope"),
                                   no_results))
         return out
@@ -632,12 +637,12 @@ class Run:
     # 8
     def small_kinds(self) -> list[Outcome]:
         photo = self.payloads["small photo"]
-        out = [self.timed("two 'image' fields -> /v1/search/image", (422,),
+        out = [timed("two 'image' fields -> /v1/search/image", (422,),
                           lambda: self.client.post("/v1/search/image",
                                                    files=[("image", ("a.png", photo, "image/png")),
                                                           ("image", ("b.png", product_photo(7), "image/png"))])),
-               self.timed("product id 'ATK/image'", (422,), lambda: self.add("ATK/image", photo))]
-        base = self.timed("POST product ATK-PATCH", (201, 200),
+               timed("product id 'ATK/image'", (422,), lambda: self.add("ATK/image", photo))]
+        base = timed("POST product ATK-PATCH", (201, 200),
                           lambda: self.add("ATK-PATCH", product_photo(11), title="patch me", colour="red"))
         out.append(base)
         deep = '{"metadata": {"deep": ' + '{"a": ' * 900 + "1" + "}" * 900 + "}}"
@@ -646,29 +651,29 @@ class Run:
                   ("PATCH metadata 1e999", '{"metadata": {"x": 1e999}}'),
                   ("PATCH metadata lone surrogate", '{"metadata": {"x": "\\ud800"}}')]
         for request, body in bodies:
-            out.append(self.timed(request, (422,), lambda: self.client.patch(
+            out.append(timed(request, (422,), lambda body=body: self.client.patch(
                 "/v1/products/ATK-PATCH", content=body.encode(), headers={**AUTH, "content-type": "application/json"})))
 
         def unchanged(r: httpx.Response) -> str:
             meta = r.json().get("metadata", {})
             return "" if meta.get("colour") == "red" and set(meta) <= {"colour"} else f"metadata now {str(meta)[:80]}"
-        out.append(self.timed("GET /v1/products/ATK-PATCH after the PATCHes", (200,),
+        out.append(timed("GET /v1/products/ATK-PATCH after the PATCHes", (200,),
                               lambda: self.client.get("/v1/products/ATK-PATCH"), unchanged))
         if not self.quick:
-            out.append(self.timed("POST product, metadata with lone surrogate", (422,), lambda: self.client.post(
+            out.append(timed("POST product, metadata with lone surrogate", (422,), lambda: self.client.post(
                 "/v1/products", headers=AUTH, data={"metadata": '{"id": "ATK-SUR", "x": "\\udc80"}'},
                 files=[("images", ("p.png", photo, "image/png"))])))
-            out.append(self.timed("POST product, metadata 900-deep", (422,), lambda: self.client.post(
+            out.append(timed("POST product, metadata 900-deep", (422,), lambda: self.client.post(
                 "/v1/products", headers=AUTH, data={"metadata": '{"id": "ATK-DEEP", "d": ' + "[" * 900 + "]" * 900 + "}"},
                 files=[("images", ("p.png", photo, "image/png"))])))
-        out.append(self.timed("upload named x.sh holding a PNG", (201, 200),
+        out.append(timed("upload named x.sh holding a PNG", (201, 200),
                               lambda: self.add("ATK-SH", product_photo(13), filename="x.sh")))
 
         def no_sh(r: httpx.Response) -> str:
             return "'.sh' in the answer" if ".sh" in r.text else ""
-        out.append(self.timed("GET /v1/products/ATK-SH (no '.sh')", (200,),
+        out.append(timed("GET /v1/products/ATK-SH (no '.sh')", (200,),
                               lambda: self.client.get("/v1/products/ATK-SH"), no_sh))
-        out.append(self.timed("GET /v1/products/ATK-SH/image", (200,),
+        out.append(timed("GET /v1/products/ATK-SH/image", (200,),
                               lambda: self.client.get("/v1/products/ATK-SH/image"),
                               lambda r: "" if r.headers.get("content-type", "").startswith("image/")
                               else f"content-type {r.headers.get('content-type')}"))
@@ -678,11 +683,10 @@ class Run:
 def auth_reads_kinds(port: int) -> list[Outcome]:
     """The OpenAPI pages and a read route on a server with ``LOOKALIKE_AUTH_READS=1``."""
     c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    run = Run.__new__(Run)
-    out = [run.timed(f"GET {path} without a key (auth_reads)", (401,), lambda: c.get(path))
+    out = [timed(f"GET {path} without a key (auth_reads)", (401,), lambda path=path: c.get(path))
            for path in ("/docs", "/openapi.json", "/redoc", "/v1/categories")]
-    out.append(run.timed("GET /openapi.json with the key (auth_reads)", (200,), lambda: c.get("/openapi.json", headers=AUTH)))
-    out.append(run.timed("GET /healthz without a key (auth_reads)", (200,), lambda: c.get("/healthz")))
+    out.append(timed("GET /openapi.json with the key (auth_reads)", (200,), lambda: c.get("/openapi.json", headers=AUTH)))
+    out.append(timed("GET /healthz without a key (auth_reads)", (200,), lambda: c.get("/healthz")))
     c.close()
     return out
 
@@ -742,7 +746,7 @@ def run(args) -> dict:
                 t0 = time.perf_counter()
                 try:
                     outcomes = attack()
-                except Exception as e:  # a crash of this script's attack is a finding to report, not a traceback
+                except Exception as e:  # noqa: BLE001 -- a crash of an attack is a finding to report, not a traceback
                     outcomes = [Outcome(f"attack raised {type(e).__name__}: {e}"[:160], (), Counter(["error"]), 0.0)]
                 mon.close()
                 attacks[name] = _attack_entry(outcomes, w, time.perf_counter() - t0, _rss_kb(proc.pid))
@@ -757,7 +761,8 @@ def run(args) -> dict:
             if args.log:
                 shutil.copyfile(log_path, args.log)
         t0 = time.perf_counter()
-        check = subprocess.run([_lookalike(), "check", str(index)], capture_output=True, text=True, timeout=300)
+        check = subprocess.run([_lookalike(), "check", str(index)], capture_output=True, text=True, timeout=300,
+                               check=False)
         check_s = time.perf_counter() - t0
         if full:
             proc2 = serverproc.spawn(index, port := serverproc.free_port(),
@@ -871,7 +876,11 @@ def main(argv=None) -> int:
     ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the server, e.g. LOOKALIKE_DECODE_MEMORY_BYTES=800000000 (repeatable)")
     args = ap.parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # the index could not be built or the server not started
+        print(f"attack: {e}", file=sys.stderr)
+        return 1
     print_table(result)
     if args.json:
         print(json.dumps(result, ensure_ascii=True))
