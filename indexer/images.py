@@ -255,6 +255,15 @@ def decode_memory_budget() -> DecodeMemoryBudget:
         return _budget
 
 
+def set_decode_memory_budget(capacity_bytes: int) -> DecodeMemoryBudget:
+    """Replace the process-wide decode budget with one of ``capacity_bytes`` (a server sets it from
+    its ``decode_memory_bytes`` setting at start, before any request). Returns it."""
+    global _budget
+    with _budget_lock:
+        _budget = DecodeMemoryBudget(capacity_bytes)
+        return _budget
+
+
 def _forget_budget_in_child() -> None:
     # A forked worker must not inherit reservations (or a held lock) of threads
     # that do not exist in it.

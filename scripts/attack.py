@@ -549,7 +549,8 @@ class Run:
             return "" if r.json().get("results") == [] else f"{len(r.json().get('results', []))} results"
 
         out = [timed("/v1/labels, one 12,000-letter label", (422,), lambda: labels(["a" * 12_000, "b"])),
-               timed("/v1/labels, 10,000 labels (repeated field)", (422,),
+               # Starlette's multipart parser refuses over 1,000 fields (400) before the label cap (422)
+               timed("/v1/labels, 10,000 labels (repeated field)", (400, 422),
                           lambda: labels([f"label {i}" for i in range(10_000)])),
                timed("/v1/search/text category 'nope'", (200,),
                           lambda: self.client.post("/v1/search/text",

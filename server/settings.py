@@ -41,6 +41,10 @@ class ServerSettings(BaseSettings):
     max_label_chars: int = Field(100, ge=1, le=1000,
                                  description="longest label one POST /v1/labels request may give, characters (422 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, pixels (413 above)")
+    decode_memory_bytes: int = Field(
+        1024 * 1024 * 1024, ge=128 * 1024 * 1024,
+        description="memory that concurrent large image decodes may hold together, bytes: decodes wait for it; an "
+                    "image whose decode alone needs more is refused (413). Applied by 'lookalike serve'")
     thumbnail_cache_items: int = Field(512, ge=0, description="resized product photos kept in memory")
     thumbnail_cache_bytes: int = Field(64 * 1024 * 1024, ge=0,
                                        description="most bytes of resized product photos kept in memory")
