@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from .modelspec import BACKENDS  # noqa: F401  (re-exported)
 
-BACKENDS = ("auto", "torch", "openvino")
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:

@@ -9,44 +9,44 @@ import os
 import sys
 from pathlib import Path
 
+from . import modelspec as ms
 from .errors import LookalikeError
 
 
 def _model_args(p: argparse.ArgumentParser, for_index: bool) -> None:
-    from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
-
     g = p.add_argument_group("model")
     if for_index:
-        g.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"open_clip architecture, model folder, hf-hub:ORG/REPO or bundled name (default {DEFAULT_MODEL})")
-        g.add_argument("--pretrained", default=None,
-                       help=f"open_clip pretrained tag or checkpoint file (default {DEFAULT_PRETRAINED} for {DEFAULT_MODEL})")
+        g.add_argument("--model", default=None, help=ms.MODEL_HELP)
+        g.add_argument("--pretrained", default=None, help=ms.PRETRAINED_HELP)
     else:
-        g.add_argument("--model", default=None, help="model to load instead of the one the index records (must have the same weights)")
-        g.add_argument("--pretrained", default=None, help="weights file or tag for the index's model (checked against the index)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32")
-    g.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                   help="image tower runtime: auto = OpenVINO on CPU (when installed), torch on CUDA")
+        g.add_argument("--model", default=None, help=ms.INDEX_MODEL_HELP)
+        g.add_argument("--pretrained", default=None, help=ms.INDEX_PRETRAINED_HELP)
+    g.add_argument("--device", default="auto", help=ms.DEVICE_HELP)
+    g.add_argument("--precision", choices=ms.PRECISIONS, default="auto", help=ms.PRECISION_HELP)
+    g.add_argument("--backend", choices=ms.BACKENDS, default="auto", help=ms.BACKEND_HELP)
     g.add_argument("--offline", action="store_true",
                    help="never contact the model hub: use cached or local weights only (also: HF_HUB_OFFLINE=1)")
 
 
-def _load_model(args, index_identity: dict | None = None):
-    from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_model
-
+def _model_spec(args) -> ms.ModelSpec:
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    if index_identity is not None:
-        name = args.model or index_identity["name"]
-        pretrained = args.pretrained or (index_identity["pretrained"] if args.model is None else None)
-    else:
-        name = args.model
-        pretrained = args.pretrained
-        if pretrained is None and name == DEFAULT_MODEL:
-            pretrained = DEFAULT_PRETRAINED
-    return load_model(name, pretrained, args.device, args.precision, args.backend)
+    return ms.ModelSpec(args.model, args.pretrained, args.precision, args.backend, args.device)
+
+
+def _load_model(args):
+    """The model the arguments name (the default model when they name none), for work without an index."""
+    return _model_spec(args).load()
+
+
+def _existing_identity(path: str):
+    """The model identity an existing index at ``path`` records; None where there is no index yet."""
+    from .records import MANIFEST_NAME, ModelIdentity
+    from .store import read_manifest
+
+    if not (Path(path) / MANIFEST_NAME).is_file():
+        return None
+    return ModelIdentity.from_dict(read_manifest(path)["model"])
 
 
 def _open_index(path: str, writable: bool = False):
@@ -56,11 +56,8 @@ def _open_index(path: str, writable: bool = False):
 
 
 def _model_for_index(args, store):
-    from .store import check_model
-
-    model = _load_model(args, store.identity.to_dict())
-    check_model(store, model.identity)
-    return model
+    """The index's model, or the one the arguments name if it has the same weights."""
+    return _model_spec(args).load_for(store)
 
 
 # ---------------------------------------------------------------- commands
@@ -74,7 +71,7 @@ def cmd_index(args) -> int:
     if not catalogue.rows:
         problems = "; ".join(f"{p.where}: {p.message}" for p in catalogue.problems[:5])
         raise LookalikeError(f"no photos found in {args.catalogue}" + (f" ({problems})" if problems else ""))
-    model = _load_model(args)
+    model = _model_spec(args).load(_existing_identity(args.out))
     with Store.create(args.out, model.identity) as store:
         store.set_index_choice(args.index_type, args.memory_budget)  # applied by the pipeline's final save
         report = index_catalogue(
@@ -149,10 +146,6 @@ def cmd_label(args) -> int:
     first = Path(args.targets[0])
     if len(args.targets) == 1 and first.is_dir() and (first / "catalogue.sqlite").is_file():
         return _label_index(args, label_set)
-    from .model import DEFAULT_MODEL
-
-    if args.model is None:
-        args.model = DEFAULT_MODEL
     model = _load_model(args)
     clf = ZeroShotClassifier(model, label_set)
     ok, vecs, errors = embed_paths(model, args.targets)
@@ -316,30 +309,21 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import importlib.util
-
     from .evaluate import evaluate, format_table
-    from .model import DEFAULT_MODEL, _open_clip_name
+    from .magento import build_manifest
 
     datasets = Path(args.datasets)
     if not (datasets / "cifar10").is_dir():
         raise LookalikeError(f"no datasets at {datasets}: pass --datasets DIR (the folder with cifar10/, "
                              "fashion-mnist/, magento/)")
-    if args.model is None:
-        args.model = DEFAULT_MODEL
-    model = _load_model(args)
+    spec = _model_spec(args)
+    model = spec.load()
     if args.magento:
         magento_rows = [json.loads(line) for line in Path(args.magento).read_text().splitlines() if line.strip()]
     else:
-        script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_magento.py"
-        spec = importlib.util.spec_from_file_location("prepare_magento", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        magento_rows, _ = module.build_manifest(datasets / "magento")
-    split = None
-    ident, _ = _open_clip_name(args.model)
-    if ident.startswith("local-dir:"):
-        split = Path(ident[len("local-dir:"):]) / "magento_split.json"
+        magento_rows, _ = build_manifest(datasets / "magento")
+    folder = ms.local_dir(ms.open_clip_name(spec.for_new_index()[0])[0])
+    split = folder / "magento_split.json" if folder is not None else None
     say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     baseline = None
     if args.speed_baseline != "none":
@@ -412,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="contrastive training of a CLIP model on catalogue photos and captions")
     p.add_argument("catalogues", nargs="+", metavar="MANIFEST", help="catalogues (any format 'index' reads)")
     p.add_argument("--out", required=True, help="model folder to write (open_clip format)")
-    p.add_argument("--model", default="ViT-B-32", help="model to start from, or an architecture config .json")
+    p.add_argument("--model", default=ms.DEFAULT_MODEL, help="model to start from, or an architecture config .json")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", default=None, help="weights to start from (tag or file)")
     src.add_argument("--from-scratch", action="store_true", help="random initial weights")
@@ -426,8 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat rows whose COLUMN equals VALUE FACTOR times per epoch (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16")
+    p.add_argument("--precision", choices=ms.TRAIN_PRECISIONS, default="auto", help=ms.TRAIN_PRECISION_HELP)
     p.add_argument("--split-file", default=None, help="JSON split to copy into the model folder (for eval)")
     p.add_argument("--workers", type=_positive, default=2, help="decoding processes")
     p.add_argument("--name", default=None, help="model name for the card (default: the folder name)")

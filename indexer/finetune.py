@@ -40,6 +40,7 @@ from .base_model import LookalikeBase, save_base_model
 from .catalogue import Catalogue, read_catalogue
 from .errors import LookalikeError
 from .images import ImageError, open_image
+from .modelspec import TRAIN_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,8 @@ def _build_model(cfg: FinetuneConfig):
     lookalike-base folder (a word tokenizer over its vocabulary), else None (open_clip's tokenizer)."""
     import open_clip
 
-    from .model import _open_clip_name, load_model
+    from .model import load_model
+    from .modelspec import local_dir, open_clip_name
 
     config_path = Path(cfg.model)
     if config_path.suffix == ".json" and config_path.is_file():
@@ -212,18 +214,18 @@ def _build_model(cfg: FinetuneConfig):
         if cfg.pretrained:
             open_clip.load_checkpoint(model, cfg.pretrained)
         return model, _preprocess_cfg(preprocess_cfg), model_cfg, None
+    ident, _ = open_clip_name(cfg.model)
+    folder = local_dir(ident)
     if cfg.from_scratch:
-        ident, _ = _open_clip_name(cfg.model)
-        model_cfg = open_clip.get_model_config(ident) if not ident.startswith("local-dir:") else json.loads(
-            (Path(ident[len("local-dir:"):]) / "open_clip_config.json").read_text())["model_cfg"]
+        model_cfg = open_clip.get_model_config(ident) if folder is None else json.loads(
+            (folder / "open_clip_config.json").read_text())["model_cfg"]
         if model_cfg is None:
             raise FinetuneError(f"unknown architecture {cfg.model!r}")
         return open_clip.model.CLIP(**model_cfg), _preprocess_cfg({}), model_cfg, None
     loaded = load_model(cfg.model, cfg.pretrained, "cpu", precision="fp32", backend="torch")  # bf16 autocast
     model = loaded.model
-    ident, _ = _open_clip_name(cfg.model)
-    if ident.startswith("local-dir:"):
-        data = json.loads((Path(ident[len("local-dir:"):]) / "open_clip_config.json").read_text())
+    if folder is not None:
+        data = json.loads((folder / "open_clip_config.json").read_text())
         model_cfg, pre = data["model_cfg"], data.get("preprocess_cfg", {})
     else:
         model_cfg, pre = open_clip.get_model_config(ident), {}
@@ -247,15 +249,13 @@ def _image_size(model_cfg: dict) -> int:
 
 
 def _use_bf16(precision: str) -> bool:
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """Whether to train under bf16 autocast: ``auto`` resolves as for inference on the CPU
+    (:func:`indexer.model.resolve_precision`)."""
+    from .model import resolve_precision
+
+    if precision not in TRAIN_PRECISIONS:
+        raise FinetuneError(f"unknown training precision {precision!r}: use {', '.join(TRAIN_PRECISIONS)}")
+    return resolve_precision(precision, torch.device("cpu")) == "bf16"
 
 
 def _param_groups(model, weight_decay: float):

@@ -38,21 +38,23 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import LookalikeError
+from .modelspec import (  # noqa: F401  (re-exported: the model specification's names)
+    BACKENDS,
+    BUNDLED_MODELS_DIR,
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    PRECISIONS,
+    ModelLoadError,
+    bundled_models,
+    local_dir,
+    open_clip_name,
+)
 from .records import ModelIdentity  # noqa: F401  (re-exported: the identity of a loaded model)
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEXT_CACHE_ITEMS = 10_000
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 BASE_ARCHITECTURE = "glove-efficientnet-lite"  # indexer.base_model.ARCHITECTURE, without importing timm here
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(LookalikeError):
-    """The model or its weights could not be loaded."""
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -109,28 +111,6 @@ def hf_cache_dir() -> str:
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
-
-
-def _open_clip_name(name: str) -> tuple[str, dict]:
-    """Map our model name to open_clip's identifier and the bundled config's extra keys."""
-    if name.startswith(("hf-hub:", "local-dir:")):
-        ident = name
-    elif "/" not in name and (BUNDLED_MODELS_DIR / name / "open_clip_config.json").is_file():
-        ident = f"local-dir:{BUNDLED_MODELS_DIR / name}"
-    elif os.path.isdir(name):
-        ident = f"local-dir:{os.path.abspath(name)}"
-    else:
-        return name, {}
-    extra: dict = {}
-    if ident.startswith("local-dir:"):
-        cfg_path = Path(ident[len("local-dir:"):]) / "open_clip_config.json"
-        if not cfg_path.is_file():
-            raise ModelLoadError(f"model folder {cfg_path.parent} has no open_clip_config.json")
-        try:
-            extra = json.loads(cfg_path.read_text()).get("lookalike", {})
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
-    return ident, extra
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
@@ -262,8 +242,8 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
 
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
-    ident, extra = _open_clip_name(name)
-    if ident.startswith(("hf-hub:", "local-dir:")):
+    ident, extra = open_clip_name(name)
+    if ident.startswith("hf-hub:") or local_dir(ident) is not None:
         pretrained = None
     elif ident not in open_clip.list_models():
         raise ModelLoadError(
@@ -275,7 +255,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         pretrained = None
     seed = extra.get("random_init_seed")
     if extra.get("architecture") == BASE_ARCHITECTURE:
-        model, preprocess, tokenizer = _load_base(name, Path(ident[len("local-dir:"):]))
+        model, preprocess, tokenizer = _load_base(name, local_dir(ident))
     else:
         try:
             with torch.random.fork_rng(devices=[]), _quiet_open_clip():
@@ -315,7 +295,7 @@ def _load_base(name: str, folder: Path):
 
 def _image_backend(backend: str | None, model, dev: torch.device, precision: str, identity: ModelIdentity):
     """The image tower's runtime back-end (:mod:`indexer.backends`), or None for plain torch."""
-    from .backends import BACKENDS, OpenVINOImageEncoder, openvino_available
+    from .backends import OpenVINOImageEncoder, openvino_available
 
     backend = (backend or "auto").lower()
     if backend not in BACKENDS:
@@ -359,9 +339,9 @@ def _quiet_open_clip():
 
 def _check_weights_present(ident: str, extra: dict) -> None:
     """A model folder must hold weights, unless its config declares it random on purpose."""
-    if not ident.startswith("local-dir:") or extra.get("random_init_seed") is not None:
+    folder = local_dir(ident)
+    if folder is None or extra.get("random_init_seed") is not None:
         return
-    folder = Path(ident[len("local-dir:"):])
     if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
         raise ModelLoadError(f"model folder {folder} has no weights file (*.safetensors, *.bin, *.pth)")
 
@@ -380,10 +360,3 @@ def _load_failure_message(name: str, pretrained: str | None, err: Exception) -> 
             f"folder with --model PATH, or weights with --pretrained PATH. Details: {text}"
         )
     return f"cannot load model {name!r} (pretrained={pretrained!r}): {text}"
-
-
-def bundled_models() -> list[str]:
-    """Names of the models shipped under ``data/models/``."""
-    if not BUNDLED_MODELS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / "open_clip_config.json").is_file())

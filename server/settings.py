@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from indexer import modelspec as ms
 from indexer.images import DEFAULT_MAX_PIXELS
 
 
@@ -22,11 +23,10 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", extra="ignore")
 
     index: Path | None = Field(None, description="index directory to serve (LOOKALIKE_INDEX)")
-    model: str | None = Field(None, description="model to load instead of the index's own (same weights)")
-    pretrained: str | None = Field(None, description="weights file or tag for the index's model")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32")
+    model: str | None = Field(None, description=ms.INDEX_MODEL_HELP)
+    pretrained: str | None = Field(None, description=ms.INDEX_PRETRAINED_HELP)
+    device: str = Field("auto", description=ms.DEVICE_HELP)
+    precision: Literal[ms.PRECISIONS] = Field("auto", description=ms.PRECISION_HELP)  # type: ignore[valid-type]
     labels_file: Path | None = Field(None, description="default label set (YAML/JSON); data/labels/retail.yaml if unset")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1,
                                   description="largest accepted photo, bytes (413 above); the whole multipart body of "
@@ -66,8 +66,7 @@ class ServerSettings(BaseSettings):
     auth_reads: bool = Field(False, description="read routes (search, labels, products) need an API key too")
     read_only: bool = Field(False, description="never write to the index (the write routes answer 403)")
     snapshot_interval_s: float = Field(30.0, gt=0, description="how often live writes are saved to the FAISS snapshot, seconds")
-    backend: Literal["auto", "torch", "openvino"] = Field(
-        "auto", description="image tower runtime: auto = OpenVINO on CPU (when installed), torch on CUDA")
+    backend: Literal[ms.BACKENDS] = Field("auto", description=ms.BACKEND_HELP)  # type: ignore[valid-type]
     batch_window_ms: float = Field(4.0, ge=0, le=1000,
                                    description="micro-batching: longest wait, ms, for concurrent image queries to share "
                                                "a forward pass (0 = embed each query alone)")
@@ -75,6 +74,10 @@ class ServerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     access_log: bool = Field(True, description="log one line per request")
+
+    def model_spec(self) -> ms.ModelSpec:
+        """The model these settings ask for; :meth:`indexer.modelspec.ModelSpec.load_for` loads it for an index."""
+        return ms.ModelSpec(self.model, self.pretrained, self.precision, self.backend, self.device)
 
     def keys(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -1,0 +1,132 @@
+"""The model specification: which model to load (name, pretrained weights) and how to run it
+(precision, back-end, device), and the rule that picks the model for an existing index.
+
+The CLI's arguments and the server's settings are both built from the option lists and help
+texts here, and both load models through :class:`ModelSpec`, so the rule is written once.
+Importing this module costs no torch: ``lookalike --help`` and ``lookalike info`` stay light.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import LookalikeError
+
+if TYPE_CHECKING:
+    from .model import ClipModel
+    from .records import ModelIdentity
+    from .store import Store
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
+LOCAL_DIR_PREFIX = "local-dir:"
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = "inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32"
+#: training runs on the CPU, where fp16 is slow (indexer.finetune)
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+TRAIN_PRECISION_HELP = "auto: bf16 autocast on CPUs with AMX/AVX512-BF16"
+BACKENDS = ("auto", "torch", "openvino")
+BACKEND_HELP = "image tower runtime: auto = OpenVINO on CPU (when installed), torch on CUDA"
+DEVICE_HELP = "auto (CUDA if present), cpu, cuda, cuda:N"
+MODEL_HELP = (f"open_clip architecture, model folder, hf-hub:ORG/REPO or bundled name (default: the index's "
+              f"model when it exists, else {DEFAULT_MODEL})")
+PRETRAINED_HELP = f"open_clip pretrained tag or checkpoint file (default {DEFAULT_PRETRAINED} for {DEFAULT_MODEL})"
+INDEX_MODEL_HELP = "model to load instead of the one the index records (must have the same weights)"
+INDEX_PRETRAINED_HELP = "weights file or tag for the index's model (checked against the index)"
+
+
+class ModelLoadError(LookalikeError):
+    """The model or its weights could not be loaded."""
+
+
+def local_dir(ident: str) -> Path | None:
+    """The folder named by a ``local-dir:PATH`` model identifier; None for any other identifier."""
+    return Path(ident[len(LOCAL_DIR_PREFIX):]) if ident.startswith(LOCAL_DIR_PREFIX) else None
+
+
+def open_clip_name(name: str) -> tuple[str, dict]:
+    """Map a model name to open_clip's identifier and the model folder's ``lookalike`` config keys.
+
+    ``hf-hub:...`` and ``local-dir:...`` are kept; a bundled name (``data/models/NAME``) or an existing
+    folder becomes ``local-dir:ABSOLUTE_PATH``; anything else is an open_clip architecture name,
+    returned as is with ``{}``. Raises ModelLoadError for a folder without a readable
+    ``open_clip_config.json``.
+    """
+    if name.startswith(("hf-hub:", LOCAL_DIR_PREFIX)):
+        ident = name
+    elif "/" not in name and (BUNDLED_MODELS_DIR / name / "open_clip_config.json").is_file():
+        ident = f"{LOCAL_DIR_PREFIX}{BUNDLED_MODELS_DIR / name}"
+    elif os.path.isdir(name):
+        ident = f"{LOCAL_DIR_PREFIX}{os.path.abspath(name)}"
+    else:
+        return name, {}
+    folder = local_dir(ident)
+    if folder is None:
+        return ident, {}
+    cfg_path = folder / "open_clip_config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"model folder {folder} has no open_clip_config.json")
+    try:
+        return ident, json.loads(cfg_path.read_text()).get("lookalike", {})
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped under ``data/models/``."""
+    if not BUNDLED_MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / "open_clip_config.json").is_file())
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: a model (None: the index's, or :data:`DEFAULT_MODEL` for a new index),
+    its weights (None: the model's default) and how to run it (see :func:`indexer.model.load_model`)."""
+
+    name: str | None = None
+    pretrained: str | None = None
+    precision: str = "auto"
+    backend: str = "auto"
+    device: str = "auto"
+
+    def for_new_index(self) -> tuple[str, str | None]:
+        """(name, pretrained) for a model with no index to follow: :data:`DEFAULT_MODEL` unless named,
+        with :data:`DEFAULT_PRETRAINED` as its weights unless others are named."""
+        name = self.name or DEFAULT_MODEL
+        if self.pretrained is None and name == DEFAULT_MODEL:
+            return name, DEFAULT_PRETRAINED
+        return name, self.pretrained
+
+    def for_index(self, identity: ModelIdentity) -> tuple[str, str | None]:
+        """(name, pretrained) to load for an index whose vectors ``identity`` made.
+
+        The index's model and weights unless the user names another model; naming the index's own
+        model keeps its weights unless ``pretrained`` names others. Whatever is loaded must have the
+        index's weights: :meth:`load_for` checks, and raises ModelMismatch otherwise.
+        """
+        if self.name is None or self.name == identity.name:
+            return identity.name, self.pretrained or identity.pretrained
+        return self.name, self.pretrained
+
+    def load(self, identity: ModelIdentity | None = None) -> ClipModel:
+        """Load the model for an index with ``identity`` (:meth:`for_index`), or with none
+        (:meth:`for_new_index`). Raises ModelLoadError. Imports torch."""
+        from .model import load_model
+
+        name, pretrained = self.for_new_index() if identity is None else self.for_index(identity)
+        return load_model(name, pretrained, self.device, self.precision, self.backend)
+
+    def load_for(self, store: Store) -> ClipModel:
+        """:meth:`load` for ``store``'s index, then check that the weights are the ones its vectors were
+        made with. Raises ModelLoadError, or ModelMismatch (a clear message naming both models)."""
+        from .store import check_model
+
+        model = self.load(store.identity)
+        check_model(store, model.identity)
+        return model
