@@ -4,7 +4,7 @@
   with members ``<split>/<class>/NNNN.jpg`` (Krizhevsky 2009).
 * Fashion-MNIST IDX files (Xiao, Rasul & Vollgraf 2017): a 16-byte header then uint8
   28x28 images; labels an 8-byte header then uint8 class ids.
-* The Magento catalogue manifest written by ``scripts/prepare_magento.py``, with the
+* The Magento catalogue manifest read by :mod:`indexer.magento`, with the
   seeded 80/20 split of its parent products that the bundled model was trained on.
 """
 from __future__ import annotations
