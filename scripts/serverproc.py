@@ -1,4 +1,5 @@
-"""Start ``lookalike serve`` as a subprocess on a free loopback port (for the load test and benchmarks).
+"""Start ``lookalike serve`` as a subprocess on a free loopback port: the one way the tests, the load test,
+the attack script and the benchmarks run a real server process.
 
 The server's output goes to a log file: a pipe nobody reads could fill up and block it.
 """
@@ -9,7 +10,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -56,3 +60,20 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def served(index: Path, env: dict[str, str] | None = None, log_path: Path | None = None,
+           timeout_s: float = 180) -> Iterator[str]:
+    """``lookalike serve INDEX`` on a free port for the ``with`` block; yields its base URL once
+    ``/readyz`` answers 200, and stops it after. The log goes to ``log_path`` (by default a
+    temporary file, removed after). Raises RuntimeError as :func:`wait_ready` does."""
+    with tempfile.TemporaryDirectory(prefix="lookalike-serve-") as tmp:
+        log = Path(log_path) if log_path is not None else Path(tmp) / "server.log"
+        port = free_port()
+        proc = spawn(index, port, env or {}, log)
+        try:
+            wait_ready(proc, port, log, timeout_s)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(proc)

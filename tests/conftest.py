@@ -1,7 +1,19 @@
-"""Shared fixtures: the real datasets beside the project, and small indexes built from them."""
+"""Shared fixtures: the catalogue generated for the tests (tests/fixtures/make_catalogue.py), the real
+datasets beside the project for the marked runs, small indexes built from both, and real servers.
+
+Markers (each module says which kind it is with ``pytestmark``):
+
+- ``unit``: no model, no server;
+- ``integration``: a model or a store, in this process (TestClient, uvicorn in a thread);
+- ``system``: a real ``lookalike`` process (server subprocess or the CLI);
+- ``datasets``: needs ``../shared/datasets``; set here on every test that uses the ``datasets_dir``
+  fixture, so ``-m "not datasets"`` is what a bare clone runs.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -9,6 +21,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import serverproc  # noqa: E402
+
+from fixtures.make_catalogue import Fixture, make_catalogue  # noqa: E402
+
+MARKERS = {
+    "unit": "no model, no server",
+    "integration": "a model or a store, in-process",
+    "system": "a real lookalike process: server subprocess or the CLI",
+    "datasets": "needs ../shared/datasets (skips without it, fails under LOOKALIKE_REQUIRE_DATASETS=1)",
+}
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "datasets_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.datasets)
 
 # Converted OpenVINO models and label embeddings go to a cache of this test run (inherited by the
 # `lookalike` subprocesses the tests start), so every run converts and embeds from scratch.
@@ -57,6 +92,31 @@ def tiny_model():
     from indexer.model import load_model
 
     return load_model("test-tiny", None, "cpu")
+
+
+@pytest.fixture(scope="session")
+def fixture_data(tmp_path_factory) -> Fixture:
+    """The generated catalogue (tests/fixtures/make_catalogue.py) with its ground truth."""
+    return make_catalogue(tmp_path_factory.mktemp("fixture-catalogue"))
+
+
+@pytest.fixture(scope="session")
+def fixture_catalogue(fixture_data: Fixture) -> Path:
+    """The generated catalogue's JSONL manifest: 75 good photos of 20 products in 5 categories."""
+    return fixture_data.manifest
+
+
+@pytest.fixture(scope="session")
+def fixture_index(fixture_catalogue, tiny_model, tmp_path_factory) -> Path:
+    """An index of the generated catalogue built with the tiny model."""
+    from indexer.catalogue import read_catalogue
+    from indexer.pipeline import index_catalogue
+    from indexer.store import Store
+
+    out = tmp_path_factory.mktemp("index") / "fixture-index"
+    with Store.create(out, tiny_model.identity) as store:
+        index_catalogue(read_catalogue(fixture_catalogue), store, tiny_model, workers=0, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -127,44 +187,11 @@ class LiveServer:
 
 @contextmanager
 def served(index: Path, extra_env: dict | None = None):
-    """``lookalike serve INDEX`` as a real subprocess on a free loopback port; yields its base URL
-    once /readyz answers 200. Its output goes to a log file (a pipe nobody reads could fill up)."""
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("lookalike", path=str(Path(sys.executable).parent))
-    env = dict(os.environ, **(extra_env or {}))
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([exe, "serve", str(index), "--port", str(port)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
-        base = f"http://127.0.0.1:{port}"
+    """``lookalike serve INDEX`` as a real subprocess on a free loopback port (scripts/serverproc.py);
+    yields its base URL once /readyz answers 200. A server that exits or never gets ready fails the test."""
+    with contextlib.ExitStack() as stack:
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    pytest.fail(f"lookalike serve exited: {log.read()[-2000:]}")
-                try:
-                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("lookalike serve did not become ready in 120 s")
-                time.sleep(0.3)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            base = stack.enter_context(serverproc.served(index, extra_env))
+        except RuntimeError as e:
+            pytest.fail(f"lookalike serve: {e}")
+        yield base

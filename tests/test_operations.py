@@ -12,8 +12,10 @@ from server.app import create_app
 from server.observability import JsonFormatter
 from server.settings import ServerSettings
 
+pytestmark = pytest.mark.integration
 
-def test_readyz_is_503_until_loaded_then_200(magento_index, tiny_model, monkeypatch):
+
+def test_readyz_is_503_until_loaded_then_200(fixture_index, tiny_model, monkeypatch):
     gate = threading.Event()
     real_open = app_module.Store.open
 
@@ -22,7 +24,7 @@ def test_readyz_is_503_until_loaded_then_200(magento_index, tiny_model, monkeypa
         return real_open(*a, **k)
 
     monkeypatch.setattr(app_module.Store, "open", slow_open)
-    app = create_app(magento_index, model=tiny_model, background_load=True)
+    app = create_app(fixture_index, model=tiny_model, background_load=True)
     with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200
         r = c.get("/readyz")
@@ -39,11 +41,11 @@ def test_readyz_is_503_until_loaded_then_200(magento_index, tiny_model, monkeypa
         assert c.post("/v1/search/text", json={"query": "bag"}).status_code == 200
 
 
-def test_load_failure_is_reported_by_readyz(magento_index, tmp_path):
+def test_load_failure_is_reported_by_readyz(fixture_index, tmp_path):
     from indexer.model import load_model
 
     other = load_model("ViT-B-32", "none", "cpu")  # random weights: not the index's model
-    app = create_app(magento_index, model=other, background_load=True)
+    app = create_app(fixture_index, model=other, background_load=True)
     with TestClient(app) as c:
         deadline = time.monotonic() + 30
         while app.state.load_error is None and time.monotonic() < deadline:
@@ -55,13 +57,13 @@ def test_load_failure_is_reported_by_readyz(magento_index, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def client(magento_index, tiny_model):
-    with TestClient(create_app(magento_index, model=tiny_model)) as c:
+def client(fixture_index, tiny_model):
+    with TestClient(create_app(fixture_index, model=tiny_model)) as c:
         yield c
 
 
-def test_metrics_count_requests_latency_embedding_and_index_size(client, magento_subset):
-    rows = [json.loads(x) for x in magento_subset.read_text().splitlines()]
+def test_metrics_count_requests_latency_embedding_and_index_size(client, fixture_catalogue):
+    rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()]
     photo = open(rows[0]["image"], "rb").read()
     for _ in range(3):
         assert client.post("/v1/search/text", json={"query": "watch", "k": 3}).status_code == 200
@@ -98,22 +100,22 @@ def test_one_json_log_line_per_request_with_request_id(client, caplog):
     assert second["status"] == 404 and second["request_id"] == r2.headers["x-request-id"]
 
 
-def test_categories_route(client, magento_subset):
-    rows = [json.loads(x) for x in magento_subset.read_text().splitlines()]
+def test_categories_route(client, fixture_catalogue):
+    rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()]
     cats = client.get("/v1/categories").json()
     assert {c["category"] for c in cats} == {r["category"] for r in rows}
     assert sum(c["products"] for c in cats) == len({r["id"] for r in rows})
 
 
-def test_thumbnails_are_cached_with_etag(client, magento_subset):
-    pid = json.loads(magento_subset.read_text().splitlines()[0])["id"]
+def test_thumbnails_are_cached_with_etag(client, fixture_catalogue):
+    pid = json.loads(fixture_catalogue.read_text().splitlines()[0])["id"]
     r = client.get(f"/v1/products/{pid}/image?size=96")
     assert r.status_code == 200 and r.headers["etag"]
     again = client.get(f"/v1/products/{pid}/image?size=96", headers={"if-none-match": r.headers["etag"]})
     assert again.status_code == 304 and again.content == b""
 
 
-def test_settings_from_environment_and_toml(magento_index, tiny_model, tmp_path, monkeypatch):
+def test_settings_from_environment_and_toml(fixture_index, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOKALIKE_MAX_UPLOAD_BYTES", "1000")
     toml = tmp_path / "lookalike.toml"
     toml.write_text('log_format = "text"\nmax_pixels = 5000\nthumbnail_cache_items = 3\n')
@@ -122,7 +124,7 @@ def test_settings_from_environment_and_toml(magento_index, tiny_model, tmp_path,
     assert (s.max_upload_bytes, s.log_format, s.max_pixels, s.thumbnail_cache_items) == (1000, "text", 5000, 3)
     monkeypatch.setenv("LOOKALIKE_MAX_PIXELS", "7000")  # the environment wins over the file
     assert ServerSettings().max_pixels == 7000
-    with TestClient(create_app(magento_index, model=tiny_model)) as c:
+    with TestClient(create_app(fixture_index, model=tiny_model)) as c:
         r = c.post("/v1/search/image", files={"image": ("q.jpg", b"\xff\xd8" + b"0" * 2000, "image/jpeg")})
         assert r.status_code == 413
 
