@@ -13,6 +13,7 @@ read of several queries (:meth:`Database.read_txn`).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from .errors import NotFound
 from .records import KnownPhoto, PhotoRecord, Product, StoreError, stored_json
 
 DB_NAME = "catalogue.sqlite"
+_CATEGORY_SEPARATOR = re.compile(r"\s*[/>]\s*")
 #: SQLite limits bound parameters per statement (999 in older builds): queries go in chunks.
 CHUNK = 900
 
@@ -66,12 +68,18 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def category_parts(path: str) -> tuple[str, ...]:
+    """A category path's parts, casefolded: ``Men/Tops``, ``men / tops`` and ``Men > Tops`` are all
+    ``("men", "tops")`` (``/`` and ``>`` are the separators retail exports use)."""
+    return tuple(p for p in _CATEGORY_SEPARATOR.split(path.strip().casefold()) if p)
+
+
 def in_category(value: str | None, wanted: str) -> bool:
-    """Whether category ``value`` is ``wanted`` or below it (``Men/Tops`` is in ``men``), case-insensitively."""
+    """Whether category ``value`` is ``wanted`` or below it (``Men > Tops`` is in ``men``), case-insensitively."""
     if not value:
         return False
-    value, wanted = value.casefold(), wanted.strip("/").casefold()
-    return value == wanted or value.startswith(wanted + "/")
+    have, want = category_parts(value), category_parts(wanted)
+    return bool(want) and have[: len(want)] == want
 
 
 def _chunks(items: Sequence, size: int = CHUNK) -> Iterator[Sequence]:

@@ -256,3 +256,14 @@ def test_exact_copy_scores_one_and_passes_min_score_one(store: Store, identity):
     hits = store.search(vecs, k=1, min_score=1.0)
     assert [h[0].product_id for h in hits] == [f"p{i}" for i in range(300)]
     assert all(h[0].score == 1.0 for h in hits)
+
+
+def test_category_filter_understands_both_separators(store: Store, identity):
+    """'Men > Hoodies' exports get the same parent matching as 'Men/Hoodies'."""
+    rng = np.random.default_rng(6)
+    for pid, cat in (("a", "Men > Hoodies"), ("b", "Men/Tops"), ("c", "Menswear"), ("d", "women > men")):
+        add(store, pid, unit(rng, 1, identity.dim), cat)
+    q = unit(rng, 1, identity.dim)
+    for wanted, expected in (("men", {"a", "b"}), ("Men > Hoodies", {"a"}), ("men/hoodies", {"a"}),
+                             (" MEN / TOPS ", {"b"}), ("women", {"d"}), ("Women>Men", {"d"}), ("/", set())):
+        assert {h.product_id for h in store.search(q, k=10, category=wanted)[0]} == expected, wanted

@@ -209,24 +209,53 @@ async function openDetails(id) {
   }
 }
 
+// A category path's parts: "Men/Tops/Hoodies" and "Men > Tops > Hoodies" are both Men, Tops, Hoodies
+// (the server's filter matches a category and everything below it, with either separator).
+function categoryParts(path) { return path.split(/\s*[/>]\s*/).filter(Boolean); }
+
 async function loadCategories() {
   try {
     const cats = await api("/v1/categories");
+    // every parent path too, with the products below it, so that ?category=Women can be chosen
+    const counts = new Map();
     for (const c of cats) {
-      const opt = document.createElement("option");
-      opt.value = c.category;
-      opt.textContent = `${c.category} (${c.products})`;
-      els.category.append(opt);
+      const parts = categoryParts(c.category);
+      for (let i = 1; i <= parts.length; i++) {
+        const path = parts.slice(0, i).join("/");
+        counts.set(path, (counts.get(path) || 0) + c.products);
+      }
+    }
+    for (const path of [...counts.keys()].sort((a, b) => a.localeCompare(b))) {
+      const depth = categoryParts(path).length - 1;
+      addOption(els.category, path, `${"\u00a0\u00a0".repeat(depth)}${categoryParts(path).at(-1)} (${counts.get(path)})`);
     }
   } catch (e) {
     showError(e.message);
   }
 }
 
+function addOption(select, value, text) {
+  const opt = document.createElement("option");
+  opt.value = value;
+  opt.textContent = text;
+  select.append(opt);
+  return opt;
+}
+
+// Select ``value`` in ``select``, adding it as an option when the page does not list it (a k of 10,
+// the API's default, or a category the page has no count for): a shared URL shows what it says.
+function selectValue(select, value, text) {
+  if (![...select.options].some((o) => o.value === value)) addOption(select, value, text || value);
+  select.value = value;
+}
+
 function runFromUrl() {
   const p = params();
-  if (p.get("k")) els.k.value = p.get("k");
-  els.category.value = p.get("category") || "";
+  const k = Number(p.get("k"));
+  if (p.get("k") && Number.isInteger(k) && k >= 1 && k <= 1000) selectValue(els.k, String(k));
+  const category = (p.get("category") || "").trim();
+  if (category) selectValue(els.category, category);
+  else els.category.value = "";
   if (p.get("q")) { els.textQuery.value = p.get("q"); searchText(p.get("q")); }
   else if (p.get("similar")) searchSimilar(p.get("similar"));
 }

@@ -1,0 +1,29 @@
+"""The web page keeps its state in the URL: any k the API accepts and any category level (a parent
+category filters everything below it), in a real browser against the real server. No request of
+the page's own gets a 404 (the favicon used to)."""
+from test_browser import CHROMIUM_ARGS, browser, live_server  # noqa: F401 (fixtures)
+
+
+def test_url_k_and_parent_category_are_applied(live_server, browser):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, missing = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+    page.goto(live_server + "/?q=jacket&k=10&category=women")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('jacket')")
+    assert page.input_value("#k") == "10"  # the API's default, not one of the page's choices
+    assert page.input_value("#category") == "women"
+    results = page.locator("#results .result")
+    assert results.count() == 10
+    categories = [results.nth(i).locator(".category").inner_text() for i in range(10)]
+    assert all(c.lower().startswith("women/") for c in categories), categories
+    parents = page.eval_on_selector_all("#category option", "os => os.map(o => o.value)")
+    assert "Women" in parents and "Men" in parents  # parent levels are listed, not only leaves
+    page.select_option("#category", "Men")
+    page.wait_for_function("[...document.querySelectorAll('#results .result .category')]"
+                           ".every(c => c.textContent.startsWith('Men/'))")
+    assert "category=Men" in page.url and "k=10" in page.url
+    page.goto(live_server + "/?q=jacket&k=nonsense")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('jacket')")
+    assert page.input_value("#k") == "12" and page.locator("#error").is_hidden()
+    assert errors == [] and missing == [], (errors, missing)
