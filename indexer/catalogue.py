@@ -249,6 +249,14 @@ def _sniff(path: Path) -> tuple[str, str] | None:
         return None
 
 
+def _folder_title(rel: PurePosixPath) -> str:
+    """A folder photo's title: its file name without extension when that says something
+    (``hoodie-gray``), else its path (``horse/0039``: ``0039`` alone would not tell a horse from a cat)."""
+    if any(ch.isalpha() for ch in rel.stem) or len(rel.parts) == 1:
+        return rel.stem
+    return str(rel.with_suffix(""))
+
+
 def read_folder(root: Path, allow_outside_root: bool = False) -> Catalogue:
     """Every image below ``root``; product id = relative path without extension, category = its folder.
 
@@ -317,7 +325,7 @@ def read_folder(root: Path, allow_outside_root: bool = False) -> Catalogue:
             skip(rel, *sniffed)
             continue
         parent = str(rel.parent) if str(rel.parent) != "." else None
-        cat.add(str(rel.with_suffix("")), str(path), str(rel), title=rel.stem, category=parent, reason="bad_name")
+        cat.add(str(rel.with_suffix("")), str(path), str(rel), title=_folder_title(rel), category=parent, reason="bad_name")
     cat.problems.sort(key=lambda p: p.where)
     return cat
 
