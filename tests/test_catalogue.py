@@ -1,8 +1,8 @@
 """Tests for indexer.catalogue: folders, CSV/JSONL manifests, tar shards and photo sources.
 
-Photos are real Magento product JPEGs from shared/datasets (copied into tmp_path
-where a test needs a folder layout or a tar shard of its own); the real Magento
-export tables are read in place.
+Photos come from the generated fixture catalogue (tests/fixtures/make_catalogue.py; copied into
+tmp_path where a test needs a folder layout or a tar shard of its own); the real Magento export
+tables of shared/datasets are read in place by the tests marked ``datasets``.
 """
 from __future__ import annotations
 
@@ -26,20 +26,22 @@ from indexer.catalogue import (
 )
 from indexer.images import ImageError, open_image
 
-# Six Magento photos: two views of two products and one photo of two others.
+pytestmark = pytest.mark.unit
+
+# Six JPEGs of the fixture catalogue: two views of two products and one photo of two others.
 PHOTOS = [
-    "m/h/mh01-gray_main.jpg",
-    "m/h/mh01-gray_back.jpg",
-    "m/h/mh02-black_main.jpg",
-    "w/b/wb01-black_main.jpg",
-    "w/b/wb01-black-0.jpg",
-    "m/b/mb01-blue-0.jpg",
+    "hoodies/fx-top-01-grey-main.jpg",
+    "hoodies/fx-top-01-grey-back.jpg",
+    "hoodies/fx-top-02-blue-main.jpg",
+    "bags/fx-bag-01-red-main.jpg",
+    "bags/fx-bag-01-red-back.jpg",
+    "mugs/fx-mug-01-blue-main.jpg",
 ]
 
 
 @pytest.fixture(scope="module")
-def images_dir(datasets_dir: Path) -> Path:
-    d = (datasets_dir / "magento" / "images").resolve()
+def images_dir(fixture_data) -> Path:
+    d = (fixture_data.root / "images").resolve()
     for rel in PHOTOS:
         assert (d / rel).is_file(), rel
     return d
@@ -420,13 +422,13 @@ def test_image_root_with_magento_leading_slash_paths(datasets_dir: Path):
 
 
 def test_image_root_relative_and_default_root(tmp_path: Path, images_dir: Path):
-    manifest = _write_csv(tmp_path / "c.csv", ["id", "image"], [["a", "/m/h/mh01-gray_main.jpg"], ["b", "m/h/mh01-gray_back.jpg"]])
+    manifest = _write_csv(tmp_path / "c.csv", ["id", "image"], [["a", f"/{PHOTOS[0]}"], ["b", PHOTOS[1]]])
     cat = read_catalogue(manifest, image_root=images_dir)
     assert [r.source for r in cat.rows] == [str(images_dir / PHOTOS[0]), str(images_dir / PHOTOS[1])]
     # without image_root, relative paths resolve against the manifest's folder and a
     # leading slash means an absolute path
     cat = read_catalogue(manifest)
-    assert [r.source for r in cat.rows] == ["/m/h/mh01-gray_main.jpg", str(tmp_path.resolve() / PHOTOS[1])]
+    assert [r.source for r in cat.rows] == [f"/{PHOTOS[0]}", str(tmp_path.resolve() / PHOTOS[1])]
     # a leading slash does not escape the explicit root either
     manifest = _write_csv(tmp_path / "d.csv", ["id", "image"], [["a", "/../../etc/passwd"]])
     cat = read_catalogue(manifest, image_root=images_dir)

@@ -14,14 +14,16 @@ from server.app import create_app
 
 from conftest import LiveServer
 
+pytestmark = pytest.mark.integration
+
 KEY = "fuzz-key"
 EXAMPLES = int(os.environ.get("LOOKALIKE_FUZZ_EXAMPLES", "25"))
 
 
 @pytest.fixture(scope="module")
-def base_url(magento_index, tiny_model, tmp_path_factory):
+def base_url(fixture_index, tiny_model, tmp_path_factory):
     index = tmp_path_factory.mktemp("fuzz") / "index"
-    shutil.copytree(magento_index, index, ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(fixture_index, index, ignore=shutil.ignore_patterns(".lock"))
     with LiveServer(create_app(index, model=tiny_model, api_keys=KEY, access_log=False)) as live:
         yield live.url
 

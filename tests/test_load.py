@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.system
 
-def test_quick_load_test_has_no_errors_or_lost_writes(magento_index):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), str(magento_index),
+
+def test_quick_load_test_has_no_errors_or_lost_writes(fixture_index):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), str(fixture_index),
                            "--seconds", "15", "--clients", "4", "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
