@@ -72,7 +72,8 @@ class OpenVINOImageEncoder:
         # released before it (not in thread-local storage, which could outlive the compiled model
         # and free its requests from whichever thread happens to run the garbage collector).
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+        self.compiled = core.compile_model(model, "CPU",
+                                           {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         try:

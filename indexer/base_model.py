@@ -299,7 +299,8 @@ def save_base_model(model: LookalikeBase, vocab: list[str], out: Path, preproces
             keep = k.startswith(("visual.feature_", "text.glove_scale")) or k.endswith("conse_weight")
             v = v.to(torch.float32 if keep else torch.float16)
         state[k] = v.contiguous()
-    config = {"model_cfg": model.cfg, "preprocess_cfg": preprocess_cfg, "lookalike": {**lookalike, "architecture": ARCHITECTURE}}
+    config = {"model_cfg": model.cfg, "preprocess_cfg": preprocess_cfg,
+              "lookalike": {**lookalike, "architecture": ARCHITECTURE}}
     files = {WEIGHTS_FILE: None, VOCAB_FILE: "\n".join(vocab), CONFIG_FILE: json.dumps(config, indent=2)}
     for name, text in files.items():
         tmp = out / f".{name}.tmp"

@@ -344,14 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalogue", help="folder of images, .csv/.jsonl manifest, .tar shard or folder of shards")
     p.add_argument("--out", required=True, help="index directory (created, or updated if it exists)")
     _model_args(p, for_index=True)
-    p.add_argument("--batch-size", type=_positive, default=None, help="photos per forward pass (default 64 on CPU, 256 on CUDA)")
-    p.add_argument("--workers", type=_non_negative, default=None, help="decoding processes (default: CPU cores, at most 32)")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="photos per forward pass (default 64 on CPU, 256 on CUDA)")
+    p.add_argument("--workers", type=_non_negative, default=None,
+                   help="decoding processes (default: CPU cores, at most 32)")
     p.add_argument("--prune", action="store_true", help="remove products and photos no longer in the catalogue")
     p.add_argument("--id-column", default="id")
     p.add_argument("--image-column", default="image")
     p.add_argument("--title-column", default="title")
     p.add_argument("--category-column", default="category")
-    p.add_argument("--image-root", default=None, help="folder that relative image paths start from (default: the manifest's)")
+    p.add_argument("--image-root", default=None,
+                   help="folder that relative image paths start from (default: the manifest's)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read relative image paths, and a folder's symbolic links, that lead outside the root")
     p.add_argument("--allow-private-urls", action="store_true",
@@ -377,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive, default=10, help="number of products (default 10)")
     p.add_argument("--category", default=None, help="only products in this category (or below it)")
     p.add_argument("--ef-search", type=_positive, default=None,
-                   help="HNSW index: candidates explored per query, more = better recall, slower (default: the index's)")
+                   help="HNSW index: candidates explored per query, more = better recall, slower "
+                        "(default: the index's)")
     p.add_argument("--nprobe", type=_positive, default=None,
-                   help="IVF-PQ index: inverted lists visited per query, more = better recall, slower (default: the index's)")
+                   help="IVF-PQ index: inverted lists visited per query, more = better recall, slower "
+                        "(default: the index's)")
     p.add_argument("--json", action="store_true")
     _model_args(p, for_index=False)
     p.set_defaults(func=cmd_search)
@@ -388,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="+", metavar="INDEX_DIR|PATH", help="an index directory, or image files")
     p.add_argument("--labels", default=None, help="label set .yaml/.json (default data/labels/retail.yaml)")
     p.add_argument("--top-k", type=_positive, default=5)
-    p.add_argument("--report", default=None, help="for an index: report file, .jsonl or .csv (default INDEX_DIR/labels.jsonl)")
+    p.add_argument("--report", default=None,
+                   help="for an index: report file, .jsonl or .csv (default INDEX_DIR/labels.jsonl)")
     p.add_argument("--json", action="store_true")
     _model_args(p, for_index=False)
     p.set_defaults(func=cmd_label)
@@ -512,7 +518,8 @@ _non_negative = _int_at_least(0)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except LookalikeError as e:

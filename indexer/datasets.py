@@ -13,8 +13,8 @@ import gzip
 import io
 import random
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image

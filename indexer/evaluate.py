@@ -386,9 +386,12 @@ def format_table(result: dict) -> str:
     rows = [
         ("CIFAR-10 zero-shot top-1", "cifar10_top1", "cifar10_images", None),
         ("Fashion-MNIST zero-shot top-1", "fashion_mnist_top1", "fashion_mnist_images", None),
-        ("Magento near-duplicate recall@1", "magento_near_dup_recall_at_1", "magento_near_dup_queries", "magento_near_dup_recall_at_1_all"),
-        ("Magento same-product recall@5", "magento_same_product_recall_at_5", "magento_same_product_queries", "magento_same_product_recall_at_5_all"),
-        ("Magento category accuracy", "magento_category_accuracy", "magento_category_photos", "magento_category_accuracy_all"),
+        ("Magento near-duplicate recall@1", "magento_near_dup_recall_at_1", "magento_near_dup_queries",
+         "magento_near_dup_recall_at_1_all"),
+        ("Magento same-product recall@5", "magento_same_product_recall_at_5", "magento_same_product_queries",
+         "magento_same_product_recall_at_5_all"),
+        ("Magento category accuracy", "magento_category_accuracy", "magento_category_photos",
+         "magento_category_accuracy_all"),
     ]
     lines = [f"model: {result['model']['name']} (pretrained={result['model']['pretrained']})",
              f"{'metric':<34} {'held-out/test':>13} {'n':>7} {'whole catalogue':>16}"]

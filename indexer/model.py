@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -147,7 +146,8 @@ class ClipModel:
         self._input_dtype = torch.bfloat16 if device.type == "cpu" and precision == "bf16" else None
         # a runtime back-end for the image tower (indexer.backends); None: the torch module itself
         self.image_encoder = image_encoder
-        self.backend = "torch" if image_encoder is None else type(image_encoder).__name__.replace("ImageEncoder", "").lower()
+        self.backend = ("torch" if image_encoder is None
+                        else type(image_encoder).__name__.replace("ImageEncoder", "").lower())
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_lock = threading.Lock()
 
@@ -290,7 +290,8 @@ def _load_base(name: str, folder: Path):
     try:
         return load_base_model(folder)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load model {name!r} from {folder}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+        detail = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ModelLoadError(f"cannot load model {name!r} from {folder}: {detail}") from e
 
 
 def _image_backend(backend: str | None, model, dev: torch.device, precision: str, identity: ModelIdentity):

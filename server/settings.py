@@ -27,7 +27,8 @@ class ServerSettings(BaseSettings):
     pretrained: str | None = Field(None, description=ms.INDEX_PRETRAINED_HELP)
     device: str = Field("auto", description=ms.DEVICE_HELP)
     precision: Literal[ms.PRECISIONS] = Field("auto", description=ms.PRECISION_HELP)  # type: ignore[valid-type]
-    labels_file: Path | None = Field(None, description="default label set (YAML/JSON); data/labels/retail.yaml if unset")
+    labels_file: Path | None = Field(None,
+                                     description="default label set (YAML/JSON); data/labels/retail.yaml if unset")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1,
                                   description="largest accepted photo, bytes (413 above); the whole multipart body of "
                                               "a search or labels request may be max_json_bytes larger")
@@ -37,9 +38,11 @@ class ServerSettings(BaseSettings):
     max_json_bytes: int = Field(64 * 1024, ge=1024,
                                 description="largest accepted body of every other request (JSON queries, product "
                                             "patches), bytes (413 above)")
-    max_labels: int = Field(100, ge=2, le=1000, description="most labels one POST /v1/labels request may give (422 above)")
+    max_labels: int = Field(100, ge=2, le=1000,
+                            description="most labels one POST /v1/labels request may give (422 above)")
     max_label_chars: int = Field(100, ge=1, le=1000,
-                                 description="longest label one POST /v1/labels request may give, characters (422 above)")
+                                 description="longest label one POST /v1/labels request may give, characters "
+                                             "(422 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, pixels (413 above)")
     decode_memory_bytes: int = Field(
         1024 * 1024 * 1024, ge=128 * 1024 * 1024,
@@ -61,15 +64,16 @@ class ServerSettings(BaseSettings):
                                   description="most bytes of an unfinished request line plus headers the server "
                                               "buffers (400 above; h11's max_incomplete_event_size)")
     backlog: int = Field(2048, ge=1, description="connections the kernel queues before the server accepts them")
-    api_keys: str = Field("", description="comma-separated API keys; write routes need one (Authorization: Bearer KEY); "
-                                      "with none set, writes are disabled")
+    api_keys: str = Field("", description="comma-separated API keys; write routes need one (Authorization: Bearer "
+                                          "KEY); with none set, writes are disabled")
     auth_reads: bool = Field(False, description="read routes (search, labels, products) need an API key too")
     read_only: bool = Field(False, description="never write to the index (the write routes answer 403)")
-    snapshot_interval_s: float = Field(30.0, gt=0, description="how often live writes are saved to the FAISS snapshot, seconds")
+    snapshot_interval_s: float = Field(30.0, gt=0,
+                                       description="how often live writes are saved to the FAISS snapshot, seconds")
     backend: Literal[ms.BACKENDS] = Field("auto", description=ms.BACKEND_HELP)  # type: ignore[valid-type]
     batch_window_ms: float = Field(4.0, ge=0, le=1000,
-                                   description="micro-batching: longest wait, ms, for concurrent image queries to share "
-                                               "a forward pass (0 = embed each query alone)")
+                                   description="micro-batching: longest wait, ms, for concurrent image queries to "
+                                               "share a forward pass (0 = embed each query alone)")
     max_batch: int = Field(16, ge=1, le=256, description="micro-batching: most image queries per forward pass")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")

@@ -52,9 +52,8 @@ def test_local_dir_is_parsed_in_one_place(tmp_path):
 
 
 def test_cli_and_server_settings_share_the_option_lists():
-    from server.settings import ServerSettings
-
     from indexer.cli import build_parser
+    from server.settings import ServerSettings
 
     serve = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices["serve"]
     options = {a.dest: a for a in serve._actions}
