@@ -23,17 +23,17 @@ fields); everything else ``max_json_bytes``.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexer.errors import LookalikeError
 
+from .deps import require_read, require_write
+from .errors import error_response
 from .settings import ServerSettings
 
 log = logging.getLogger("lookalike.server")
@@ -49,13 +49,6 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is over this route's {limit}-byte limit")
-
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    response = JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-    if status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    return response
 
 
 def is_write(method: str, path: str) -> bool:
@@ -75,17 +68,13 @@ def body_limit(settings: ServerSettings, method: str, path: str) -> int:
 class RequestLimits:
     """ASGI middleware: key check, then body-size limits, before the app reads the body.
 
-    ``require_read`` / ``require_write`` are the app's own key checks (``server.app``): each takes
-    a :class:`starlette.requests.Request` and raises a LookalikeError (401/403). The routes keep
-    them as dependencies too, so a route this middleware does not classify is still protected.
+    The key checks are the routes' own dependencies (:func:`server.deps.require_read`,
+    :func:`server.deps.require_write`), called here before the body is read.
     """
 
-    def __init__(self, app: ASGIApp, settings: ServerSettings, require_read: Callable[[Request], None],
-                 require_write: Callable[[Request], None]) -> None:
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
         self.app = app
         self.settings = settings
-        self.require_read = require_read
-        self.require_write = require_write
 
     def _read_protected(self, scope: Scope, path: str) -> bool:
         if not self.settings.auth_reads:
@@ -101,13 +90,13 @@ class RequestLimits:
         request = Request(scope)
         try:
             if is_write(method, path):
-                self.require_write(request)
+                require_write(request)
                 engine = getattr(request.app.state, "engine", None)
                 block = getattr(engine, "write_block", None)
                 if block is not None:
                     return block
             elif self._read_protected(scope, path):
-                self.require_read(request)
+                require_read(request)
         except LookalikeError as e:
             return e
         return None
@@ -121,7 +110,7 @@ class RequestLimits:
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         body_done = not chunked and declared in (None, "0")
 
-        async def respond(response: JSONResponse) -> None:
+        async def respond(response: Response) -> None:
             if not body_done:
                 response.headers["Connection"] = "close"
             await response(scope, receive, send)
@@ -163,17 +152,6 @@ class RequestLimits:
             if started:
                 raise
             await respond(error_response(413, "too_large", str(e.detail)))
-
-
-def trim_lru(cache: OrderedDict, max_items: int, max_bytes: int) -> None:
-    """Drop the least recently used entries of ``cache`` (values: ``bytes``, most recent last)
-    until it holds at most ``max_items`` entries and ``max_bytes`` bytes of values.
-
-    O(len(cache)) per call: meant for caches of hundreds of entries (the thumbnail cache)."""
-    total = sum(len(v) for v in cache.values())
-    while cache and (len(cache) > max_items or total > max_bytes):
-        _, value = cache.popitem(last=False)
-        total -= len(value)
 
 
 async def one_file(request: Request, field: str) -> None:

@@ -61,7 +61,8 @@ def configure_logging(level: str, fmt: str) -> None:
     uvicorn's own messages (at WARNING and above). libtiff's C-level error messages, which would
     bypass both, are switched off (:func:`silence_libtiff`)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    text = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(JsonFormatter() if fmt == "json" else text)
     logging.captureWarnings(True)
     for name, logger_level in (("lookalike", level), ("py.warnings", level), ("uvicorn", "WARNING")):
         logger = logging.getLogger(name)

@@ -7,7 +7,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-import server.app as app_module
+from indexer.store import Store
 from server.app import create_app
 from server.observability import JsonFormatter
 from server.settings import ServerSettings
@@ -17,13 +17,13 @@ pytestmark = pytest.mark.integration
 
 def test_readyz_is_503_until_loaded_then_200(fixture_index, tiny_model, monkeypatch):
     gate = threading.Event()
-    real_open = app_module.Store.open
+    real_open = Store.open
 
     def slow_open(*a, **k):
         gate.wait(30)
         return real_open(*a, **k)
 
-    monkeypatch.setattr(app_module.Store, "open", slow_open)
+    monkeypatch.setattr(Store, "open", slow_open)
     app = create_app(fixture_index, model=tiny_model, background_load=True)
     with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200

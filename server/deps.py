@@ -1,0 +1,73 @@
+"""FastAPI dependencies the routers share: the loaded :class:`~server.engine.Engine` and the API
+key checks. :class:`server.limits.RequestLimits` runs the same key checks before a body is read;
+the routes keep them as dependencies, so a route the middleware does not classify is still
+protected."""
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, UploadFile
+
+from indexer.errors import LookalikeError
+
+from .engine import Engine, NotReady
+
+
+def get_engine(request: Request) -> Engine:
+    """The app's engine; 503 ``not_ready`` while it loads or after it failed to load."""
+    engine = request.app.state.engine
+    if engine is None:
+        error = request.app.state.load_error
+        raise NotReady(f"the server failed to load: {error}" if error else "the model and index are still loading")
+    return engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def _check_key(request: Request) -> None:
+    """Bearer API key check, compared in constant time (hmac.compare_digest) against every configured key."""
+    keys = request.app.state.settings.keys()
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise LookalikeError("this route needs an API key: send 'Authorization: Bearer KEY'", code="unauthorized",
+                             http_status=401)
+    token_b = token.strip().encode()
+    valid = False
+    for key in keys:
+        valid |= hmac.compare_digest(token_b, key.encode())
+    if not valid:
+        raise LookalikeError("the API key is not valid", code="forbidden", http_status=403)
+
+
+def require_read(request: Request) -> None:
+    if request.app.state.settings.auth_reads:
+        _check_key(request)
+
+
+def require_write(request: Request) -> None:
+    if not request.app.state.settings.keys():
+        raise LookalikeError("writes are disabled on this server: configure api_keys (LOOKALIKE_API_KEYS)",
+                             code="writes_disabled", http_status=403)
+    _check_key(request)
+
+
+READ_AUTH = [Depends(require_read)]
+WRITE_AUTH = [Depends(require_write)]
+
+
+def writable(engine: Engine) -> Engine:
+    """``engine``, or its ``write_block`` raised (403 read-only / writes disabled, 409 index locked)."""
+    if engine.write_block is not None:
+        raise engine.write_block
+    return engine
+
+
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
+    """The uploaded file's bytes; 413 ``too_large`` past ``limit`` bytes (reads at most ``limit + 1``)."""
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise LookalikeError(f"upload is over the {limit}-byte limit", code="too_large", http_status=413)
+    return data

@@ -1,0 +1,214 @@
+"""What the routes share: the :class:`Engine` (store, model, zero-shot classifiers, thumbnails,
+micro-batcher, and the background threads that follow or snapshot the index) and
+:func:`load_engine`, which builds it from the settings."""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+
+from PIL import Image
+
+from indexer.batching import MicroBatcher
+from indexer.cache import LRUCache
+from indexer.catalogue import read_source_bytes
+from indexer.errors import LookalikeError
+from indexer.images import image_from_bytes
+from indexer.labels import LabelSet, ZeroShotClassifier
+from indexer.model import ClipModel, load_model
+from indexer.store import IndexLocked, Store, check_model
+from indexer.updates import decode_upload
+
+from .observability import Metrics
+from .settings import ServerSettings
+
+log = logging.getLogger("lookalike.server")
+
+REFRESH_INTERVAL_S = 2.0
+CLASSIFIER_CACHE_ITEMS = 64  # per-request label sets kept with their prompt embeddings
+
+
+class Engine:
+    """What the routes share: the store, the model, zero-shot classifiers and metrics."""
+
+    def __init__(self, store: Store, model: ClipModel, label_set: LabelSet, settings: ServerSettings,
+                 metrics: Metrics):
+        self.store = store
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics
+        self.default_labels = ZeroShotClassifier(model, label_set)
+        self.max_upload_bytes = settings.max_upload_bytes
+        self.max_pixels = settings.max_pixels
+        self._classifiers: LRUCache[tuple[str, ...], ZeroShotClassifier] = LRUCache(CLASSIFIER_CACHE_ITEMS)
+        self._thumbnails: LRUCache[tuple[str, int | None], bytes] = LRUCache(
+            settings.thumbnail_cache_items, max_size=settings.thumbnail_cache_bytes, size=len)
+        self.write_block: LookalikeError | None = None
+        if settings.read_only:
+            self.write_block = LookalikeError("this server is read-only (read_only = true)", code="read_only",
+                                              http_status=403)
+        elif not settings.keys():
+            self.write_block = LookalikeError(
+                "writes are disabled on this server: configure api_keys (LOOKALIKE_API_KEYS)",
+                code="writes_disabled", http_status=403)
+        elif not store.writable:
+            self.write_block = LookalikeError("the index is being written by another process (lookalike index?); "
+                                              "retry when it is done", code="index_locked", http_status=409)
+        self.batcher = None
+        if settings.batch_window_ms > 0 and settings.max_batch > 1:
+            self.batcher = MicroBatcher(model.embed_image_tensors, settings.max_batch, settings.batch_window_ms,
+                                        on_batch=metrics.batch_size.labels("image").observe)
+        self._stop = threading.Event()
+        self._saver = None
+        self._follower = None
+        if store.writable:
+            self._start_saver()
+        else:
+            self._follower = threading.Thread(target=self._follow_loop, name="lookalike-follow", daemon=True)
+            self._follower.start()
+        self.update_gauges()
+
+    def _start_saver(self) -> None:
+        self._saver = threading.Thread(target=self._save_loop, name="lookalike-snapshot", daemon=True)
+        self._saver.start()
+
+    def _follow_loop(self) -> None:
+        """A read-only store, in the background: every REFRESH_INTERVAL_S, pick up commits made by
+        another process (``lookalike index``) without ever making a request wait for it, and, on a
+        server that accepts writes, take the write lock as soon as that process lets it go (the
+        409 ``index_locked`` says "retry": this is what makes the retry work)."""
+        wants_writes = self.write_block is not None and self.write_block.code == "index_locked"
+        while not self._stop.wait(REFRESH_INTERVAL_S):
+            try:
+                if wants_writes and self.store.try_become_writable():
+                    self.write_block = None
+                    log.info("the index's write lock is free: writes are accepted now")
+                    self.update_gauges()
+                    self._start_saver()
+                    return
+                if self.store.refresh():
+                    self.update_gauges()
+            except Exception:  # the next round tries again
+                log.exception("following the index's changes failed")
+
+    def _save_loop(self) -> None:
+        """Write the FAISS snapshot after live writes, at most every snapshot_interval_s. SQLite already
+        holds every acknowledged write durably; the snapshot only saves a rebuild at the next start."""
+        while not self._stop.wait(self.settings.snapshot_interval_s):
+            self.save_snapshot()
+
+    def save_snapshot(self) -> None:
+        try:
+            if self.store.generation() != self.store.saved_generation():
+                self.store.save()
+        except Exception:  # the next round or the next start repairs it
+            log.exception("saving the FAISS snapshot failed")
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
+        if self._saver is not None:
+            self._saver.join(timeout=10)
+            self.save_snapshot()
+        self.store.close()
+
+    def update_gauges(self) -> None:
+        self.metrics.products.set(self.store.count_products())
+        self.metrics.photos.set(self.store.count_photos())
+
+    def classifier(self, names: list[str] | None) -> ZeroShotClassifier:
+        if not names:
+            return self.default_labels
+        key = tuple(names)
+        clf = self._classifiers.get(key)
+        if clf is None:
+            clf = ZeroShotClassifier(self.model, LabelSet.from_names(list(names)))
+            self._classifiers.put(key, clf)
+        return clf
+
+    def embed_upload(self, data: bytes):
+        """Decode an uploaded photo and embed it: float32 ``(1, dim)``. Raises a 400/413 LookalikeError.
+
+        With micro-batching on (``batch_window_ms`` > 0), concurrent uploads share a forward pass.
+        """
+        t0 = time.perf_counter()
+
+        def prepare():
+            image = decode_upload(data, self.model, self.max_pixels, "cannot use the uploaded image")
+            return self.model.preprocess(image)
+
+        if self.batcher is not None:
+            vec = self.batcher.embed(prepare)[None, :]
+        else:
+            vec = self.model.embed_image_tensors(prepare()[None])
+            self.metrics.batch_size.labels("image").observe(1)
+        self.metrics.embed_seconds.labels("image").observe(time.perf_counter() - t0)
+        return vec
+
+    def embed_text(self, text: str):
+        t0 = time.perf_counter()
+        vec = self.model.embed_texts([text])
+        self.metrics.embed_seconds.labels("text").observe(time.perf_counter() - t0)
+        self.metrics.batch_size.labels("text").observe(1)
+        return vec
+
+    def search(self, vec, k: int, category: str | None, min_score: float | None,
+               ef_search: int | None = None, nprobe: int | None = None):
+        t0 = time.perf_counter()
+        hits = self.store.search(vec, k, category=category, min_score=min_score, ef_search=ef_search, nprobe=nprobe)[0]
+        self.metrics.search_seconds.observe(time.perf_counter() - t0)
+        return hits
+
+    def close_match(self, hits, query: str) -> bool | None:
+        """Whether the best hit reaches the model's calibrated threshold for a ``query`` of kind
+        ``"image"`` (image-image cosine, ``min_score``) or ``"text"`` (text-image, ``label_min_cosine``);
+        None when the model has no calibration."""
+        threshold = self.model.calibration.get("min_score" if query == "image" else "label_min_cosine")
+        if threshold is None:
+            return None
+        return bool(hits) and hits[0].score >= threshold
+
+    def thumbnail(self, photo: dict, size: int | None) -> bytes:
+        """The photo as JPEG, its longest side at most ``size`` px; kept in an LRU cache by content hash."""
+        key = (photo["sha256"], size)
+        data = self._thumbnails.get(key)
+        if data is not None:
+            return data
+        raw = read_source_bytes(self.store.resolve_source(photo["image"]), 64 * 1024 * 1024)
+        im = image_from_bytes(raw, max_pixels=self.max_pixels, draft_size=size)
+        if size:
+            im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        data = buf.getvalue()
+        self._thumbnails.put(key, data)
+        return data
+
+
+class NotReady(LookalikeError):
+    code = "not_ready"
+    http_status = 503
+
+
+def load_engine(cfg: ServerSettings, metrics: Metrics, model: ClipModel | None = None) -> Engine:
+    """Open the index at ``cfg.index`` and load its model (or ``model``, already loaded), checked
+    against the index; sets the ``model`` metric (the caller sets ``ready`` once it serves the
+    engine). Raises LookalikeError (unknown index, wrong model for the index, missing weights)."""
+    try:
+        # Only a server that accepts writes takes the index's write lock.
+        store = Store.open(cfg.index, writable=bool(cfg.keys()) and not cfg.read_only)
+    except IndexLocked:
+        store = Store.open(cfg.index)  # an indexer holds the write lock: serve, refuse writes until it is done
+    ident = store.identity
+    if model is None:
+        model = load_model(cfg.model or ident.name, cfg.pretrained or (ident.pretrained if cfg.model is None else None),
+                           cfg.device, cfg.precision, cfg.backend)
+    check_model(store, model.identity)
+    engine = Engine(store, model, LabelSet.load(cfg.labels_file), cfg, metrics)
+    metrics.model.info({k: str(v) for k, v in model.identity.to_dict().items()})
+    log.info("ready", extra={"index": str(cfg.index), "products": store.count_products(), "model": model.identity.name})
+    return engine

@@ -1,0 +1,39 @@
+"""Zero-shot labels for a photo, from the default label set or the request's own."""
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from ..deps import READ_AUTH, EngineDep, read_upload
+from ..limits import check_labels, one_file
+from ..schemas import ERRORS, LabelsResponse
+from . import elapsed_ms
+
+router = APIRouter(dependencies=READ_AUTH, responses=ERRORS, tags=["labels"])
+
+
+@router.post("/v1/labels", response_model=LabelsResponse, summary="Zero-shot labels for a photo")
+async def labels_route(
+    request: Request,
+    engine: EngineDep,
+    image: Annotated[UploadFile, File(description="the photo to label")],
+    labels: Annotated[list[str] | None, Form(description="labels to choose from instead of the default set; "
+                                             "repeat the field or give one comma-separated value")] = None,
+    k: Annotated[int, Query(ge=1, le=1000, description="number of labels returned")] = 5,
+) -> LabelsResponse:
+    await one_file(request, "image")
+    names = [n.strip() for value in labels or [] for n in value.split(",") if n.strip()]
+    check_labels(names, request.app.state.settings)
+    data = await read_upload(image, engine.max_upload_bytes)
+
+    def run() -> LabelsResponse:
+        t0 = time.perf_counter()
+        clf = engine.classifier(names)
+        vec = engine.embed_upload(data)
+        return LabelsResponse(labels=clf.top_k(vec, k)[0], none_of_these=clf.none_of_these(vec)[0],
+                              took_ms=elapsed_ms(t0))
+
+    return await run_in_threadpool(run)

@@ -1,0 +1,137 @@
+"""Products: look one up, find similar ones, serve its photos; add, change and delete products.
+
+Route order matters: ``{product_id:path}`` matches slashes, so ``.../similar`` and ``.../image``
+are declared before the bare ``/v1/products/{product_id:path}``, or it would swallow them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from indexer.errors import LookalikeError, NotFound
+from indexer.images import ImageError
+from indexer.store import Product
+from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
+
+from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, read_upload, writable
+from ..schemas import (
+    ERRORS,
+    EfSearch,
+    ErrorResponse,
+    NProbe,
+    ProductPatch,
+    ProductResponse,
+    SearchResponse,
+    public_hits,
+    public_product,
+)
+from . import elapsed_ms
+
+router = APIRouter()
+
+WRITE_ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}}
+
+
+@router.get("/v1/products/{product_id:path}/similar", dependencies=READ_AUTH, response_model=SearchResponse,
+            responses=ERRORS, tags=["products"], summary="Products that look like a catalogue product")
+def similar(
+    engine: EngineDep,
+    product_id: str,
+    k: Annotated[int, Query(ge=1, le=1000)] = 10,
+    category: Annotated[str | None, Query(max_length=500)] = None,
+    ef_search: EfSearch = None,
+    nprobe: NProbe = None,
+) -> SearchResponse:
+    t0 = time.perf_counter()
+    hits = engine.store.similar(product_id, k, category=category, ef_search=ef_search, nprobe=nprobe)
+    return SearchResponse(results=public_hits(hits), close_match=engine.close_match(hits, "image"),
+                          took_ms=elapsed_ms(t0))
+
+
+@router.get("/v1/products/{product_id:path}/image", dependencies=READ_AUTH,
+            responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
+            tags=["products"], summary="A product photo (only photos of catalogue products are served)")
+def product_image(
+    request: Request,
+    engine: EngineDep,
+    product_id: str,
+    photo_id: Annotated[int | None, Query(description="which photo (default: the product's first)")] = None,
+    size: Annotated[int | None, Query(ge=16, le=2048, description="longest side of a thumbnail, in pixels")] = None,
+):
+    product = engine.store.get_product(product_id)
+    photos = product["images"]
+    if photo_id is not None:
+        photos = [p for p in photos if p["photo_id"] == photo_id]
+    if not photos:
+        raise NotFound(f"product {product_id!r} has no photo {photo_id}")
+    photo = photos[0]
+    if photo["image"].lower().startswith(("http://", "https://")):
+        return RedirectResponse(photo["image"])
+    etag = f'"{photo["sha256"][:32]}-{size or 0}"'
+    headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    try:
+        data = engine.thumbnail(photo, size)
+    except ImageError as e:
+        raise NotFound(f"photo of {product_id!r} is no longer readable: {e}") from None
+    return Response(data, media_type="image/jpeg", headers=headers)
+
+
+@router.get("/v1/products/{product_id:path}", dependencies=READ_AUTH, response_model=ProductResponse,
+            responses=ERRORS, tags=["products"], summary="A product with its photos and metadata")
+def product(engine: EngineDep, product_id: str) -> ProductResponse:
+    return public_product(engine.store.get_product(product_id))
+
+
+@router.post("/v1/products", response_model=ProductResponse, status_code=201, dependencies=WRITE_AUTH,
+             responses={**ERRORS, 200: {"model": ProductResponse, "description": "an existing product was replaced"},
+                        **WRITE_ERRORS, 409: {"model": ErrorResponse}},
+             tags=["catalogue updates"], summary="Add or replace a product (upsert by id) with its photos")
+async def add_product(
+    engine: EngineDep,
+    metadata: Annotated[str, Form(description='JSON object: {"id": ..., "title"?, "category"?, any other keys}')],
+    images: Annotated[list[UploadFile] | None, File(description="the product's photos; they replace its current "
+                                                    "photos (none: only the metadata changes)")] = None,
+):
+    engine = writable(engine)
+    try:
+        meta = json.loads(metadata)
+    except ValueError as e:
+        raise LookalikeError(f"metadata is not valid JSON: {e}", code="bad_product", http_status=422) from None
+    if not isinstance(meta, dict):
+        raise LookalikeError("metadata must be a JSON object", code="bad_product", http_status=422)
+    uploads = [PhotoUpload(await read_upload(f, engine.max_upload_bytes), None, f.filename or "")
+               for f in images or []]
+    pid = meta.pop("id", None)
+    title, category = meta.pop("title", None), meta.pop("category", None)
+    for name, value in (("title", title), ("category", category)):
+        if value is not None and not isinstance(value, str):
+            raise LookalikeError(f"{name} must be a string", code="bad_product", http_status=422)
+    product, created = await run_in_threadpool(
+        upsert_product, engine.store, engine.model, Product(pid, title, category, meta), uploads, engine.max_pixels)
+    engine.update_gauges()
+    return JSONResponse(ProductResponse(**public_product(product)).model_dump(), status_code=201 if created else 200)
+
+
+@router.patch("/v1/products/{product_id:path}", response_model=ProductResponse, dependencies=WRITE_AUTH,
+              responses={**ERRORS, **WRITE_ERRORS},
+              tags=["catalogue updates"], summary="Change a product's title, category or metadata")
+def change_product(engine: EngineDep, product_id: str, body: ProductPatch) -> ProductResponse:
+    engine = writable(engine)
+    return public_product(patch_product(engine.store, product_id, body.title, body.category, body.metadata))
+
+
+@router.delete("/v1/products/{product_id:path}", status_code=204, dependencies=WRITE_AUTH,
+               responses={**ERRORS, **WRITE_ERRORS},
+               tags=["catalogue updates"], summary="Delete a product and its photos")
+def remove_product(engine: EngineDep, product_id: str) -> Response:
+    engine = writable(engine)
+    delete_product(engine.store, product_id)
+    engine.update_gauges()
+    return Response(status_code=204)

@@ -1,0 +1,140 @@
+"""The API's request and response models, the query parameters several routes share, and the
+functions that turn store records into public answers (photos as URLs of this server, never paths)."""
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import Query
+from pydantic import BaseModel, Field
+
+from indexer.ann import MAX_EF_SEARCH, MAX_NPROBE
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="short machine-readable reason, e.g. not_an_image, not_found, validation_error")
+    message: str = Field(description="what went wrong, in plain words")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="probability: softmax over the label set of logit_scale * cosine; sums to 1")
+    cosine: float = Field(description="cosine similarity between the image and the label's prompt-ensemble embedding")
+
+
+class Result(BaseModel):
+    id: str = Field(description="product id")
+    score: float = Field(description="cosine similarity of the product's best-matching photo, in [-1, 1]")
+    title: str | None = None
+    category: str | None = None
+    image: str = Field(description="URL of the product photo that matched, on this server "
+                       "(`/v1/products/{id}/image?photo_id=N`; add `&size=256` for a thumbnail)")
+    photo_id: int = Field(description="id of the matched photo")
+    image_metadata: dict = Field(default_factory=dict, description="catalogue columns of the matched photo's row")
+    metadata: dict = Field(default_factory=dict, description="the product's other catalogue columns")
+    label: str | None = Field(None, description="stored zero-shot label (after 'lookalike label INDEX')")
+    label_score: float | None = None
+
+
+CLOSE_MATCH_DOC = ("whether the best result reaches the model's calibrated threshold for a close match "
+                   "(its calibration's `min_score` for photo queries, `label_min_cosine` for text queries; README, "
+                   "\"Scores and thresholds\"); false means the catalogue holds nothing close to the query, "
+                   "null that the model has no calibration")
+NONE_OF_THESE_DOC = ("true when even the best label's cosine is under the model's calibrated `label_min_cosine`: "
+                     "none of the labels fits the photo; null when the model has no calibration")
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    close_match: bool | None = Field(None, description=CLOSE_MATCH_DOC)
+    labels: list[LabelScore] = Field(default_factory=list, description="zero-shot labels of the query photo")
+    none_of_these: bool | None = Field(None, description=NONE_OF_THESE_DOC)
+    took_ms: float
+
+
+EF_SEARCH_DOC = ("HNSW index only: candidates explored per query; more gives better recall, slower "
+                 "(default: the index's, see `lookalike info`)")
+NPROBE_DOC = ("IVF-PQ index only: inverted lists visited per query; more gives better recall, slower "
+              "(default: the index's, see `lookalike info`)")
+EfSearch = Annotated[int | None, Query(ge=1, le=MAX_EF_SEARCH, description=EF_SEARCH_DOC)]
+NProbe = Annotated[int | None, Query(ge=1, le=MAX_NPROBE, description=NPROBE_DOC)]
+
+
+class TextQuery(BaseModel):
+    query: str = Field(min_length=1, max_length=1000, description="words to search for, e.g. 'red running shoes'")
+    k: int = Field(10, ge=1, le=1000, description="number of products")
+    category: str | None = Field(None, max_length=500, description="only this category or below it")
+    min_score: float | None = Field(None, ge=-1, le=1)
+    ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description=EF_SEARCH_DOC)
+    nprobe: int | None = Field(None, ge=1, le=MAX_NPROBE, description=NPROBE_DOC)
+
+
+class LabelsResponse(BaseModel):
+    labels: list[LabelScore]
+    none_of_these: bool | None = Field(None, description=NONE_OF_THESE_DOC)
+    took_ms: float
+
+
+class ProductImage(BaseModel):
+    photo_id: int
+    image: str = Field(description="URL of the photo on this server (`/v1/products/{id}/image?photo_id=N`)")
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    metadata: dict = Field(default_factory=dict)
+
+
+class ProductResponse(BaseModel):
+    id: str
+    title: str | None = None
+    category: str | None = None
+    metadata: dict
+    label: str | None = None
+    label_score: float | None = None
+    updated_at: str
+    images: list[ProductImage]
+
+
+class Health(BaseModel):
+    status: str
+    products: int
+    photos: int
+    model: str
+
+
+class ProductPatch(BaseModel):
+    title: str | None = Field(None, max_length=2000)
+    category: str | None = Field(None, max_length=2000)
+    metadata: dict | None = Field(None, description="keys to set; a key set to null is removed")
+
+
+class CategoryCount(BaseModel):
+    category: str
+    products: int
+
+
+# error responses every /v1 route documents
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "bad input (not an image, empty upload, bad label list)"},
+    404: {"model": ErrorResponse, "description": "unknown product"},
+    413: {"model": ErrorResponse, "description": "upload or image too large"},
+    422: {"model": ErrorResponse, "description": "invalid parameters"},
+    503: {"model": ErrorResponse, "description": "the model and index are still loading"},
+}
+
+
+def photo_url(product_id: str, photo_id: int) -> str:
+    return f"/v1/products/{quote(product_id, safe='')}/image?photo_id={photo_id}"
+
+
+def public_hits(hits) -> list[dict]:
+    """Search hits as the API returns them: the photo as a URL of this server, never a server path."""
+    return [{**h.to_dict(), "image": photo_url(h.product_id, h.photo_id)} for h in hits]
+
+
+def public_product(product: dict) -> dict:
+    return {**product, "images": [{**p, "image": photo_url(product["id"], p["photo_id"])} for p in product["images"]]}
