@@ -29,14 +29,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .cache import LRUCache
 from .modelspec import (  # noqa: F401  (re-exported: the model specification's names)
     BACKENDS,
     BUNDLED_MODELS_DIR,
@@ -148,8 +147,7 @@ class ClipModel:
         self.image_encoder = image_encoder
         self.backend = ("torch" if image_encoder is None
                         else type(image_encoder).__name__.replace("ImageEncoder", "").lower())
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._text_lock = threading.Lock()
+        self._text_cache: LRUCache[str, np.ndarray] = LRUCache(TEXT_CACHE_ITEMS)
 
     @property
     def draft_size(self) -> int:
@@ -193,10 +191,7 @@ class ClipModel:
         Results are kept in an LRU cache of ``TEXT_CACHE_ITEMS`` texts (a repeated query,
         a label prompt, costs a dictionary lookup instead of a forward pass).
         """
-        with self._text_lock:
-            known = {t: self._text_cache[t] for t in dict.fromkeys(texts) if t in self._text_cache}
-            for t in known:
-                self._text_cache.move_to_end(t)
+        known = {t: v for t in dict.fromkeys(texts) if (v := self._text_cache.get(t)) is not None}
         missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
             vecs = []
@@ -206,10 +201,8 @@ class ClipModel:
                     vecs.append(_normalise(self.model.encode_text(tokens)))
             fresh = dict(zip(missing, np.concatenate(vecs)))
             known.update(fresh)
-            with self._text_lock:
-                self._text_cache.update(fresh)
-                while len(self._text_cache) > TEXT_CACHE_ITEMS:
-                    self._text_cache.popitem(last=False)
+            for t, v in fresh.items():
+                self._text_cache.put(t, v)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([known[t] for t in texts])
