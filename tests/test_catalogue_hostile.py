@@ -4,8 +4,8 @@ Folders: formats Pillow reads whatever their extension, non-image files, symboli
 (out of the root, broken, looping), FIFOs, sockets, unreadable files, file names that are
 not UTF-8 or hold control characters. Manifests: lone surrogates, NULs and control
 characters in ids, titles and metadata; bytes that are not UTF-8; fields over the CSV
-module's size limit; JSON nested too deeply. The photos are the small Pillow test images
-of shared/datasets/messy-images, converted with Pillow where a format is needed.
+module's size limit; JSON nested too deeply. The photo is a JPEG of the generated fixture catalogue
+(tests/fixtures/make_catalogue.py), converted with Pillow where a format is needed.
 """
 from __future__ import annotations
 
@@ -22,15 +22,19 @@ from PIL import Image
 from indexer.catalogue import read_catalogue
 
 
+pytestmark = pytest.mark.unit
+
+
 @pytest.fixture(scope="module")
-def hopper(datasets_dir: Path) -> Image.Image:
-    with Image.open(datasets_dir / "messy-images" / "hopper.jpg") as im:
+def hopper(fixture_data) -> Image.Image:
+    """A small upright photo (the name kept from Pillow's test image that played this part)."""
+    with Image.open(fixture_data.orientation / "card.jpg") as im:
         return im.convert("RGB")
 
 
 @pytest.fixture(scope="module")
-def jpeg_bytes(datasets_dir: Path) -> bytes:
-    return (datasets_dir / "messy-images" / "hopper.jpg").read_bytes()
+def jpeg_bytes(fixture_data) -> bytes:
+    return (fixture_data.orientation / "card.jpg").read_bytes()
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -69,12 +73,12 @@ def odd_formats(hopper: Image.Image) -> dict[str, bytes]:
     return files
 
 
-def test_formats_pillow_reads_are_photos_whatever_their_extension(tmp_path: Path, odd_formats, datasets_dir):
+def test_formats_pillow_reads_are_photos_whatever_their_extension(tmp_path: Path, odd_formats, fixture_data):
     root = tmp_path / "shop"
     root.mkdir()
     for name, data in odd_formats.items():
         (root / name).write_bytes(data)
-    shutil.copyfile(datasets_dir / "messy-images" / "LICENSE_Pillow.txt", root / "README.txt")
+    shutil.copyfile(fixture_data.root / "broken" / "not_an_image.jpg", root / "README.txt")
     cat = read_catalogue(root)
     assert sorted(Path(r.source).name for r in cat.rows) == sorted(odd_formats)
     assert _problems(cat) == {"README.txt": "not_an_image"}

@@ -1,7 +1,7 @@
 """Hostile catalogues through a whole indexing run: one bad file or row never stops it.
 
-A folder of real photos (shared/datasets/messy-images' hopper.jpg, re-encoded so each photo
-has its own bytes) with files whose names are not UTF-8, and manifests with lone surrogates
+A folder of photos (a JPEG of the generated fixture catalogue, turned and re-encoded so each
+photo has its own bytes) with files whose names are not UTF-8, and manifests with lone surrogates
 and NULs, are indexed with the tiny model, once through index_catalogue with small commit
 batches (the bad file used to crash the run at the commit that held it, and every re-run at
 the same point) and once through the real `lookalike index` command.
@@ -28,9 +28,9 @@ COMMIT_EVERY = 8
 
 
 @pytest.fixture(scope="module")
-def photo_bytes(datasets_dir: Path) -> list[bytes]:
+def photo_bytes(fixture_data) -> list[bytes]:
     """N_PHOTOS distinct small JPEGs."""
-    with Image.open(datasets_dir / "messy-images" / "hopper.jpg") as im:
+    with Image.open(fixture_data.orientation / "card.jpg") as im:
         base = im.convert("RGB").resize((48, 48))
     out = []
     for i in range(N_PHOTOS):
@@ -65,6 +65,7 @@ EXPECTED_SKIPS = {
 }
 
 
+@pytest.mark.integration
 def test_a_folder_with_bad_names_is_indexed_in_full_and_re_runs(tmp_path: Path, photo_bytes, tiny_model):
     root = _hostile_folder(tmp_path / "shop", photo_bytes)
     catalogue = read_catalogue(root)
@@ -81,6 +82,7 @@ def test_a_folder_with_bad_names_is_indexed_in_full_and_re_runs(tmp_path: Path, 
     assert all(p["message"] for p in saved["row_problems"])
 
 
+@pytest.mark.integration
 def test_manifest_rows_with_surrogates_and_nuls_cost_their_row(tmp_path: Path, photo_bytes, tiny_model):
     for i in range(4):
         (tmp_path / f"p{i}.jpg").write_bytes(photo_bytes[i])
@@ -108,6 +110,7 @@ def _lookalike(*args: str) -> subprocess.CompletedProcess:
                           env=dict(os.environ, LOOKALIKE_COMMIT_EVERY=str(COMMIT_EVERY)))
 
 
+@pytest.mark.system
 def test_lookalike_index_on_a_hostile_folder(tmp_path: Path, photo_bytes):
     root = _hostile_folder(tmp_path / "shop", photo_bytes)
     out = tmp_path / "idx"
@@ -123,6 +126,7 @@ def test_lookalike_index_on_a_hostile_folder(tmp_path: Path, photo_bytes):
     assert (report["indexed"], report["unchanged"]) == (0, N_PHOTOS)
 
 
+@pytest.mark.system
 def test_lookalike_index_on_a_folder_of_no_photos_says_so(tmp_path: Path):
     root = tmp_path / "shop"
     root.mkdir()

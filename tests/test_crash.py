@@ -1,6 +1,7 @@
 """Crash safety of ``lookalike index``, proven with SIGKILL.
 
-A catalogue of 120 real Magento photos is indexed once without interruption (the
+A catalogue of 120 photos (the generated fixture catalogue's, enlarged to the size of real
+product photos so that decoding costs what it does in a shop) is indexed once without interruption (the
 reference). Then ``lookalike index`` runs again and again into one directory and is
 killed with SIGKILL: while the model loads, in a fresh store just after its first
 commit, in a re-opened store soon after the run took the index lock, between
@@ -36,6 +37,8 @@ import pytest
 
 from indexer import cli
 from indexer.store import Store
+
+pytestmark = pytest.mark.system
 
 LOOKALIKE = Path(sys.executable).with_name("lookalike")
 N_PHOTOS = 120
@@ -187,11 +190,27 @@ def _describe(kill: Kill) -> str:
 
 
 @pytest.fixture(scope="module")
-def catalogue(magento_subset: Path, tmp_path_factory) -> Path:
-    rows = magento_subset.read_text().splitlines()[:N_PHOTOS]
-    assert len(rows) == N_PHOTOS
-    path = tmp_path_factory.mktemp("crash") / "catalogue.jsonl"
-    path.write_text("\n".join(rows) + "\n")
+def catalogue(fixture_data, tmp_path_factory) -> Path:
+    """N_PHOTOS photos of about 1000x1200 px (Magento's size): the fixture's photos, then mirrored
+    copies of them as the photos of further products ("<id>-M")."""
+    from PIL import Image
+
+    from indexer.images import open_image
+
+    rows = fixture_data.rows()
+    tmp = tmp_path_factory.mktemp("crash")
+    out = []
+    for i in range(N_PHOTOS):
+        row = rows[i % len(rows)]
+        im = open_image(row["image"]).resize((1000, 1200), Image.Resampling.BILINEAR)
+        if i >= len(rows):
+            im, row = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), dict(row, id=row["id"] + "-M")
+        path = tmp / f"{i:03d}.jpg"
+        im.save(path, "JPEG", quality=90)
+        out.append(json.dumps(dict(row, image=str(path))))
+    assert len(out) == N_PHOTOS
+    path = tmp / "catalogue.jsonl"
+    path.write_text("\n".join(out) + "\n")
     return path
 
 

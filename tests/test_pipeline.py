@@ -1,13 +1,12 @@
 """Tests for indexer.pipeline: bulk indexing of real photos with the tiny random-weight model.
 
-The catalogue is a real subset of the Magento sample (products whose photos are
-theirs alone), read from a JSONL manifest written to tmp_path; tests that change
-files work on copies in tmp_path. The awkward files of shared/datasets/messy-images
-check that a bad photo costs one photo, never the run.
+The catalogue is a subset of the generated fixture catalogue (tests/fixtures/make_catalogue.py),
+read from a JSONL manifest written to tmp_path; tests that change files work on copies in
+tmp_path. Its broken files, and the awkward files of shared/datasets/messy-images (the test
+marked ``datasets``), check that a bad photo costs one photo, never the run.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -27,7 +26,7 @@ from indexer.model import load_model
 from indexer.pipeline import embed_paths, index_catalogue
 from indexer.store import Store
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_magento.py"
+pytestmark = pytest.mark.integration
 
 # messy-images files that cannot be used, with the reason (the other image files open).
 UNREADABLE = {
@@ -47,25 +46,22 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def magento_rows(datasets_dir: Path) -> dict[str, list[dict]]:
-    """Product id -> its manifest rows, for products whose photos no other product uses."""
-    spec = importlib.util.spec_from_file_location("prepare_magento", SCRIPT)
-    pm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pm)
-    rows, _ = pm.build_manifest(datasets_dir / "magento")
-    owners = Counter(r["image"] for r in rows)
+def catalogue_rows(fixture_data) -> dict[str, list[dict]]:
+    """Product id -> its manifest rows (every photo of the fixture belongs to one product)."""
+    rows = fixture_data.rows()
+    assert all(n == 1 for n in Counter(r["image"] for r in rows).values())
     by_id: dict[str, list[dict]] = {}
     for r in rows:
         by_id.setdefault(r["id"], []).append(r)
-    return {pid: rs for pid, rs in by_id.items() if all(owners[r["image"]] == 1 for r in rs) and 3 <= len(rs) <= 5}
+    return by_id
 
 
 @pytest.fixture(scope="module")
-def subset(magento_rows) -> list[dict]:
-    """About 40 photos of 10 products from several departments."""
-    ids = sorted(magento_rows)
-    chosen = ids[:: len(ids) // 10][:10]
-    rows = [r for pid in chosen for r in magento_rows[pid]]
+def subset(catalogue_rows) -> list[dict]:
+    """About 40 photos of 10 products from every department: two products of each category, one
+    photographed in two colours (6 photos) and one in one (3)."""
+    chosen = [pid for pid in sorted(catalogue_rows) if pid.endswith(("-01", "-02"))]
+    rows = [r for pid in chosen for r in catalogue_rows[pid]]
     assert len({r["id"] for r in rows}) == 10 and 35 <= len(rows) <= 50
     return rows
 
@@ -192,13 +188,13 @@ def test_rerun_is_a_no_op(indexed, tmp_path, model, subset):
 
 
 @pytest.fixture
-def local_shop(tmp_path: Path, magento_rows):
+def local_shop(tmp_path: Path, catalogue_rows):
     """4 products with their photos copied into tmp_path/shop, and a JSONL manifest there."""
     shop = tmp_path / "shop"
     shop.mkdir()
     rows = []
-    for pid in sorted(magento_rows)[1:40:10]:
-        for r in magento_rows[pid]:
+    for pid in sorted(catalogue_rows)[::5]:
+        for r in catalogue_rows[pid]:
             dest = shop / Path(r["image"]).name
             shutil.copyfile(r["image"], dest)
             rows.append(dict(r, image=dest.name))
@@ -206,7 +202,7 @@ def local_shop(tmp_path: Path, magento_rows):
     return shop, rows
 
 
-def test_touched_file_is_unchanged_and_changed_file_is_reembedded(local_shop, tmp_path, model, datasets_dir):
+def test_touched_file_is_unchanged_and_changed_file_is_reembedded(local_shop, tmp_path, model, catalogue_rows):
     shop, rows = local_shop
     n = len(rows)
     manifest = shop / "cat.jsonl"
@@ -225,7 +221,8 @@ def test_touched_file_is_unchanged_and_changed_file_is_reembedded(local_shop, tm
 
     # another product's photo copied over one of ours: new content, same name
     victim = shop / rows[1]["image"]
-    other = datasets_dir / "magento" / "images" / "w" / "b" / "wb01-black_main.jpg"
+    other = Path(catalogue_rows["FX-WAT-01"][0]["image"])  # a product not in the shop
+    assert "FX-WAT-01" not in {r["id"] for r in rows}
     assert other.read_bytes() != victim.read_bytes()
     old_vec = embed_paths(model, [victim])[1]
     with Store.open(tmp_path / "idx") as s:
@@ -362,7 +359,34 @@ def test_tar_shard_catalogue(tmp_path, subset, model):
             assert hits[0].product_id == r["id"] and hits[0].score >= 0.9999
 
 
-# --------------------------------------------------------------------------- messy images
+# --------------------------------------------------------------------------- broken and awkward files
+
+
+def test_folder_with_broken_files(fixture_data, tmp_path, model):
+    """The fixture's photos (JPEG, RGBA/LA/palette PNG, GIF, WebP, EXIF-turned JPEG) and its broken
+    files (truncated JPEG and PNG, zero bytes, HTML under .jpg) in one folder: each broken file
+    fails with its reason, every photo is indexed."""
+    shop = tmp_path / "shop"
+    shutil.copytree(fixture_data.root / "images", shop)
+    shutil.copytree(fixture_data.root / "broken", shop / "broken")
+    catalogue = read_catalogue(shop)
+    # under an image extension a broken file is a photo row: the pipeline says what is wrong with it
+    assert catalogue.problems == []
+    assert len(catalogue.rows) == len(fixture_data.photos) + len(fixture_data.broken)
+    report, _, check = run(catalogue, tmp_path / "idx", model, catalogue_name=str(shop))
+    assert check["ok"], check["problems"]
+    assert {Path(f["image"]).name: f["reason"] for f in report.failures} == {
+        p.name: reason for p, reason in fixture_data.broken.items()}
+    assert all(f["reason"] in REASONS and f["message"] for f in report.failures)
+    assert report.indexed == len(fixture_data.photos) == report.index_photos
+    with Store.open(tmp_path / "idx") as s:
+        assert {src for (_, src) in s.known_photos()} == {str(shop / p.path.relative_to(fixture_data.root / "images"))
+                                                         for p in fixture_data.photos}
+        # product id = path without extension, category = its folder
+        assert s.get_product("bags/fx-bag-02-green-back")["category"] == "bags"
+    report2, _, _ = run(catalogue, tmp_path / "idx", model)  # the failures are retried, the rest unchanged
+    assert (report2.indexed, report2.unchanged, report2.failed) == (0, report.indexed, len(fixture_data.broken))
+
 
 
 def test_messy_images_folder(datasets_dir, tmp_path, model):
@@ -389,21 +413,22 @@ def test_messy_images_folder(datasets_dir, tmp_path, model):
     assert (report2.indexed, report2.unchanged, report2.failed) == (0, report.indexed, len(UNREADABLE))
 
 
-def test_exif_orientation_is_applied(datasets_dir, model):
-    messy = datasets_dir / "messy-images"
-    ok, vecs, errors = embed_paths(model, [messy / "hopper.jpg", messy / "hopper_orientation_6.jpg",
-                                           messy / "hopper_orientation_3.jpg", messy / "hopper_orientation_8.jpg"])
+def test_exif_orientation_is_applied(fixture_data, model):
+    turned = fixture_data.orientation
+    ok, vecs, errors = embed_paths(model, [turned / "card.jpg", turned / "card_orientation_6.jpg",
+                                           turned / "card_orientation_3.jpg", turned / "card_orientation_8.jpg"])
     assert errors == {} and len(ok) == 4
     assert np.all(vecs[1:] @ vecs[0] >= 0.995)
     # the same file with its EXIF orientation ignored is clearly further away: the check can fail
-    with Image.open(messy / "hopper_orientation_6.jpg") as im:
+    with Image.open(turned / "card_orientation_6.jpg") as im:
         sideways = model.embed_images([im.convert("RGB")])[0]
     assert float(sideways @ vecs[0]) < 0.99
 
 
-def test_embed_paths_reports_unreadable_files(datasets_dir, model):
-    messy = datasets_dir / "messy-images"
-    paths = [messy / "hopper.png", messy / "truncated_jpeg.jpg", messy / "nope.jpg", messy / "flower.webp"]
+def test_embed_paths_reports_unreadable_files(fixture_data, model):
+    png, webp = (p.path for p in fixture_data.photos if p.saved_as in ("rgba_png", "rgba_webp"))
+    broken = fixture_data.root / "broken"
+    paths = [png, broken / "truncated.jpg", broken / "nope.jpg", webp]
     ok, vecs, errors = embed_paths(model, paths)
     assert ok == [str(paths[0]), str(paths[3])] and vecs.shape == (2, model.dim)
     assert errors[str(paths[1])].startswith("truncated:")
