@@ -2,12 +2,15 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from indexer.datasets import (
     CIFAR10_CLASSES, category_phrase, fashion_mnist, iter_cifar10, magento_split,
 )
 from indexer.evaluate import NEAR_DUP_TRANSFORMS, eval_magento, exif_rotated, near_duplicate
+
+pytestmark = pytest.mark.integration  # the last test embeds with the tiny model; the others are unit tests
 
 
 def test_dataset_readers(datasets_dir):
@@ -67,8 +70,8 @@ def test_near_duplicate_copies():
     assert np.asarray(NEAR_DUP_TRANSFORMS["darker_30"](photo)).mean() < np.asarray(photo).mean()
 
 
-def test_eval_magento_on_a_real_subset(magento_subset, tiny_model):
-    rows = [json.loads(x) for x in magento_subset.read_text().splitlines()]
+def test_eval_magento_on_the_fixture_catalogue(fixture_catalogue, tiny_model):
+    rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()]
     ids = sorted({r["id"] for r in rows})
     held = set(ids[::5])
     result = eval_magento(tiny_model, rows, held, limit=24)
@@ -86,5 +89,5 @@ def test_eval_magento_on_a_real_subset(magento_subset, tiny_model):
     # near-duplicate copies score above random pairs of different categories, even for random weights
     assert pct["near_duplicate"]["p50"] > pct["random_different_category"]["p50"]
     assert result["gallery_photos"] == len({r["image"] for r in rows})
-    # the tiny random model still finds most transformed copies of a photo among ~240 photos
+    # the tiny random model still finds most transformed copies of a photo among the 75 photos
     assert result["all"]["near_dup_recall_at_1"] >= 0.3

@@ -1,6 +1,6 @@
 """Tests for photos named by URL: indexer.fetch against a real HTTP server on 127.0.0.1.
 
-The server (http.server in a thread, loopback only) serves real Magento JPEGs and
+The server (http.server in a thread, loopback only) serves JPEGs of the generated fixture catalogue and
 the ways a shop's image host goes wrong: 404, 5xx/429 that recover, a reply slower
 than the read timeout, a body that trickles in forever, bodies over the size limit
 (announced by Content-Length, or chunked with no length), redirects and a redirect
@@ -29,6 +29,8 @@ from indexer.fetch import fetch_url
 from indexer.images import ImageError, open_image
 from indexer.pipeline import index_catalogue
 from indexer.store import Store
+
+pytestmark = pytest.mark.integration
 
 SLOW_S = 2.0  # the slow endpoint waits this long before answering
 DRIP_INTERVAL_S = 0.1  # the trickling endpoint sends one byte this often ...
@@ -140,9 +142,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def photo_files(magento_subset: Path) -> list[Path]:
-    """Ten real Magento JPEGs, each of another product."""
-    rows = [json.loads(line) for line in magento_subset.read_text().splitlines()]
+def photo_files(fixture_catalogue: Path) -> list[Path]:
+    """Ten JPEGs of the generated fixture catalogue, each of another product."""
+    rows = [json.loads(line) for line in fixture_catalogue.read_text().splitlines()]
     seen, files = set(), []
     for r in rows:
         if r["id"] not in seen and r["image"].endswith(".jpg"):
