@@ -16,7 +16,7 @@ from indexer.catalogue import read_source_bytes
 from indexer.errors import LookalikeError
 from indexer.images import image_from_bytes
 from indexer.labels import LabelSet, ZeroShotClassifier
-from indexer.model import ClipModel, load_model
+from indexer.model import ClipModel
 from indexer.store import IndexLocked, Store, check_model
 from indexer.updates import decode_upload
 
@@ -195,19 +195,18 @@ class NotReady(LookalikeError):
 
 
 def load_engine(cfg: ServerSettings, metrics: Metrics, model: ClipModel | None = None) -> Engine:
-    """Open the index at ``cfg.index`` and load its model (or ``model``, already loaded), checked
-    against the index; sets the ``model`` metric (the caller sets ``ready`` once it serves the
+    """Open the index at ``cfg.index`` and load its model (``cfg.model_spec()``, or ``model``, already
+    loaded), checked against the index; sets the ``model`` metric (the caller sets ``ready`` once it serves the
     engine). Raises LookalikeError (unknown index, wrong model for the index, missing weights)."""
     try:
         # Only a server that accepts writes takes the index's write lock.
         store = Store.open(cfg.index, writable=bool(cfg.keys()) and not cfg.read_only)
     except IndexLocked:
         store = Store.open(cfg.index)  # an indexer holds the write lock: serve, refuse writes until it is done
-    ident = store.identity
     if model is None:
-        model = load_model(cfg.model or ident.name, cfg.pretrained or (ident.pretrained if cfg.model is None else None),
-                           cfg.device, cfg.precision, cfg.backend)
-    check_model(store, model.identity)
+        model = cfg.model_spec().load_for(store)  # the CLI's rule for which model serves an index
+    else:
+        check_model(store, model.identity)
     engine = Engine(store, model, LabelSet.load(cfg.labels_file), cfg, metrics)
     metrics.model.info({k: str(v) for k, v in model.identity.to_dict().items()})
     log.info("ready", extra={"index": str(cfg.index), "products": store.count_products(), "model": model.identity.name})
