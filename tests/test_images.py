@@ -2,9 +2,11 @@
 
 Every file in that folder has an exact expected outcome below: either the
 ``(width, height)`` of the RGB image ``open_image`` returns, or the
-``ImageError.reason`` it raises.  The remaining tests build their inputs in
-memory (big JPEGs, odd pixel modes, animations) to check behaviour the folder
-does not pin down.
+``ImageError.reason`` it raises (these tests are marked ``datasets``).  The
+orientation, size-guard and source tests use the generated 128x128 test card of
+tests/fixtures/make_catalogue.py in several formats and EXIF orientations; the
+remaining tests build their inputs in memory (big JPEGs, odd pixel modes,
+animations) to check behaviour the folder does not pin down.
 """
 from __future__ import annotations
 
@@ -85,6 +87,17 @@ PILLOW_MESSAGE = {
     "truncated_image.png": "image file is truncated",
     "truncated_jpeg.jpg": "image file is truncated",
 }
+
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="session")
+def card(fixture_data) -> Path:
+    """The generated test card folder: card.jpg (128x128, upright), the same in other formats and
+    stored turned with EXIF orientations 3, 6, 8 (card_orientation_N.jpg, card_orientation_6.webp),
+    and a 480x360 wide.webp."""
+    return fixture_data.card
 
 
 @pytest.fixture(scope="session")
@@ -210,21 +223,21 @@ def test_global_pillow_and_warning_state_untouched(messy: Path) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "hopper_orientation_3.jpg",
-        "hopper_orientation_6.jpg",
-        "hopper_orientation_8.jpg",
-        "hopper_orientation_6.webp",
+        "card_orientation_3.jpg",
+        "card_orientation_6.jpg",
+        "card_orientation_8.jpg",
+        "card_orientation_6.webp",
     ],
 )
-def test_exif_orientation_matches_upright_hopper(messy: Path, name: str) -> None:
-    upright = open_image(messy / "hopper.jpg")
-    rotated = open_image(messy / name)
+def test_exif_orientation_matches_upright_card(card: Path, name: str) -> None:
+    upright = open_image(card / "card.jpg")
+    rotated = open_image(card / name)
     assert rotated.size == upright.size
-    assert _mad(rotated, upright) < 20  # measured about 4.7 (JPEG/WebP noise)
-    # Without transposing, the same file is far from hopper, so the check bites.
-    with Image.open(messy / name) as raw:
+    assert _mad(rotated, upright) < 20  # measured under 1 (JPEG/WebP noise)
+    # Without transposing, the same file is far from the card, so the check bites.
+    with Image.open(card / name) as raw:
         assert raw.getexif().get(0x0112) in (3, 6, 8)
-        assert _mad(raw.convert("RGB"), upright) > 40  # measured about 75-82
+        assert _mad(raw.convert("RGB"), upright) > 40  # measured about 115
 
 
 def test_orientation_rectangle_becomes_portrait(messy: Path) -> None:
@@ -234,15 +247,15 @@ def test_orientation_rectangle_becomes_portrait(messy: Path) -> None:
     assert open_image(messy / "orientation_rectangle.jpg").size == (1, 2)
 
 
-def test_broken_exif_falls_back_to_untransposed(messy: Path, monkeypatch) -> None:
+def test_broken_exif_falls_back_to_untransposed(card: Path, monkeypatch) -> None:
     def explode(*args, **kwargs):
         raise ZeroDivisionError("bad EXIF rational")
 
     monkeypatch.setattr(ImageOps, "exif_transpose", explode)
-    im = open_image(messy / "hopper_orientation_6.jpg")
-    with Image.open(messy / "hopper_orientation_6.jpg") as raw:
+    im = open_image(card / "card_orientation_6.jpg")
+    with Image.open(card / "card_orientation_6.jpg") as raw:
         assert np.array_equal(np.asarray(im), np.asarray(raw.convert("RGB")))
-    assert _mad(im, open_image(messy / "hopper.jpg")) > 40  # really untransposed
+    assert _mad(im, open_image(card / "card.jpg")) > 40  # really untransposed
 
 
 @pytest.mark.parametrize("name", ["broken_exif_dpi.jpg", "exif-dpi-zerodivision.jpg"])
@@ -328,9 +341,9 @@ def test_cmyk_jpeg_and_cmyk_tiff_agree(messy: Path) -> None:
     assert _mad(a, b) < 2
 
 
-@pytest.mark.parametrize("name", ["hopper.png", "hopper.bmp", "hopper.tif", "hopper.gif", "hopper.webp"])
-def test_other_encodings_of_hopper_look_like_hopper(messy: Path, name: str) -> None:
-    assert _mad(open_image(messy / name), open_image(messy / "hopper.jpg")) < 6  # measured <= 4
+@pytest.mark.parametrize("name", ["card.png", "card.bmp", "card.tif", "card.gif", "card.webp"])
+def test_other_encodings_of_the_card_look_like_the_card(card: Path, name: str) -> None:
+    assert _mad(open_image(card / name), open_image(card / "card.jpg")) < 6  # measured <= 1.7
 
 
 def _coarse_grey(im: Image.Image) -> np.ndarray:
@@ -508,8 +521,8 @@ def test_draft_size_and_max_pixels_validated() -> None:
 # --------------------------------------------------------------------------- size guards
 
 
-def test_max_pixels_boundaries(messy: Path) -> None:
-    path = messy / "hopper.jpg"  # 128 x 128 = 16384 px
+def test_max_pixels_boundaries(card: Path) -> None:
+    path = card / "card.jpg"  # 128 x 128 = 16384 px
     assert open_image(path, max_pixels=16384).size == (128, 128)
     for max_pixels, reason in ((16383, "too_large"), (8192, "too_large"), (8191, "decompression_bomb")):
         with pytest.raises(ImageError) as info:
@@ -518,13 +531,13 @@ def test_max_pixels_boundaries(messy: Path) -> None:
         assert "16384" in str(info.value)
 
 
-def test_size_checked_before_decoding(messy: Path, monkeypatch) -> None:
+def test_size_checked_before_decoding(card: Path, monkeypatch) -> None:
     def no_decoding(self, *args, **kwargs):
         raise AssertionError("pixel data was decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageError) as info:
-        open_image(messy / "flower.webp", max_pixels=1000)
+        open_image(card / "wide.webp", max_pixels=1000)
     assert info.value.reason == "decompression_bomb"
 
 
@@ -536,18 +549,18 @@ def test_guard_does_not_rely_on_pillow_global(messy: Path, monkeypatch) -> None:
     assert "4364696535" in str(info.value)  # 65535 x 66601 as read from the header
 
 
-def test_our_limit_governs_and_warning_filters_untouched(messy: Path, monkeypatch) -> None:
-    # hopper is 16384 px: between Pillow's 1x and 2x limits, so Pillow only warns.
+def test_our_limit_governs_and_warning_filters_untouched(card: Path, monkeypatch) -> None:
+    # the card is 16384 px: between Pillow's 1x and 2x limits, so Pillow only warns.
     # Our own max_pixels decides; the process-wide warning filters are never swapped
     # (catch_warnings is not thread-safe and the server decodes in threads).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     filters = list(warnings.filters)
     with pytest.raises(ImageError) as info, pytest.warns(Image.DecompressionBombWarning):
-        open_image(messy / "hopper.jpg", max_pixels=10_000)
+        open_image(card / "card.jpg", max_pixels=10_000)
     assert info.value.reason in ("too_large", "decompression_bomb")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert open_image(messy / "hopper.jpg", max_pixels=10**9).size == (128, 128)
+        assert open_image(card / "card.jpg", max_pixels=10**9).size == (128, 128)
     assert warnings.filters == filters
 
 
@@ -606,24 +619,24 @@ def test_zero_size_png_header(width: int, height: int) -> None:
 # --------------------------------------------------------------------------- broken input
 
 
-def test_truncated_jpeg_made_here(messy: Path) -> None:
-    data = (messy / "hopper.jpg").read_bytes()
+def test_truncated_jpeg_made_here(card: Path) -> None:
+    data = (card / "card.jpg").read_bytes()
     with pytest.raises(ImageError) as info:
         open_image(data[: len(data) // 2])
     assert info.value.reason == "truncated"
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
-def test_truncated_png_made_here(messy: Path) -> None:
-    data = (messy / "hopper.png").read_bytes()
+def test_truncated_png_made_here(card: Path) -> None:
+    data = (card / "card.png").read_bytes()
     with pytest.raises(ImageError) as info:
         open_image(data[: len(data) // 2])
     assert info.value.reason == "truncated"
 
 
-def test_pillow_error_is_chained(messy: Path) -> None:
+def test_pillow_error_is_chained(fixture_data) -> None:
     with pytest.raises(ImageError) as info:
-        open_image(messy / "truncated_jpeg.jpg")
+        open_image(fixture_data.root / "broken" / "truncated.jpg")
     assert isinstance(info.value.__cause__, OSError)
 
 
@@ -674,8 +687,8 @@ def test_wrong_source_types() -> None:
 # --------------------------------------------------------------------------- sources
 
 
-def test_file_object_is_left_open_for_the_caller(messy: Path) -> None:
-    with open(messy / "hopper.png", "rb") as fh:
+def test_file_object_is_left_open_for_the_caller(card: Path) -> None:
+    with open(card / "card.png", "rb") as fh:
         im = open_image(fh)
         assert not fh.closed
     assert im.size == (128, 128)
@@ -697,8 +710,8 @@ class _Pipe(io.RawIOBase):
         return len(chunk)
 
 
-def test_non_seekable_stream(messy: Path) -> None:
-    data = (messy / "hopper.webp").read_bytes()
+def test_non_seekable_stream(card: Path) -> None:
+    data = (card / "card.webp").read_bytes()
     pipe = _Pipe(data)
     assert not pipe.seekable()
     im = open_image(pipe)
@@ -708,8 +721,8 @@ def test_non_seekable_stream(messy: Path) -> None:
     assert info.value.reason == "empty"
 
 
-def test_bytes_like_sources(messy: Path) -> None:
-    data = (messy / "hopper.gif").read_bytes()
+def test_bytes_like_sources(card: Path) -> None:
+    data = (card / "card.gif").read_bytes()
     for source in (data, bytearray(data), memoryview(data)):
         assert open_image(source).size == (128, 128)
     with pytest.raises(ImageError) as info:  # keyword arguments are passed through
@@ -758,7 +771,7 @@ def test_exception_classification(exc: BaseException, reason: str) -> None:
 # --------------------------------------------------------------------------- sha256
 
 
-def test_file_sha256(tmp_path: Path, messy: Path) -> None:
+def test_file_sha256(tmp_path: Path, card: Path) -> None:
     big = tmp_path / "big.bin"
     payload = os.urandom(1024) * 2600  # ~2.5 MiB: several 1 MiB chunks
     big.write_bytes(payload)
@@ -767,7 +780,7 @@ def test_file_sha256(tmp_path: Path, messy: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert file_sha256(empty) == hashlib.sha256(b"").hexdigest()
-    jpg = messy / "hopper.jpg"
+    jpg = card / "card.jpg"
     digest = file_sha256(jpg)
     assert len(digest) == 64 and digest == hashlib.sha256(jpg.read_bytes()).hexdigest()
     with pytest.raises(FileNotFoundError):
