@@ -113,7 +113,8 @@ def cmd_serve(args) -> int:
     app = create_app(index, settings=settings, model_name=args.model, pretrained=args.pretrained,
                      device=None if args.device == "auto" else args.device,
                      precision=None if args.precision == "auto" else args.precision,
-                     backend=None if args.backend == "auto" else args.backend, background_load=True)
+                     backend=None if args.backend == "auto" else args.backend,
+                     labels_file=Path(args.labels) if args.labels else None, background_load=True)
     serving.run(app, settings, args.host, args.port)
     return 0
 
@@ -173,7 +174,8 @@ def _label_index(args, label_set) -> int:
             mean = vecs.mean(axis=0, keepdims=True)
             mean /= max(float((mean**2).sum()) ** 0.5, 1e-12)
             results[pid] = clf.top_k(mean, args.top_k)[0]
-        store.set_labels({pid: (labs[0]["label"], labs[0]["score"]) for pid, labs in results.items()})
+        store.set_labels({pid: (labs[0]["label"], labs[0]["score"]) for pid, labs in results.items()},
+                         label_set.to_dict())  # the server labels query photos with the same set
         store.save()
         out = Path(args.report) if args.report else store.path / "labels.jsonl"
     if out.suffix.lower() == ".csv":
@@ -369,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML settings file (also: LOOKALIKE_CONFIG); see README")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--labels", default=None,
+                   help="label set .yaml/.json for the labels of query photos (default: the set the index was "
+                        "last labelled with by 'lookalike label INDEX', else data/labels/retail.yaml)")
     _model_args(p, for_index=False)
     p.set_defaults(func=cmd_serve)
 

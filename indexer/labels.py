@@ -65,6 +65,11 @@ class LabelSet:
     def names(self) -> list[str]:
         return [lab.name for lab in self.labels]
 
+    def to_dict(self) -> dict:
+        """The structure :meth:`from_dict` reads (an index records the set it was labelled with)."""
+        return {"labels": [{"name": lab.name, "prompts": list(lab.prompts)} for lab in self.labels],
+                "templates": list(self.templates)}
+
     @classmethod
     def from_names(cls, names: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> "LabelSet":
         """A label set from plain names (each its own prompt). Raises LabelSetError."""

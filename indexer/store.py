@@ -562,14 +562,23 @@ class Store:
         atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False).encode())
         return path
 
-    def set_labels(self, labels: dict[str, tuple[str, float]]) -> None:
-        """Store each product's top zero-shot label and its probability."""
+    def set_labels(self, labels: dict[str, tuple[str, float]], label_set: dict | None = None) -> None:
+        """Store each product's top zero-shot label and its probability, and, given ``label_set``
+        (:meth:`indexer.labels.LabelSet.to_dict`), the label set they come from (:meth:`label_set`)."""
         with self.transaction() as tx:
             tx.db.executemany(
                 "UPDATE products SET label = ?, label_score = ? WHERE id = ?",
                 [(lab, float(score), pid) for pid, (lab, score) in labels.items()],
             )
+            if label_set is not None:
+                self.db.set_meta("label_set", json.dumps(label_set, ensure_ascii=False))
             tx.changed = True
+
+    def label_set(self) -> dict | None:
+        """The label set the index was last labelled with (``lookalike label INDEX``), as
+        :meth:`indexer.labels.LabelSet.to_dict` gives it; None if it never was."""
+        raw = self.meta().get("label_set")
+        return json.loads(raw) if raw else None
 
     def check(self) -> dict:
         """Verify that FAISS, SQLite, the manifest and uploaded files agree: see :func:`indexer.check.check_index`."""

@@ -194,6 +194,18 @@ class NotReady(LookalikeError):
     http_status = 503
 
 
+def default_label_set(cfg: ServerSettings, store: Store) -> LabelSet:
+    """The labels the server gives photos: ``cfg.labels_file`` (``serve --labels``) if set, else the set
+    the index was last labelled with (``lookalike label INDEX --labels FILE`` records it), else the
+    bundled retail set."""
+    if cfg.labels_file is not None:
+        return LabelSet.load(cfg.labels_file)
+    recorded = store.label_set()
+    if recorded is not None:
+        return LabelSet.from_dict(recorded, cache_on_disk=True)
+    return LabelSet.load(None)
+
+
 def load_engine(cfg: ServerSettings, metrics: Metrics, model: ClipModel | None = None) -> Engine:
     """Open the index at ``cfg.index`` and load its model (``cfg.model_spec()``, or ``model``, already
     loaded), checked against the index; sets the ``model`` metric (the caller sets ``ready`` once it serves the
@@ -203,11 +215,15 @@ def load_engine(cfg: ServerSettings, metrics: Metrics, model: ClipModel | None =
         store = Store.open(cfg.index, writable=bool(cfg.keys()) and not cfg.read_only)
     except IndexLocked:
         store = Store.open(cfg.index)  # an indexer holds the write lock: serve, refuse writes until it is done
-    if model is None:
-        model = cfg.model_spec().load_for(store)  # the CLI's rule for which model serves an index
-    else:
-        check_model(store, model.identity)
-    engine = Engine(store, model, LabelSet.load(cfg.labels_file), cfg, metrics)
+    try:
+        if model is None:
+            model = cfg.model_spec().load_for(store)  # the CLI's rule for which model serves an index
+        else:
+            check_model(store, model.identity)
+        engine = Engine(store, model, default_label_set(cfg, store), cfg, metrics)
+    except BaseException:
+        store.close()  # and its write lock: a server that failed to load must not block 'lookalike index'
+        raise
     metrics.model.info({k: str(v) for k, v in model.identity.to_dict().items()})
     log.info("ready", extra={"index": str(cfg.index), "products": store.count_products(), "model": model.identity.name})
     return engine
