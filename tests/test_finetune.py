@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from indexer.finetune import FinetuneConfig, FinetuneError, augment, caption, finetune, multi_positive_clip_loss
 from indexer.model import BUNDLED_MODELS_DIR, load_model
 
+pytestmark = pytest.mark.integration
+
 
 def test_same_caption_pairs_are_not_negatives():
     torch.manual_seed(0)
@@ -53,8 +55,9 @@ def test_augment_keeps_shape_and_range():
 
 
 @pytest.fixture(scope="module")
-def small_catalogue(magento_subset, tmp_path_factory):
-    rows = [json.loads(x) for x in magento_subset.read_text().splitlines()][:48]
+def small_catalogue(fixture_catalogue, tmp_path_factory):
+    rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()][:48]
+    assert len(rows) == 48
     path = tmp_path_factory.mktemp("ft") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
