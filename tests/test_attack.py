@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.system
 
 EXPECTED_ATTACKS = {"thin images", "decode-huge files", "4 heavy decodes at once", "108 Mpx photo", "request bodies", "slow clients",
                     "costly open routes", "integrity", "smaller kinds"}

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import served
 
+pytestmark = pytest.mark.system
+
 CHROMIUM = os.environ.get("LOOKALIKE_CHROMIUM", "/usr/bin/chromium")
 # As this machine's probe ran it: no sandbox as root, no GPU, no background traffic.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -18,8 +20,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture(scope="module")
-def live_server(magento_index):
-    with served(magento_index, {"LOOKALIKE_ACCESS_LOG": "false"}) as base:
+def live_server(fixture_index):
+    with served(fixture_index, {"LOOKALIKE_ACCESS_LOG": "false"}) as base:
         yield base
 
 
@@ -42,16 +44,16 @@ def artifacts(tmp_path):
     return folder
 
 
-def _unique_photo(magento_subset):
-    rows = [json.loads(x) for x in magento_subset.read_text().splitlines()]
+def _unique_photo(fixture_catalogue):
+    rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()]
     owners = {}
     for r in rows:
         owners.setdefault(r["image"], set()).add(r["id"])
-    return next(r for r in rows if "_main" in r["image"] and len(owners[r["image"]]) == 1)
+    return next(r for r in rows if r["view"] == "main" and len(owners[r["image"]]) == 1)
 
 
-def test_photo_search_labels_text_search_and_details(live_server, browser, magento_subset, artifacts):
-    row = _unique_photo(magento_subset)
+def test_photo_search_labels_text_search_and_details(live_server, browser, fixture_catalogue, artifacts):
+    row = _unique_photo(fixture_catalogue)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))

@@ -18,6 +18,8 @@ from indexer.evaluate import (
 )
 from indexer.model import BUNDLED_MODELS_DIR, load_model
 
+pytestmark = pytest.mark.integration
+
 FOLDER = BUNDLED_MODELS_DIR / "lookalike-base"
 # Floors a little under what the model measures on these slices (full figures: MODEL_CARD.md), so a
 # broken weights file, tokenizer or preprocessing change fails here.

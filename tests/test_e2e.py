@@ -12,6 +12,8 @@ import pytest
 
 from conftest import served
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

@@ -43,6 +43,8 @@ from indexer.images import (
     open_image,
 )
 
+pytestmark = pytest.mark.unit
+
 MB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
 

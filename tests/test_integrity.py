@@ -17,6 +17,8 @@ from indexer import ann
 from indexer.model import load_model
 from indexer.store import IndexLocked, PhotoRecord, Product, Store
 
+pytestmark = pytest.mark.integration
+
 STRESS_WRITERS, STRESS_SEARCHERS, STRESS_PRODUCTS_PER_WRITER = 4, 4, 25
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from indexer.labels import DEFAULT_LABELS_FILE, LabelSet, LabelSetError, ZeroShotClassifier
 
+pytestmark = pytest.mark.integration
+
 
 def test_default_retail_taxonomy_loads():
     ls = LabelSet.load()

@@ -12,6 +12,8 @@ from PIL import Image
 
 from indexer.model import BUNDLED_MODELS_DIR, ModelLoadError, bundled_models, load_model
 
+pytestmark = pytest.mark.integration
+
 
 def test_tiny_model_is_deterministic_and_normalised(tiny_model):
     again = load_model("test-tiny", None, "cpu")

@@ -21,6 +21,8 @@ from indexer.store import (
     MIN_RECONSTRUCTION_COSINE, ModelMismatch, PhotoRecord, Product, Store, StoreError, check_model, read_manifest,
 )
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def identity():
