@@ -198,12 +198,9 @@ def training_items(datasets: Path, per_cifar: int, per_fashion: int, rng: random
 
 
 def magento_rows(datasets: Path):
-    import importlib.util
+    from indexer.magento import build_manifest
 
-    spec = importlib.util.spec_from_file_location("prepare_magento", ROOT / "scripts" / "prepare_magento.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows, _ = module.build_manifest(datasets / "magento")
+    rows, _ = build_manifest(datasets / "magento")
     train, held_out = magento_split(r["id"] for r in rows)
     return [r for r in rows if r["id"] in set(train)], {"seed": 0, "train_fraction": 0.8, "train": train,
                                                         "held_out": held_out}
