@@ -11,7 +11,10 @@ Layout of an index directory::
 :class:`Store` ties together the jobs, each in its own module: the SQLite layer
 (:mod:`indexer.database`), the in-memory FAISS index and its one owner (:mod:`indexer.vectors`),
 search (:mod:`indexer.search`) and ``check`` (:mod:`indexer.check`); the records it stores and
-returns are in :mod:`indexer.records`.
+returns are in :mod:`indexer.records`. It is longer than our ~400-line guide because it is the one
+place where SQLite commits and FAISS index changes meet (transactions, snapshots, type switches, a
+read-only store's catch-up, uploads that live and die with their photo rows): spread over several
+modules, the rule that makes them atomic would be too.
 
 Atomicity. SQLite is the single source of truth: every change (products, photos
 and their vectors) commits in one SQLite transaction that also bumps the
