@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.system
 
 
 def _run(script: str, *args: str, timeout: int = 600) -> dict:
@@ -30,8 +34,12 @@ def test_bench_index_fast_pipeline_agrees_with_the_plain_fp32_loop(datasets_dir)
         assert s["top10_overlap"] >= 0.9, s
 
 
-def test_bench_query_serves_with_and_without_micro_batching(datasets_dir):
-    r = _run("bench_query.py", "--quick", "--model", "test-tiny", "--seconds", "1")
+def test_bench_query_serves_with_and_without_micro_batching(fixture_data, tmp_path):
+    """On the generated catalogue's JPEGs, laid out where the script looks for photos
+    (``DATASETS/magento/images``): the script's function, not its figures, is under test."""
+    (tmp_path / "magento").mkdir()
+    (tmp_path / "magento" / "images").symlink_to(fixture_data.root / "images", target_is_directory=True)
+    r = _run("bench_query.py", "--quick", "--model", "test-tiny", "--seconds", "1", "--datasets", str(tmp_path))
     for key in ("image_p50_ms", "image_p99_ms", "text_p50_ms", "cold_start_s"):
         assert r[key] > 0, key
     assert r["image_p99_ms"] >= r["image_p50_ms"]
