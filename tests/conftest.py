@@ -24,7 +24,6 @@ DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "d
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import serverproc  # noqa: E402
-
 from fixtures.make_catalogue import Fixture, make_catalogue  # noqa: E402
 
 MARKERS = {
@@ -164,7 +163,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         import time
 
         import httpx
