@@ -44,6 +44,7 @@ def pytest_collection_modifyitems(items):
         if "datasets_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.datasets)
 
+
 # Converted OpenVINO models and label embeddings go to a cache of this test run (inherited by the
 # `lookalike` subprocesses the tests start), so every run converts and embeds from scratch.
 _CACHE = __import__("tempfile").TemporaryDirectory(prefix="lookalike-test-cache-")
