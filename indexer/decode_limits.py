@@ -295,4 +295,3 @@ def crop_aspect(im: Image.Image) -> Image.Image:
         top = (height - keep) // 2
         return im.crop((0, top, width, top + keep))
     return im
-

@@ -122,4 +122,3 @@ def _stretch_factors(lo: float, hi: float) -> tuple[float, float]:
     if hi <= lo:
         return 0.0, lo
     return 255.0 / (hi - lo), lo
-

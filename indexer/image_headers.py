@@ -200,4 +200,3 @@ def _jpeg_buffers_coefficients(fp: IO[bytes]) -> bool:
                 fp.seek(length - 2, io.SEEK_CUR)
     finally:
         fp.seek(where)
-

@@ -331,4 +331,3 @@ def _exif_upright(im: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(im)
     except Exception:  # unreadable EXIF (bad DPI rationals, bad offsets, ...)
         return im
-
