@@ -28,10 +28,11 @@ import numpy as np
 from .backends import cache_dir
 from .errors import LookalikeError
 from .model import ClipModel
+from .resources import DATA_DIR
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LABELS_FILE = Path(__file__).resolve().parents[1] / "data" / "labels" / "retail.yaml"
+DEFAULT_LABELS_FILE = DATA_DIR / "labels" / "retail.yaml"
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a product photo of a {}.",

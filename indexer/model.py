@@ -44,7 +44,9 @@ from .modelspec import (  # noqa: F401  (re-exported: the model specification's 
     PRECISIONS,
     ModelLoadError,
     bundled_models,
+    check_hub_weights,
     local_dir,
+    missing_weights_message,
     open_clip_name,
 )
 from .records import ModelIdentity  # noqa: F401  (re-exported: the identity of a loaded model)
@@ -102,13 +104,6 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ModelLoadError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     return precision
-
-
-def hf_cache_dir() -> str:
-    """The Hugging Face hub cache that open_clip downloads pretrained weights into."""
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
@@ -250,8 +245,10 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     if extra.get("architecture") == BASE_ARCHITECTURE:
         model, preprocess, tokenizer = _load_base(name, local_dir(ident))
     else:
+        hub = _hub_source(ident, pretrained)
+        cached = check_hub_weights(name, pretrained, hub) if hub else False
         try:
-            with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+            with torch.random.fork_rng(devices=[]), _quiet_open_clip(), _hub_client(offline=cached):
                 if seed is not None:
                     torch.manual_seed(int(seed))
                 model, _, preprocess = open_clip.create_model_and_transforms(ident, pretrained=pretrained or None)
@@ -309,6 +306,43 @@ def _image_backend(backend: str | None, model, dev: torch.device, precision: str
         return None
 
 
+def _hub_source(ident: str, pretrained: str | None) -> str | None:
+    """Where open_clip will fetch the weights from on the Hugging Face hub (``ORG/REPO/`` or
+    ``ORG/REPO/FILE``, as its pretrained table writes it); None for local files and random weights."""
+    import open_clip
+
+    if ident.startswith("hf-hub:"):
+        return ident[len("hf-hub:"):] + "/"
+    if not pretrained or os.path.exists(pretrained):
+        return None
+    return open_clip.get_pretrained_cfg(ident, pretrained).get("hf_hub") or None
+
+
+@contextlib.contextmanager
+def _hub_client(offline: bool):
+    """Quiet the Hugging Face hub client while open_clip fetches weights, and keep it off the network
+    when the weights are cached (``offline``).
+
+    Unquiet, a failed download prints each of its five retries twice (the client's own handler, then
+    the root logger's) over about a minute; the failure reaches the user as one ModelLoadError.
+    Offline, cached weights load without a request to the hub (which, unreachable, would be retried
+    before the cache is used). The client reads offline mode from ``constants.HF_HUB_OFFLINE`` on each
+    request (huggingface_hub.utils._http), which is set for the load and put back after it.
+    """
+    from huggingface_hub import constants
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level, was_offline = hub_log.level, constants.HF_HUB_OFFLINE
+    hub_log.setLevel(logging.ERROR)
+    if offline:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
+        constants.HF_HUB_OFFLINE = was_offline
+
+
 @contextlib.contextmanager
 def _quiet_open_clip():
     """Silence open_clip's root-logger messages while it builds a model.
@@ -343,14 +377,7 @@ def _check_weights_present(ident: str, extra: dict) -> None:
 def _load_failure_message(name: str, pretrained: str | None, err: Exception) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if pretrained and not os.path.exists(pretrained) and ("download" in text.lower() or "hub" in text.lower()):
-        return (
-            f"pretrained weights {pretrained!r} for {name} are not available: they are neither in the cache "
-            f"({hf_cache_dir()}) nor downloadable from the model hub. Download them on a machine with access "
-            f"and pass the file with --pretrained PATH (or copy that machine's hub cache to {hf_cache_dir()})."
-        )
+        return missing_weights_message(name, pretrained, f"the download failed ({text})")
     if name.startswith("hf-hub:"):
-        return (
-            f"model {name} could not be loaded from the hub or the cache ({hf_cache_dir()}). Use a local model "
-            f"folder with --model PATH, or weights with --pretrained PATH. Details: {text}"
-        )
+        return missing_weights_message(name, None, f"loading it failed ({text})")
     return f"cannot load model {name!r} (pretrained={pretrained!r}): {text}"
