@@ -12,15 +12,15 @@ from pathlib import Path
 from . import modelspec as ms
 from .errors import LookalikeError
 
+#: ``index`` exits with status 1 when more than this share of the catalogue's photos failed
+DEFAULT_MAX_FAILED_FRACTION = 0.5
 
-def _model_args(p: argparse.ArgumentParser, for_index: bool) -> None:
+
+def _model_args(p: argparse.ArgumentParser, model_help: str, pretrained_help: str) -> None:
+    """The model options; the help texts say where the default model comes from for this command."""
     g = p.add_argument_group("model")
-    if for_index:
-        g.add_argument("--model", default=None, help=ms.MODEL_HELP)
-        g.add_argument("--pretrained", default=None, help=ms.PRETRAINED_HELP)
-    else:
-        g.add_argument("--model", default=None, help=ms.INDEX_MODEL_HELP)
-        g.add_argument("--pretrained", default=None, help=ms.INDEX_PRETRAINED_HELP)
+    g.add_argument("--model", default=None, help=model_help)
+    g.add_argument("--pretrained", default=None, help=pretrained_help)
     g.add_argument("--device", default="auto", help=ms.DEVICE_HELP)
     g.add_argument("--precision", choices=ms.PRECISIONS, default="auto", help=ms.PRECISION_HELP)
     g.add_argument("--backend", choices=ms.BACKENDS, default="auto", help=ms.BACKEND_HELP)
@@ -42,10 +42,11 @@ def _load_model(args):
 def _existing_identity(path: str):
     """The model identity an existing index at ``path`` records; None where there is no index yet."""
     from .records import MANIFEST_NAME, ModelIdentity
-    from .store import read_manifest
 
     if not (Path(path) / MANIFEST_NAME).is_file():
         return None
+    from .store import read_manifest
+
     return ModelIdentity.from_dict(read_manifest(path)["model"])
 
 
@@ -63,15 +64,16 @@ def _model_for_index(args, store):
 # ---------------------------------------------------------------- commands
 def cmd_index(args) -> int:
     from .catalogue import ColumnMap, read_catalogue
-    from .pipeline import index_catalogue
-    from .store import Store
 
     columns = ColumnMap(args.id_column, args.image_column, args.title_column, args.category_column)
     catalogue = read_catalogue(args.catalogue, columns, args.image_root, args.allow_outside_root)
     if not catalogue.rows:
         problems = "; ".join(f"{p.where}: {p.message}" for p in catalogue.problems[:5])
         raise LookalikeError(f"no photos found in {args.catalogue}" + (f" ({problems})" if problems else ""))
-    model = _model_spec(args).load(_existing_identity(args.out))
+    model = _model_spec(args).load(_existing_identity(args.out))  # missing weights fail here, before torch loads
+    from .pipeline import index_catalogue
+    from .store import Store
+
     with Store.create(args.out, model.identity) as store:
         store.set_index_choice(args.index_type, args.memory_budget)  # applied by the pipeline's final save
         report = index_catalogue(
@@ -84,6 +86,12 @@ def cmd_index(args) -> int:
     else:
         print(report.summary())
         print(f"report: {Path(args.out) / 'report.json'}")
+    manifest = Path(args.catalogue)
+    relative_root = manifest.resolve().parent if manifest.is_file() and args.image_root is None else None
+    failure = report.failure(args.max_failed_fraction, relative_root)
+    if failure:
+        print(f"lookalike: error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -337,24 +345,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lookalike", description="Visual similarity search for product catalogues.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the help already speaks of it or there is none
+    to show (no value, or a flag that is off)."""
 
-    p = sub.add_parser("index", help="embed a catalogue's photos into an index directory")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text.lower()):
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookalike", description="Visual similarity search for product catalogues.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    # -v after the command as well: SUPPRESS keeps a command's parser from resetting a -v given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                   parents=[common], formatter_class=_HelpFormatter)
+
+    p = command("index", help="embed a catalogue's photos into an index directory")
     p.add_argument("catalogue", help="folder of images, .csv/.jsonl manifest, .tar shard or folder of shards")
     p.add_argument("--out", required=True, help="index directory (created, or updated if it exists)")
-    _model_args(p, for_index=True)
+    _model_args(p, ms.MODEL_HELP, ms.PRETRAINED_HELP)
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="photos per forward pass (default 64 on CPU, 256 on CUDA)")
     p.add_argument("--workers", type=_non_negative, default=None,
                    help="decoding processes (default: CPU cores, at most 32)")
     p.add_argument("--prune", action="store_true", help="remove products and photos no longer in the catalogue")
-    p.add_argument("--id-column", default="id")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--title-column", default="title")
-    p.add_argument("--category-column", default="category")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=DEFAULT_MAX_FAILED_FRACTION, metavar="F",
+                   help="exit with status 1 when more than this share (0 to 1) of the catalogue's photos failed, or "
+                        "when none was indexed; the index and report.json are written either way")
+    p.add_argument("--id-column", default="id", help="manifest column with the product id")
+    p.add_argument("--image-column", default="image", help="manifest column with the photo's path or URL")
+    p.add_argument("--title-column", default="title", help="manifest column with the product title")
+    p.add_argument("--category-column", default="category",
+                   help="manifest column with the category (a path such as Men/Tops/Hoodies)")
     p.add_argument("--image-root", default=None,
                    help="folder that relative image paths start from (default: the manifest's)")
     p.add_argument("--allow-outside-root", action="store_true",
@@ -366,19 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("serve", help="start the HTTP query server")
+    p = command("serve", help="start the HTTP query server")
     p.add_argument("index", nargs="?", default=None, help="index directory (default: LOOKALIKE_INDEX)")
     p.add_argument("--config", default=None, help="TOML settings file (also: LOOKALIKE_CONFIG); see README")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--labels", default=None,
                    help="label set .yaml/.json for the labels of query photos (default: the set the index was "
                         "last labelled with by 'lookalike label INDEX', else data/labels/retail.yaml)")
-    _model_args(p, for_index=False)
+    _model_args(p, ms.INDEX_MODEL_HELP, ms.INDEX_PRETRAINED_HELP)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("search", help="find products similar to a photo or matching a text")
-    p.add_argument("index")
+    p = command("search", help="find products similar to a photo or matching a text")
+    p.add_argument("index", help="index directory")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", help="query photo")
     q.add_argument("--text", help="query text, e.g. 'red running shoes'")
@@ -390,45 +423,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=_positive, default=None,
                    help="IVF-PQ index: inverted lists visited per query, more = better recall, slower "
                         "(default: the index's)")
-    p.add_argument("--json", action="store_true")
-    _model_args(p, for_index=False)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    _model_args(p, ms.INDEX_MODEL_HELP, ms.INDEX_PRETRAINED_HELP)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("label", help="zero-shot labels for photos, or for every product of an index")
+    p = command("label", help="zero-shot labels for photos, or for every product of an index")
     p.add_argument("targets", nargs="+", metavar="INDEX_DIR|PATH", help="an index directory, or image files")
     p.add_argument("--labels", default=None, help="label set .yaml/.json (default data/labels/retail.yaml)")
-    p.add_argument("--top-k", type=_positive, default=5)
+    p.add_argument("--top-k", type=_positive, default=5, help="labels to report per photo or product")
     p.add_argument("--report", default=None,
                    help="for an index: report file, .jsonl or .csv (default INDEX_DIR/labels.jsonl)")
-    p.add_argument("--json", action="store_true")
-    _model_args(p, for_index=False)
+    p.add_argument("--json", action="store_true", help="print the labels as JSON")
+    _model_args(p, ms.LABEL_MODEL_HELP, ms.LABEL_PRETRAINED_HELP)
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser("finetune", help="contrastive training of a CLIP model on catalogue photos and captions")
+    p = command("finetune", help="contrastive training of a CLIP model on catalogue photos and captions")
     p.add_argument("catalogues", nargs="+", metavar="MANIFEST", help="catalogues (any format 'index' reads)")
     p.add_argument("--out", required=True, help="model folder to write (open_clip format)")
     p.add_argument("--model", default=ms.DEFAULT_MODEL, help="model to start from, or an architecture config .json")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", default=None, help="weights to start from (tag or file)")
     src.add_argument("--from-scratch", action="store_true", help="random initial weights")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=_positive, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup-steps", type=_non_negative, default=200)
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the catalogues (fractions allowed)")
+    p.add_argument("--batch-size", type=_positive, default=128, help="photo-caption pairs per training step")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine schedule)")
+    p.add_argument("--warmup-steps", type=_non_negative, default=200, help="steps of linear learning-rate warm-up")
     p.add_argument("--caption-template", action="append", metavar="TEMPLATE",
                    help="caption template over the row's columns, e.g. 'a photo of a {title}.' (repeatable)")
     p.add_argument("--weight", action="append", metavar="COLUMN=VALUE:FACTOR",
                    help="repeat rows whose COLUMN equals VALUE FACTOR times per epoch (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (initial weights, shuffling)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
     p.add_argument("--precision", choices=ms.TRAIN_PRECISIONS, default="auto", help=ms.TRAIN_PRECISION_HELP)
     p.add_argument("--split-file", default=None, help="JSON split to copy into the model folder (for eval)")
     p.add_argument("--workers", type=_positive, default=2, help="decoding processes")
     p.add_argument("--name", default=None, help="model name for the card (default: the folder name)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="zero-shot and catalogue-retrieval quality of a model")
+    p = command("eval", help="zero-shot and catalogue-retrieval quality of a model")
     p.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
                    help="folder with cifar10/, fashion-mnist/, magento/ (default ../shared/datasets)")
     p.add_argument("--magento", default=None, help="Magento manifest (default: built from DATASETS/magento)")
@@ -437,37 +470,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-baseline", default="ViT-B-32",
                    help="open_clip architecture whose embedding speed (random weights, same device, precision and "
                         "back-end) is measured in the same run for the speed ratio; 'none' skips it (default ViT-B-32)")
-    _model_args(p, for_index=False)
+    _model_args(p, ms.EVAL_MODEL_HELP, ms.PRETRAINED_HELP)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("add", help="add or replace one product with its photos")
-    p.add_argument("index")
+    p = command("add", help="add or replace one product with its photos")
+    p.add_argument("index", help="index directory")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="the product's photos (replace its current ones)")
-    p.add_argument("--id", required=True)
-    p.add_argument("--title", default=None)
-    p.add_argument("--category", default=None)
+    p.add_argument("--id", required=True, help="product id (an existing product is replaced)")
+    p.add_argument("--title", default=None, help="product title")
+    p.add_argument("--category", default=None, help="category path, e.g. Men/Tops/Hoodies")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="other metadata (repeatable)")
-    _model_args(p, for_index=False)
+    _model_args(p, ms.INDEX_MODEL_HELP, ms.INDEX_PRETRAINED_HELP)
     p.set_defaults(func=cmd_add)
 
-    p = sub.add_parser("delete", help="delete products and their photos")
-    p.add_argument("index")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p = command("delete", help="delete products and their photos")
+    p.add_argument("index", help="index directory")
+    p.add_argument("ids", nargs="+", metavar="ID", help="ids of the products to delete")
     p.set_defaults(func=cmd_delete)
 
-    p = sub.add_parser("info", help="what an index holds")
-    p.add_argument("index")
-    p.add_argument("--json", action="store_true")
+    p = command("info", help="what an index holds")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("rebuild", help="rebuild an index's FAISS vectors from its database, e.g. as another index type")
-    p.add_argument("index")
+    p = command("rebuild", help="rebuild an index's FAISS vectors from its database, e.g. as another index type")
+    p.add_argument("index", help="index directory")
     _index_type_args(p)
     p.set_defaults(func=cmd_rebuild)
 
-    p = sub.add_parser("check", help="verify that an index's vectors and metadata agree (exit 1 if not)")
-    p.add_argument("index")
-    p.add_argument("--json", action="store_true")
+    p = command("check", help="verify that an index's vectors and metadata agree (exit 1 if not)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_check)
     return parser
 
@@ -515,6 +548,17 @@ def _int_at_least(minimum: int):
         return v
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return v
 
 
 _positive = _int_at_least(1)

@@ -160,6 +160,37 @@ class IndexReport:
         return "\n".join(lines)
 
 
+    def failure(self, max_failed_fraction: float, relative_root: Path | None = None) -> str | None:
+        """Why this run counts as failed, in one line, or None when it does not.
+
+        Failed: no photo is in the index for the catalogue (none indexed, none unchanged) while some failed,
+        or more than ``max_failed_fraction`` (0..1) of the catalogue's photos (indexed + unchanged + failed)
+        failed. ``relative_root``: the folder a manifest's relative image paths were resolved against by
+        default (no ``--image-root``); photos not found under it add a hint to pass ``--image-root``.
+        """
+        total = self.indexed + self.unchanged + self.failed
+        if not self.failed:
+            return None
+        if self.indexed + self.unchanged == 0:
+            why = f"nothing was indexed: all {self.failed} photos failed"
+        elif self.failed / total > max_failed_fraction:
+            why = (f"{self.failed} of {total} photos failed, more than --max-failed-fraction "
+                   f"{max_failed_fraction:g}")
+        else:
+            return None
+        counts: dict[str, int] = {}
+        for f in self.failures:
+            counts[f["reason"]] = counts.get(f["reason"], 0) + 1
+        why += " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ")"
+        if relative_root is not None:
+            unseen = sum(1 for f in self.failures if f["reason"] == "not_found" and "://" not in f["image"]
+                         and Path(f["image"]).is_relative_to(relative_root))
+            if unseen:
+                why += (f"; {unseen} were looked for under {relative_root} (the manifest's folder, where relative "
+                        "image paths start): if the paths are relative to another folder, pass --image-root DIR")
+        return why + "; see report.json"
+
+
 def _commit_every_from_env() -> int:
     value = os.environ.get(COMMIT_EVERY_ENV, "").strip()
     if not value:
