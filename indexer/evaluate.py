@@ -5,10 +5,10 @@ Metrics (all computed with :class:`indexer.model.ClipModel`, so any open_clip mo
 * ``cifar10_top1``: zero-shot top-1 on CIFAR-10 ``test.tar.gz`` (10,000 images), prompt-template
   ensemble as in Radford et al. 2021 (sec. 3.1.4); no training on the test set.
 * ``fashion_mnist_top1``: the same on the Fashion-MNIST test split (10,000 images).
-* ``magento_near_dup_recall_at_1``: each Magento photo is queried with transformed copies
-  (centre crop to 85 %, resize to 50 %, brightness x1.2, JPEG quality 40; and a copy stored
-  rotated with an EXIF orientation tag that turns it upright) against every catalogue photo;
-  a hit is the original photo ranked first.
+* ``magento_near_dup_recall_at_1``: each Magento photo is queried with each transformed copy of
+  :data:`indexer.evaluate_retrieval.NEAR_DUP_TRANSFORMS` (mirrored, rotated, cropped, resized,
+  recompressed, re-lit, stored rotated with an EXIF orientation tag...) against every catalogue
+  photo; a hit is the original photo ranked first.
 * ``magento_same_product_recall_at_5``: a photo finds another photo of the same product among
   its 5 nearest other photos (itself excluded); over products with at least 2 photos.
 * ``magento_category_accuracy``: zero-shot label of each photo among the catalogue's leaf
@@ -17,35 +17,71 @@ Metrics (all computed with :class:`indexer.model.ClipModel`, so any open_clip mo
 Magento metrics are given for the products held out of the bundled model's training (the seeded
 split of :func:`indexer.datasets.magento_split`, or the split saved in the model folder) and,
 with the suffix ``_all``, for the whole catalogue.
+
+The Magento metrics and the calibration measured from them are computed in
+:mod:`indexer.evaluate_retrieval`; this module runs the zero-shot benchmarks, times embedding,
+gathers every metric into one result (:func:`evaluate`) and re-exports the retrieval names.
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 from .datasets import (
     CIFAR10_CLASSES,
     FASHION_MNIST_PROMPT_NAMES,
-    category_phrase,
     fashion_mnist,
     iter_cifar10,
     magento_split,
 )
+from .evaluate_retrieval import (
+    MAGENTO_TEMPLATES,
+    NEAR_DUP_TRANSFORMS,
+    PERCENTILES,
+    calibrate,
+    eval_magento,
+    exif_rotated,
+    mean_or_none,
+    near_duplicate,
+    recommended_min_score,
+    unrelated_images,
+    unrelated_queries,
+)
 from .images import open_image
 from .labels import LabelSet, ZeroShotClassifier
 from .model import ClipModel
+
+__all__ = [
+    "CIFAR10_UNSEEN",
+    "CIFAR_TEMPLATES",
+    "FASHION_MNIST_UNSEEN",
+    "FASHION_TEMPLATES",
+    "MAGENTO_TEMPLATES",
+    "NEAR_DUP_TRANSFORMS",
+    "PERCENTILES",
+    "calibrate",
+    "embedding_speed",
+    "eval_cifar10",
+    "eval_fashion_mnist",
+    "eval_magento",
+    "evaluate",
+    "exif_rotated",
+    "format_table",
+    "near_duplicate",
+    "recommended_min_score",
+    "unrelated_images",
+    "unrelated_queries",
+]
 
 # Chosen before looking at any test result; the first four follow CLIP's published CIFAR templates.
 CIFAR_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.",
                    "a low resolution photo of a {}.", "{}")
 FASHION_TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a photo of the {}.",
                      "a low resolution photo of a {}.", "{}")
-MAGENTO_TEMPLATES = ("a photo of {}.", "a product photo of {}.", "{}")
 # Classes whose names lookalike-base never saw in training (scripts/train_lookalike_base.py derives its
 # HELD_OUT_WORDS from these)
 CIFAR10_UNSEEN = ("deer", "truck")
@@ -73,7 +109,7 @@ def _classify(model: ClipModel, images, labels: np.ndarray, names, templates, ba
             flush()
     flush()
     predicted, truth = np.asarray(predicted), np.asarray(truth)
-    per_class = {name: _mean(predicted[truth == i] == i) for i, name in enumerate(names) if (truth == i).any()}
+    per_class = {name: mean_or_none(predicted[truth == i] == i) for i, name in enumerate(names) if (truth == i).any()}
     return float((predicted == truth).mean()) if len(truth) else 0.0, len(truth), per_class
 
 
@@ -88,226 +124,6 @@ def eval_fashion_mnist(model: ClipModel, datasets: Path, limit: int | None = Non
     images, labels = fashion_mnist(datasets / "fashion-mnist", "test", limit)
     pil = (Image.fromarray(x, "L").convert("RGB") for x in images)
     return _classify(model, pil, labels, FASHION_MNIST_PROMPT_NAMES, FASHION_TEMPLATES)
-
-
-def near_duplicate(image: Image.Image) -> Image.Image:
-    """Centre crop to 85 % of each side, resize to 50 %, brightness x1.2, JPEG quality 40."""
-    w, h = image.size
-    cw, ch = round(w * 0.85), round(h * 0.85)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    out = image.crop((left, top, left + cw, top + ch))
-    out = out.resize((max(1, cw // 2), max(1, ch // 2)), Image.BICUBIC)
-    out = ImageEnhance.Brightness(out).enhance(1.2)
-    return _jpeg(out, 40)
-
-
-def exif_rotated(image: Image.Image) -> Image.Image:
-    """Store the photo turned 90 degrees with EXIF orientation 6 (rotate 90 CW to view), then reopen it."""
-    stored = image.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise; orientation 6 turns it back
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    return open_image(buf.getvalue())
-
-
-def _jpeg(image: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return open_image(buf.getvalue())
-
-
-def _centre_crop(image: Image.Image, fraction: float) -> Image.Image:
-    w, h = image.size
-    cw, ch = max(1, round(w * fraction)), max(1, round(h * fraction))
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch))
-
-
-# The copies a shopper's or a scraper's photo of a catalogue photo tends to be; each made from the
-# full-size photo, one transform at a time (plus the two combined copies of the first release).
-NEAR_DUP_TRANSFORMS = {
-    "mirror": ImageOps.mirror,
-    "squash_to_square": lambda im: im.resize((max(im.size),) * 2, Image.BICUBIC),
-    "rotate_30_black": lambda im: im.rotate(30, resample=Image.BICUBIC, expand=True),
-    "rotate_30_white": lambda im: im.rotate(30, resample=Image.BICUBIC, expand=True, fillcolor=(255, 255, 255)),
-    "greyscale": lambda im: ImageOps.grayscale(im).convert("RGB"),
-    "centre_crop_60": lambda im: _centre_crop(im, 0.6),
-    "half_size": lambda im: im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.BICUBIC),
-    "jpeg_30": lambda im: _jpeg(im, 30),
-    "brighter_30": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
-    "darker_30": lambda im: ImageEnhance.Brightness(im).enhance(0.7),
-    "crop_scale_bright_jpeg": near_duplicate,
-    "exif_rotated": exif_rotated,
-}
-PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-
-
-def eval_magento(model: ClipModel, rows: list[dict], held_out: set[str], limit: int | None = None,
-                 seed: int = 0) -> dict:
-    """Near-duplicate recall@1, same-product recall@5, category accuracy and score percentiles on Magento.
-
-    rows: manifest rows (``id``, ``image``, ``category``), one per photo of a product.
-    Near-duplicates: every query photo is copied with each of :data:`NEAR_DUP_TRANSFORMS` and the
-    copy searched among all catalogue photos; a hit is the original ranked first.
-    Score percentiles (cosine, :data:`PERCENTILES`): near-duplicate pairs (copy, original),
-    same-product pairs (two different photos of one product), and 5,000 random pairs of photos of
-    products in different categories (seeded).
-    """
-    files = sorted({r["image"] for r in rows})
-    draft = model.draft_size
-    gallery = np.concatenate([model.embed_images([open_image(f, draft_size=draft) for f in files[i:i + 64]])
-                              for i in range(0, len(files), 64)])
-    file_pos = {f: i for i, f in enumerate(files)}
-
-    query_files = files if limit is None else files[:: max(1, len(files) // limit)][:limit]
-    held_files = {r["image"] for r in rows if r["id"] in held_out}
-    dup_hits: dict[str, dict[str, bool]] = {}
-    dup_scores: dict[str, list[float]] = {}
-    for i in range(0, len(query_files), 16):
-        chunk = query_files[i:i + 16]
-        # copies are made from the photo decoded at >= 448 px on its shorter side (JPEG draft mode: 1/2 scale
-        # for these 1000x1200 photos), twice what the model sees, and 4x cheaper to transform than full size
-        full = [open_image(f, draft_size=448) for f in chunk]
-        for name, transform in NEAR_DUP_TRANSFORMS.items():
-            q = model.embed_images([transform(im) for im in full])
-            sims = q @ gallery.T
-            for f, row in zip(chunk, sims):
-                dup_hits.setdefault(f, {})[name] = files[int(row.argmax())] == f
-                dup_scores.setdefault(f, []).append(float(row[file_pos[f]]))
-
-    products_of_file: dict[str, set[str]] = {}
-    category_of_file: dict[str, str] = {}
-    for r in rows:
-        products_of_file.setdefault(r["image"], set()).add(r["id"])
-        category_of_file.setdefault(r["image"], r.get("category") or "")
-    photos_of_product: dict[str, set[str]] = {}
-    for r in rows:
-        photos_of_product.setdefault(r["id"], set()).add(r["image"])
-    sims = gallery @ gallery.T
-    same_hits: dict[tuple[str, str], bool] = {}
-    same_scores: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        others = photos_of_product[r["id"]] - {r["image"]}
-        if not others or r["image"] not in query_files:
-            continue
-        order = np.argsort(-sims[file_pos[r["image"]]], kind="stable")
-        top5 = [files[j] for j in order if files[j] != r["image"]][:5]
-        same_hits[(r["id"], r["image"])] = any(f in others for f in top5)
-        same_scores[(r["id"], r["image"])] = [float(sims[file_pos[r["image"]], file_pos[o]]) for o in others]
-
-    rng = np.random.default_rng(seed)
-    random_scores = []
-    while len(random_scores) < 5000:
-        a, b = rng.integers(len(files), size=2)
-        if category_of_file[files[a]] != category_of_file[files[b]]:
-            random_scores.append(float(sims[a, b]))
-
-    categories = sorted({r["category"] for r in rows if r.get("category")})
-    clf = ZeroShotClassifier(model, LabelSet.from_dict({
-        "labels": [{"name": c, "prompts": [category_phrase(c)]} for c in categories],
-        "templates": list(MAGENTO_TEMPLATES)}))
-    probs, _ = clf.scores(gallery)
-    predicted = {f: categories[int(probs[file_pos[f]].argmax())] for f in files}
-    cat_hits = {(r["id"], r["image"]): predicted[r["image"]] == r["category"]
-                for r in rows if r.get("category") and r["image"] in query_files}
-
-    def summarise(subset_files, subset_ids) -> dict:
-        by_transform = {name: _mean([hs[name] for f, hs in dup_hits.items() if f in subset_files])
-                        for name in NEAR_DUP_TRANSFORMS}
-        d = [h for f, hs in dup_hits.items() if f in subset_files for h in hs.values()]
-        s = [h for (pid, _), h in same_hits.items() if pid in subset_ids]
-        c = [h for (pid, _), h in cat_hits.items() if pid in subset_ids]
-        return {
-            "near_dup_recall_at_1": _mean(d), "near_dup_queries": len(d), "near_dup_by_transform": by_transform,
-            "same_product_recall_at_5": _mean(s), "same_product_queries": len(s),
-            "category_accuracy": _mean(c), "category_photos": len(c),
-        }
-
-    all_ids = {r["id"] for r in rows}
-    percentiles = {
-        "near_duplicate": _percentiles([x for xs in dup_scores.values() for x in xs]),
-        "same_product": _percentiles([x for xs in same_scores.values() for x in xs]),
-        "random_different_category": _percentiles(random_scores),
-    }
-    return {"held_out": summarise(held_files, held_out), "all": summarise(set(files), all_ids),
-            "gallery_photos": len(files), "categories": len(categories), "score_percentiles": percentiles,
-            "gallery": gallery, "files": files, "held_files": held_files}
-
-
-def _percentiles(xs) -> dict:
-    if not xs:
-        return {}
-    return {f"p{q}": round(float(np.percentile(xs, q)), 4) for q in PERCENTILES}
-
-
-def recommended_min_score(percentiles: dict) -> float:
-    """The ``min_score`` below which a search answer counts as "no close match".
-
-    Halfway between the 99th percentile of random different-category pairs and the 5th percentile
-    of near-duplicate pairs (the two distributions of :func:`eval_magento`), rounded to 0.01.
-    """
-    lo = percentiles["random_different_category"]["p99"]
-    hi = percentiles["near_duplicate"]["p5"]
-    return round((lo + hi) / 2, 2)
-
-
-def unrelated_queries(model: ClipModel, datasets: Path, gallery: np.ndarray, min_score: float,
-                      classifier: ZeroShotClassifier | None = None) -> dict:
-    """How often a query that matches nothing in the catalogue (:func:`unrelated_images`) still gets an
-    answer at or above ``min_score``; and, with ``classifier``, how often the model's calibrated reject
-    option (``label_min_cosine``, :meth:`ZeroShotClassifier.none_of_these`) says "none of these" for it.
-
-    Returns {"unrelated_query_hit_rate": fraction of all queries, "by_kind": {kind: fraction},
-    "label_reject_rate": fraction or None}.
-    """
-    by_kind, hits, rejected = {}, [], []
-    calibrated = model.calibration.get("label_min_cosine") is not None
-    for kind, images in unrelated_images(datasets).items():
-        emb = model.embed_images(images)
-        top = (emb @ gallery.T).max(axis=1)
-        by_kind[kind] = _mean(list(top >= min_score))
-        hits.extend(top >= min_score)
-        if classifier is not None and calibrated:
-            rejected.extend(classifier.none_of_these(emb))
-    return {"unrelated_query_hit_rate": _mean(hits), "by_kind": by_kind, "label_reject_rate": _mean(rejected)}
-
-
-def unrelated_images(datasets: Path, n_noise: int = 50, n_cifar: int = 200, seed: int = 0) -> dict[str, list]:
-    """Queries a retail catalogue holds nothing like: ``n_noise`` uniform-noise images (224 px, seeded),
-    a black and a white square, and ``n_cifar`` CIFAR-10 test photos (animals and vehicles)."""
-    rng = np.random.default_rng(seed)
-    return {
-        "noise": [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(n_noise)],
-        "black_square": [Image.new("RGB", (224, 224), (0, 0, 0))],
-        "white_square": [Image.new("RGB", (224, 224), (255, 255, 255))],
-        "cifar10_photos": [im for im, _, _ in iter_cifar10(datasets / "cifar10" / "test.tar.gz", n_cifar)],
-    }
-
-
-def calibrate(model: ClipModel, datasets: Path, rows: list[dict]) -> dict:
-    """The model's thresholds (:attr:`indexer.model.ClipModel.calibration`), measured on ``rows``.
-
-    * ``min_score``: :func:`recommended_min_score` of the score percentiles of :func:`eval_magento`.
-    * ``label_min_cosine``: halfway between the 5th percentile of the best label's cosine for the
-      catalogue photos (default label set, ``data/labels/retail.yaml``) and the 95th percentile of the
-      same for :func:`unrelated_images` (seed 1, so that evaluation's seed-0 queries stay unseen).
-    """
-    mag = eval_magento(model, rows, {r["id"] for r in rows})
-    classifier = ZeroShotClassifier(model, LabelSet.load())
-    fits = classifier.best_cosines(mag["gallery"])
-    unrelated = np.concatenate([model.embed_images(ims) for ims in unrelated_images(datasets, seed=1).values()])
-    misfits = classifier.best_cosines(unrelated)
-    return {"min_score": recommended_min_score(mag["score_percentiles"]),
-            "label_min_cosine": round(float((np.percentile(fits, 5) + np.percentile(misfits, 95)) / 2), 3),
-            "score_percentiles": mag["score_percentiles"],
-            "best_label_cosine_catalogue": _percentiles(fits.tolist()),
-            "best_label_cosine_unrelated": _percentiles(misfits.tolist()),
-            "measured_on": f"{len(mag['gallery'])} photos of the training products"}
-
-
-def _mean(xs) -> float | None:
-    return round(float(np.mean(xs)), 4) if len(xs) else None
 
 
 def embedding_speed(model: ClipModel, photos: list[str], batch_size: int = 32, repeat: int = 3) -> float:
@@ -332,14 +148,15 @@ def evaluate(model: ClipModel, datasets: Path, magento_rows: list[dict], split_f
     t0 = time.perf_counter()
     acc, n, per_class = eval_cifar10(model, datasets, limit)
     result.update(cifar10_top1=round(acc, 4), cifar10_images=n,
-                  cifar10_unseen_top1=_mean([per_class[c] for c in CIFAR10_UNSEEN if per_class.get(c) is not None]),
+                  cifar10_unseen_top1=mean_or_none([per_class[c] for c in CIFAR10_UNSEEN
+                                                    if per_class.get(c) is not None]),
                   cifar10_per_class=per_class)
     progress(f"cifar10 top-1 {acc:.4f} on {n} images ({time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
     acc, n, per_class = eval_fashion_mnist(model, datasets, limit)
     result.update(fashion_mnist_top1=round(acc, 4), fashion_mnist_images=n,
-                  fashion_mnist_unseen_top1=_mean([per_class[c] for c in FASHION_MNIST_UNSEEN
-                                                   if per_class.get(c) is not None]),
+                  fashion_mnist_unseen_top1=mean_or_none([per_class[c] for c in FASHION_MNIST_UNSEEN
+                                                          if per_class.get(c) is not None]),
                   fashion_mnist_per_class=per_class)
     progress(f"fashion-mnist top-1 {acc:.4f} on {n} images ({time.perf_counter() - t0:.0f} s)")
     if split_file is not None and split_file.is_file():
@@ -369,7 +186,7 @@ def evaluate(model: ClipModel, datasets: Path, magento_rows: list[dict], split_f
     result["unrelated_label_reject_rate"] = unrelated["label_reject_rate"]
     if model.calibration.get("label_min_cosine") is not None:
         held = [i for i, f in enumerate(mag["files"]) if f in mag["held_files"]]
-        result["catalogue_label_reject_rate"] = _mean(classifier.none_of_these(mag["gallery"][held]))
+        result["catalogue_label_reject_rate"] = mean_or_none(classifier.none_of_these(mag["gallery"][held]))
     sample = sorted({r["image"] for r in magento_rows})[:64]
     result["embed_images_per_s_224px"] = embedding_speed(model, sample)
     if speed_baseline is not None:
