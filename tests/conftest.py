@@ -77,15 +77,6 @@ def datasets_dir() -> Path:
     return DATASETS
 
 
-def _load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny random-weight CLIP (64-d, deterministic), loaded once."""
@@ -124,7 +115,9 @@ def magento_subset(datasets_dir, tmp_path_factory) -> Path:
     """A JSONL manifest of a real Magento subset: every third product, all of its photos (about 240)."""
     import json
 
-    rows, _ = _load_script("prepare_magento").build_manifest(datasets_dir / "magento")
+    from indexer.magento import build_manifest
+
+    rows, _ = build_manifest(datasets_dir / "magento")
     ids = sorted({r["id"] for r in rows})[::3]
     keep = set(ids)
     path = tmp_path_factory.mktemp("catalogue") / "magento.jsonl"

@@ -37,10 +37,10 @@ def base():
 
 @pytest.fixture(scope="module")
 def magento(base, datasets_dir):
-    from conftest import _load_script
+    from indexer.magento import build_manifest
 
     split = json.loads((FOLDER / "magento_split.json").read_text())
-    rows, _ = _load_script("prepare_magento").build_manifest(datasets_dir / "magento")
+    rows, _ = build_manifest(datasets_dir / "magento")
     return rows, set(split["held_out"]), eval_magento(base, rows, set(split["held_out"]), limit=240)
 
 
