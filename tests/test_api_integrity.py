@@ -16,14 +16,16 @@ from PIL import Image
 from indexer.store import Store
 from server.app import create_app
 
+pytestmark = pytest.mark.integration
+
 KEY = "k3y"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
-def index_copy(magento_index, tmp_path):
+def index_copy(fixture_index, tmp_path):
     dst = tmp_path / "index"
-    shutil.copytree(magento_index, dst, ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(fixture_index, dst, ignore=shutil.ignore_patterns(".lock"))
     return dst
 
 

@@ -12,10 +12,12 @@ from indexer.batching import MicroBatcher
 from indexer.images import ImageError, open_image
 from server.app import create_app
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
-def photos(datasets_dir):
-    return sorted((datasets_dir / "magento" / "images").rglob("*.jpg"))[:12]
+def photos(fixture_data):
+    return sorted((fixture_data.root / "images").rglob("*.jpg"))[:12]
 
 
 def test_concurrent_queries_share_a_forward_pass_and_agree_with_single_ones(tiny_model, photos):
@@ -76,10 +78,10 @@ def test_a_lone_query_is_embedded_without_waiting_for_the_window(tiny_model, pho
         batcher.close()
 
 
-def test_server_answers_the_same_with_and_without_batching(magento_index, tiny_model, photos):
+def test_server_answers_the_same_with_and_without_batching(fixture_index, tiny_model, photos):
     results = []
     for window in (0, 4):
-        app = create_app(magento_index, model=tiny_model, batch_window_ms=window)
+        app = create_app(fixture_index, model=tiny_model, batch_window_ms=window)
         with TestClient(app) as client:
             assert (app.state.engine.batcher is None) == (window == 0)
             with ThreadPoolExecutor(4) as pool:

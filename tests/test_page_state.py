@@ -1,7 +1,10 @@
 """The web page keeps its state in the URL: any k the API accepts and any category level (a parent
 category filters everything below it), in a real browser against the real server. No request of
 the page's own gets a 404 (the favicon used to)."""
+import pytest
 from test_browser import CHROMIUM_ARGS, browser, live_server  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.system
 
 
 def test_url_k_and_parent_category_are_applied(live_server, browser):  # noqa: F811

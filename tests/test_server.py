@@ -13,17 +13,19 @@ from PIL import Image
 from indexer.ann import MAX_EF_SEARCH, MAX_NPROBE
 from server.app import create_app
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
-def client(magento_index, tiny_model):
-    app = create_app(magento_index, model=tiny_model, max_upload_bytes=2 * 1024 * 1024)
+def client(fixture_index, tiny_model):
+    app = create_app(fixture_index, model=tiny_model, max_upload_bytes=2 * 1024 * 1024)
     with TestClient(app) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def catalogue_rows(magento_subset):
-    return [json.loads(line) for line in magento_subset.read_text().splitlines()]
+def catalogue_rows(fixture_catalogue):
+    return [json.loads(line) for line in fixture_catalogue.read_text().splitlines()]
 
 
 def _jpeg(path) -> bytes:
