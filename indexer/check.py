@@ -72,7 +72,8 @@ def _check(store) -> dict:
         described = ann.describe(index)
         if described is None or described.type != spec.type or described.params != spec.structure():
             kind = f"{described.type} {described.params}" if described else "an unknown type of"
-            problems.append(f"FAISS snapshot {snap.name} is {kind} index; the store records {spec.type} {spec.structure()}")
+            problems.append(f"FAISS snapshot {snap.name} is {kind} index; "
+                            f"the store records {spec.type} {spec.structure()}")
         else:
             faiss_ids = ann.held_ids(index)
     if faiss_ids is not None:

@@ -16,10 +16,10 @@ import json
 import re
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -207,7 +207,8 @@ class Database:
         if row is None:
             raise NotFound(f"no product with id {product_id!r}")
         photos = db.execute(
-            "SELECT photo_id, source, sha256, width, height, metadata FROM photos WHERE product_id = ? ORDER BY photo_id",
+            "SELECT photo_id, source, sha256, width, height, metadata FROM photos "
+            "WHERE product_id = ? ORDER BY photo_id",
             (product_id,),
         ).fetchall()
         return {
@@ -259,7 +260,8 @@ class Database:
         """photo id -> (product id, source, metadata JSON), for those that exist."""
         out: dict[int, tuple[str, str, str]] = {}
         for chunk in _chunks(list(photo_ids)):
-            q = f"SELECT photo_id, product_id, source, metadata FROM photos WHERE photo_id IN ({','.join('?' * len(chunk))})"
+            q = ("SELECT photo_id, product_id, source, metadata FROM photos "
+                 f"WHERE photo_id IN ({','.join('?' * len(chunk))})")
             out.update({r[0]: (r[1], r[2], r[3]) for r in self.conn().execute(q, chunk)})
         return out
 
@@ -270,7 +272,8 @@ class Database:
         blobs: list[bytes] = []
         wanted = [int(i) for i in np.unique(photo_ids)]
         for chunk in _chunks(wanted):
-            q = f"SELECT photo_id, vector FROM photos WHERE photo_id IN ({','.join('?' * len(chunk))}) ORDER BY photo_id"
+            q = (f"SELECT photo_id, vector FROM photos WHERE photo_id IN ({','.join('?' * len(chunk))}) "
+                 "ORDER BY photo_id")
             for pid, blob in self.conn().execute(q, chunk):
                 found.append(pid)
                 blobs.append(blob)

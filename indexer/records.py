@@ -56,10 +56,10 @@ class ModelIdentity:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelIdentity":
+    def from_dict(cls, d: dict) -> ModelIdentity:
         return cls(**{k: d.get(k) for k in ("name", "pretrained", "weights_sha256", "dim", "image_size")})
 
-    def same_weights(self, other: "ModelIdentity") -> bool:
+    def same_weights(self, other: ModelIdentity) -> bool:
         return self.weights_sha256 == other.weights_sha256 and self.dim == other.dim
 
 

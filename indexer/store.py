@@ -40,9 +40,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -51,8 +51,20 @@ from . import ann
 from .check import MAX_TOMBSTONE_FRACTION, MIN_RECONSTRUCTION_COSINE, check_index  # noqa: F401 (re-exported)
 from .database import DB_NAME, Batch, Database, now
 from .records import (  # noqa: F401 (re-exported: the store's public names)
-    INDEX_SOURCE_PREFIX, MANIFEST_NAME, REPORT_NAME, UPLOADS_DIR, Hit, IncompleteIndex, IndexLocked, KnownPhoto,
-    ModelIdentity, ModelMismatch, PhotoRecord, Product, StoreError, mismatch_message,
+    INDEX_SOURCE_PREFIX,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    UPLOADS_DIR,
+    Hit,
+    IncompleteIndex,
+    IndexLocked,
+    KnownPhoto,
+    ModelIdentity,
+    ModelMismatch,
+    PhotoRecord,
+    Product,
+    StoreError,
+    mismatch_message,
 )
 from .search import FILTER_EXACT_MAX, SCORE_DECIMALS, Searcher  # noqa: F401 (re-exported)
 from .vectors import VectorIndex, saved_generation, snapshot_path
@@ -112,7 +124,7 @@ class Store:
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: str | os.PathLike, identity: ModelIdentity) -> "Store":
+    def create(cls, path: str | os.PathLike, identity: ModelIdentity) -> Store:
         """Create (or open, if it exists and matches ``identity``) an index for writing.
 
         Raises ModelMismatch when the directory holds an index made with other weights.
@@ -150,7 +162,7 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, writable: bool = False) -> "Store":
+    def open(cls, path: str | os.PathLike, writable: bool = False) -> Store:
         """Open an existing index. Raises StoreError if ``path`` holds no index, IndexLocked if
         ``writable`` and another process writes it."""
         import sqlite3
@@ -166,7 +178,8 @@ class Store:
                 meta = store.meta()
             except sqlite3.DatabaseError as e:
                 if "no such table" in str(e):
-                    raise IncompleteIndex(f"{path} was not fully created (interrupted?); run 'lookalike index' again") from None
+                    raise IncompleteIndex(f"{path} was not fully created (interrupted?); "
+                                          "run 'lookalike index' again") from None
                 raise StoreError(f"{path / DB_NAME} is not a readable SQLite database: {e}") from None
             if "model" not in meta or "format_version" not in meta:
                 raise IncompleteIndex(f"{path} was not fully created (interrupted?); run 'lookalike index' again")
@@ -186,7 +199,7 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -552,7 +565,8 @@ class Store:
         return {
             "format_version": int(meta["format_version"]),
             "model": json.loads(meta["model"]),
-            "index": {"type": spec.type, "metric": "inner_product", "params": spec.params, "choice": self.index_choice()},
+            "index": {"type": spec.type, "metric": "inner_product", "params": spec.params,
+                      "choice": self.index_choice()},
             "products": self.count_products(),
             "photos": self.count_photos(),
             "generation": int(meta["generation"]),

@@ -26,18 +26,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import serverproc  # noqa: E402
 from fixtures.make_catalogue import Fixture, make_catalogue  # noqa: E402
 
-MARKERS = {
-    "unit": "no model, no server",
-    "integration": "a model or a store, in-process",
-    "system": "a real lookalike process: server subprocess or the CLI",
-    "datasets": "needs ../shared/datasets (skips without it, fails under LOOKALIKE_REQUIRE_DATASETS=1)",
-}
-
-
-def pytest_configure(config):
-    for name, what in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {what}")
-
 
 def pytest_collection_modifyitems(items):
     for item in items:

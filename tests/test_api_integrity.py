@@ -113,7 +113,8 @@ def test_patch_validates_the_merged_product(index_copy, tiny_model):
         for _ in range(20):
             nested = {"a": nested}
         for body in ({"metadata": nested}, {"metadata": {"x": "\ud800"}}, {"title": "t" * 2001}):
-            r = c.patch("/v1/products/P1", content=json.dumps(body), headers={**AUTH, "content-type": "application/json"})
+            r = c.patch("/v1/products/P1", content=json.dumps(body),
+                        headers={**AUTH, "content-type": "application/json"})
             assert r.status_code == 422, r.text
         r = c.patch("/v1/products/P1", content='{"metadata": {"x": Infinity}}',
                     headers={**AUTH, "content-type": "application/json"})
@@ -163,7 +164,8 @@ def test_catalogue_rows_with_route_suffix_ids_are_reported(tmp_path):
     photo = tmp_path / "p.png"
     photo.write_bytes(_png((5, 5, 5)))
     manifest = tmp_path / "c.jsonl"
-    manifest.write_text("\n".join(json.dumps({"id": pid, "image": str(photo)}) for pid in ("ok", "x/image", "y/similar")))
+    rows = [{"id": pid, "image": str(photo)} for pid in ("ok", "x/image", "y/similar")]
+    manifest.write_text("\n".join(json.dumps(row) for row in rows))
     cat = read_catalogue(manifest)
     assert sorted(cat.products) == ["ok"]
     assert sorted(p.reason for p in cat.problems) == ["bad_id", "bad_id"]

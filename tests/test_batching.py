@@ -36,7 +36,8 @@ def test_concurrent_queries_share_a_forward_pass_and_agree_with_single_ones(tiny
             batched = np.stack(list(pool.map(query, photos)))
     finally:
         batcher.close()
-    single = np.concatenate([tiny_model.embed_images([open_image(p, draft_size=tiny_model.draft_size)]) for p in photos])
+    single = np.concatenate([tiny_model.embed_images([open_image(p, draft_size=tiny_model.draft_size)])
+                             for p in photos])
     assert sum(sizes) == len(photos) and max(sizes) > 1, sizes
     assert batched.dtype == np.float32 and batched.shape == single.shape
     assert np.sum(batched * single, axis=1).min() >= 0.999
@@ -86,7 +87,8 @@ def test_server_answers_the_same_with_and_without_batching(fixture_index, tiny_m
             assert (app.state.engine.batcher is None) == (window == 0)
             with ThreadPoolExecutor(4) as pool:
                 responses = list(pool.map(
-                    lambda p: client.post("/v1/search/image?k=5", files={"image": ("q.jpg", p.read_bytes(), "image/jpeg")}),
+                    lambda p: client.post("/v1/search/image?k=5",
+                                          files={"image": ("q.jpg", p.read_bytes(), "image/jpeg")}),
                     photos[:8]))
             assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
             results.append([[(h["id"], round(h["score"], 3)) for h in r.json()["results"]] for r in responses])
