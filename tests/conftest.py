@@ -98,6 +98,16 @@ def fixture_index(fixture_catalogue, tiny_model, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def index_copy(fixture_index, tmp_path) -> Path:
+    """A private copy of ``fixture_index`` for a test that writes to it."""
+    import shutil
+
+    dst = tmp_path / "index"
+    shutil.copytree(fixture_index, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
 @pytest.fixture(scope="session")
 def magento_subset(datasets_dir, tmp_path_factory) -> Path:
     """A JSONL manifest of a real Magento subset: every third product, all of its photos (about 240)."""

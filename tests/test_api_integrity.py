@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,6 @@ pytestmark = pytest.mark.integration
 
 KEY = "k3y"
 AUTH = {"authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture
-def index_copy(fixture_index, tmp_path):
-    dst = tmp_path / "index"
-    shutil.copytree(fixture_index, dst, ignore=shutil.ignore_patterns(".lock"))
-    return dst
 
 
 def _png(color) -> bytes:

@@ -12,24 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_store import unit
 
 from indexer import ann
-from indexer.model import load_model
 from indexer.store import IndexLocked, PhotoRecord, Product, Store
 
 pytestmark = pytest.mark.integration
 
 STRESS_WRITERS, STRESS_SEARCHERS, STRESS_PRODUCTS_PER_WRITER = 4, 4, 25
-
-
-@pytest.fixture(scope="module")
-def identity():
-    return load_model("test-tiny", None, "cpu").identity
-
-
-def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    v = rng.standard_normal((n, dim)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def add(store: Store, pid: str, vecs: np.ndarray, category: str | None = None) -> None:
@@ -62,6 +52,11 @@ def found_by_own_photo(store: Store, pid: str) -> bool:
     vecs = store.product_vectors(pid)
     n = max(store.count_products(), 1)
     return all(any(h.product_id == pid and h.score >= 0.9999 for h in hits) for hits in store.search(vecs, k=n))
+
+
+@pytest.fixture
+def identity(tiny_model):
+    return tiny_model.identity
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 searches running concurrently with writes."""
 import io
 import json
-import shutil
 import threading
 import time
 
@@ -20,13 +19,6 @@ pytestmark = pytest.mark.system
 
 KEY = "s3cret-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture
-def index_copy(fixture_index, tmp_path):
-    dst = tmp_path / "index"
-    shutil.copytree(fixture_index, dst, ignore=shutil.ignore_patterns(".lock"))
-    return dst
 
 
 def _photo(color, size=(300, 400), shape=0) -> bytes:
