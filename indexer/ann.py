@@ -1,5 +1,8 @@
 """Choosing, building and searching the FAISS index types: exact Flat, HNSW graph, IVF-PQ.
 
+(Slightly over our ~400-line guide: the three types' build, describe, remove and search
+functions, and the workarounds for FAISS fast-scan bugs, are one job: what a FAISS index can do.)
+
 All three use inner product on L2-normalised float32 vectors (= cosine) and hold
 caller-chosen int64 ids (photo ids in the store):
 
