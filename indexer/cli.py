@@ -143,7 +143,9 @@ def cmd_search(args) -> int:
                 raise LookalikeError(f"cannot use {args.image}: {errors[args.image]}")
         else:
             vecs = model.embed_texts([args.text])
-        hits = store.search(vecs, args.k, category=args.category, ef_search=args.ef_search, nprobe=args.nprobe)[0]
+        min_score = args.min_score if args.min_score is not None else (0.0 if args.image else None)
+        hits = store.search(vecs, args.k, category=args.category, min_score=min_score, ef_search=args.ef_search,
+                            nprobe=args.nprobe)[0]
     if args.json:
         print(json.dumps({"results": [h.to_dict() for h in hits]}, ensure_ascii=False))
     else:
@@ -422,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", help="query text, e.g. 'red running shoes'")
     p.add_argument("-k", type=_positive, default=10, help="number of products (default 10)")
     p.add_argument("--category", default=None, help="only products in this category (or below it)")
+    p.add_argument("--min-score", type=_cosine, default=None,
+                   help="drop results whose cosine is under this, -1..1 (default: 0 for --image, where a negative "
+                        "cosine means unlike; none for --text)")
     p.add_argument("--ef-search", type=_positive, default=None,
                    help="HNSW index: candidates explored per query, more = better recall, slower "
                         "(default: the index's)")
@@ -563,6 +568,17 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return v
+
+
+def _cosine(text: str) -> float:
+    """An argparse type: a cosine, from -1 to 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not -1 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"a cosine is from -1 to 1, got {text}")
     return v
 
 

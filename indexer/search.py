@@ -43,12 +43,13 @@ class Searcher:
         knobs = {"ef_search": ef_search, "nprobe": nprobe}
         return [self._search_one(q[None, :], k, category, min_score, excluded, knobs) for q in queries]
 
-    def similar(self, product_id: str, k: int = 10, category: str | None = None, *,
+    def similar(self, product_id: str, k: int = 10, category: str | None = None, *, min_score: float | None = None,
                 ef_search: int | None = None, nprobe: int | None = None) -> list[Hit]:
         """Products most like ``product_id``: see :meth:`indexer.store.Store.similar`."""
         vecs = self.db.product_vectors(product_id, self.dim)
         merged: dict[str, Hit] = {}
-        for hits in self.search(vecs, k, category=category, exclude=[product_id], ef_search=ef_search, nprobe=nprobe):
+        for hits in self.search(vecs, k, category=category, min_score=min_score, exclude=[product_id],
+                                ef_search=ef_search, nprobe=nprobe):
             for h in hits:
                 if h.product_id not in merged or h.score > merged[h.product_id].score:
                     merged[h.product_id] = h

@@ -304,12 +304,12 @@ class Store:
         return self.searcher.search(queries, k, category=category, min_score=min_score, exclude=exclude,
                                     ef_search=ef_search, nprobe=nprobe)
 
-    def similar(self, product_id: str, k: int = 10, category: str | None = None, *,
+    def similar(self, product_id: str, k: int = 10, category: str | None = None, *, min_score: float | None = None,
                 ef_search: int | None = None, nprobe: int | None = None) -> list[Hit]:
         """Products most like ``product_id``: each photo of it is a query, a product scores by its best
-        match to any of them; the product itself is left out. ``ef_search`` and ``nprobe`` as in
-        :meth:`search`. Raises NotFound."""
-        return self.searcher.similar(product_id, k, category, ef_search=ef_search, nprobe=nprobe)
+        match to any of them; the product itself is left out. ``min_score``, ``ef_search`` and
+        ``nprobe`` as in :meth:`search`. Raises NotFound."""
+        return self.searcher.similar(product_id, k, category, min_score=min_score, ef_search=ef_search, nprobe=nprobe)
 
     # ------------------------------------------------------------------- FAISS
     def _snapshot_path(self, generation: int) -> Path:

@@ -64,6 +64,11 @@ EfSearch = Annotated[int | None, Query(ge=1, le=MAX_EF_SEARCH, description=EF_SE
 NProbe = Annotated[int | None, Query(ge=1, le=MAX_NPROBE, description=NPROBE_DOC)]
 
 
+IMAGE_MIN_SCORE_DOC = ("drop results whose cosine is under this. Default 0: a photo with a negative cosine is unlike "
+                       "the query, not a lesser match; -1 keeps every product. (Text queries have no default: "
+                       "text-photo cosines sit on a model's own scale, see `close_match`.)")
+
+
 class TextQuery(BaseModel):
     query: str = Field(min_length=1, max_length=1000, description="words to search for, e.g. 'red running shoes'")
     k: int = Field(10, ge=1, le=1000, description="number of products")

@@ -21,6 +21,7 @@ from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_p
 from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, read_upload, writable
 from ..schemas import (
     ERRORS,
+    IMAGE_MIN_SCORE_DOC,
     EfSearch,
     ErrorResponse,
     NProbe,
@@ -44,11 +45,13 @@ def similar(
     product_id: str,
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
     category: Annotated[str | None, Query(max_length=500)] = None,
+    min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = 0.0,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
 ) -> SearchResponse:
     t0 = time.perf_counter()
-    hits = engine.store.similar(product_id, k, category=category, ef_search=ef_search, nprobe=nprobe)
+    hits = engine.store.similar(product_id, k, category=category, min_score=min_score, ef_search=ef_search,
+                                nprobe=nprobe)
     return SearchResponse(results=public_hits(hits), close_match=engine.close_match(hits, "image"),
                           took_ms=elapsed_ms(t0))
 

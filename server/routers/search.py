@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import READ_AUTH, EngineDep, read_upload
 from ..engine import Engine
 from ..limits import one_file
-from ..schemas import ERRORS, EfSearch, NProbe, SearchResponse, TextQuery, public_hits
+from ..schemas import ERRORS, IMAGE_MIN_SCORE_DOC, EfSearch, NProbe, SearchResponse, TextQuery, public_hits
 from . import elapsed_ms
 
 router = APIRouter(dependencies=READ_AUTH, responses=ERRORS, tags=["search"])
@@ -24,7 +24,7 @@ async def search_image(
     image: Annotated[UploadFile, File(description="the query photo (JPEG, PNG, WebP, ...)")],
     k: Annotated[int, Query(ge=1, le=1000, description="number of products")] = 10,
     category: Annotated[str | None, Query(max_length=500, description="only this category or below it")] = None,
-    min_score: Annotated[float | None, Query(ge=-1, le=1, description="drop results under this cosine")] = None,
+    min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = 0.0,
     labels: Annotated[bool, Query(description="also return zero-shot labels of the photo")] = True,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
