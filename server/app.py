@@ -86,7 +86,9 @@ def create_app(
             load(app)
         yield
         if app.state.engine is not None:
+            # stops the background threads, saves the FAISS snapshot of any live writes, closes the store
             app.state.engine.close()
+        log.info("stopped")  # SIGINT and SIGTERM end here (uvicorn then re-raises the signal: exit 130 / 143)
 
     app = FastAPI(
         title="lookalike",
