@@ -175,3 +175,15 @@ def test_out_of_memory_in_a_request_is_a_413(index_copy, tiny_model, monkeypatch
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
         assert _add(c, "MEM", [_png((2, 2, 2))]).status_code == 413
         assert c.get("/healthz").status_code == 200
+
+
+def test_metadata_nested_past_the_json_parser_is_a_422(index_copy, tiny_model):
+    """100,000 nested brackets pass the body limits but exhaust json's recursion: a 422, never a 500."""
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY)) as c:
+        files = [("images", ("p.png", _png((4, 5, 6)), "image/png"))]
+        deep = '{"id": "D", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        r = c.post("/v1/products", data={"metadata": deep}, files=files, headers=AUTH)
+        assert r.status_code == 422 and "nested" in r.json()["error"]["message"]
+        body = '{"metadata": {"x": ' + "[" * 30_000 + "]" * 30_000 + "}}"
+        r = c.patch("/v1/products/D", content=body, headers={**AUTH, "content-type": "application/json"})
+        assert 400 <= r.status_code < 500, r.text

@@ -107,6 +107,8 @@ async def add_product(
         meta = json.loads(metadata)
     except ValueError as e:
         raise LookalikeError(f"metadata is not valid JSON: {e}", code="bad_product", http_status=422) from None
+    except RecursionError:  # json's recursion: thousands of nested brackets
+        raise LookalikeError("metadata is nested too deeply", code="bad_product", http_status=422) from None
     if not isinstance(meta, dict):
         raise LookalikeError("metadata must be a JSON object", code="bad_product", http_status=422)
     uploads = [PhotoUpload(await read_upload(f, engine.max_upload_bytes), None, f.filename or "")
