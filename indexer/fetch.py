@@ -17,7 +17,7 @@ from typing import Iterator
 
 import httpx
 
-from .images import ImageError
+from .images import ImageError, PhotoUnavailable
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 15.0
@@ -65,7 +65,7 @@ def fetch_url(url: str, max_bytes: int, retries: int = RETRIES, allow_private: b
                 last = f"{type(e).__name__}: {e}"
                 continue
             return body
-    raise ImageError("download_failed", f"{url}: {last} (after {tries} tries)")
+    raise PhotoUnavailable("download_failed", f"{url}: {last} (after {tries} tries)")
 
 
 class _Retry(Exception):
@@ -91,13 +91,13 @@ def _get(client: httpx.Client, url: str, max_bytes: int, deadline: float, allow_
                 location = r.headers.get("location", "")
                 target = current.join(location)
                 if target.scheme not in ("http", "https") or not target.host:
-                    raise ImageError("download_failed", f"{url}: redirected to {location!r}; only http and https are followed")
+                    raise PhotoUnavailable("download_failed", f"{url}: redirected to {location!r}; only http and https are followed")
                 current = target
                 continue
             if r.status_code >= 500 or r.status_code == 429:
                 raise _Retry(f"HTTP {r.status_code}")
             if r.status_code >= 400:
-                raise ImageError("download_failed", f"{url}: HTTP {r.status_code}")
+                raise PhotoUnavailable("download_failed", f"{url}: HTTP {r.status_code}")
             length = r.headers.get("content-length")
             if length and length.isdigit() and int(length) > max_bytes:
                 raise ImageError("too_large", f"{url}: {length} bytes, over the {max_bytes}-byte limit")
@@ -107,11 +107,11 @@ def _get(client: httpx.Client, url: str, max_bytes: int, deadline: float, allow_
                 if total > max_bytes:
                     raise ImageError("too_large", f"{url}: over the {max_bytes}-byte limit")
                 if time.monotonic() > deadline:
-                    raise ImageError("download_failed", f"{url}: still downloading after {TOTAL_TIMEOUT_S:g} s")
+                    raise PhotoUnavailable("download_failed", f"{url}: still downloading after {TOTAL_TIMEOUT_S:g} s")
                 chunks.append(chunk)
             return b"".join(chunks)
     # a redirect loop answers the same way on every try: not retried
-    raise ImageError("download_failed", f"{url}: more than {MAX_REDIRECTS} redirects")
+    raise PhotoUnavailable("download_failed", f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import IO
 
 from PIL import Image
 
-__all__ = ["REASONS", "ImageError", "classify_error", "diagnose_unidentified"]
+__all__ = ["REASONS", "SOURCE_REASONS", "ImageError", "PhotoUnavailable", "classify_error", "diagnose_unidentified"]
 
 #: Every value ``ImageError.reason`` can take.
 REASONS = frozenset(
@@ -49,6 +49,22 @@ class ImageError(ValueError):
 
     def __reduce__(self):  # keep picklable across worker processes
         return (type(self), (self.reason, self.message))
+
+
+#: The reasons that say where the photo lives failed, not the image: :class:`PhotoUnavailable`.
+SOURCE_REASONS = frozenset({"not_found", "unreadable", "download_failed"})
+
+
+class PhotoUnavailable(ImageError):
+    """The photo's bytes could not be read: a missing file, a permission or I/O error, a failed
+    download (``reason`` in :data:`SOURCE_REASONS`). A problem of where the photo lives, not of the
+    image, which may be fine: a retry, a mount or a fixed path can bring it back. Still an
+    :class:`ImageError`, so code that handles every unusable photo alike needs no change."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in SOURCE_REASONS:
+            raise ValueError(f"PhotoUnavailable is for {sorted(SOURCE_REASONS)}, not {reason!r}")
+        super().__init__(reason, message)
 
 
 def classify_error(exc: BaseException, label: str) -> ImageError:

@@ -87,7 +87,7 @@ from .decode_limits import (
     set_decode_memory_budget,
 )
 from .image_colour import BACKGROUND, to_rgb
-from .image_errors import REASONS, ImageError, classify_error, diagnose_unidentified
+from .image_errors import REASONS, SOURCE_REASONS, ImageError, PhotoUnavailable, classify_error, diagnose_unidentified
 from .image_headers import decoder_bytes, inner_frames
 
 __all__ = [
@@ -100,6 +100,8 @@ __all__ = [
     "SMALL_DECODE_BYTES",
     "DecodeMemoryBudget",
     "ImageError",
+    "PhotoUnavailable",
+    "SOURCE_REASONS",
     "decode_memory_budget",
     "estimate_decode_bytes",
     "file_sha256",
@@ -182,9 +184,9 @@ def open_image(
         try:
             fh = open(source, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError as exc:
-            raise ImageError("not_found", f"{label}: no such file") from exc
+            raise PhotoUnavailable("not_found", f"{label}: no such file") from exc
         except OSError as exc:
-            raise ImageError("not_found", f"{label}: cannot open: {exc.strerror or exc}") from exc
+            raise PhotoUnavailable("not_found", f"{label}: cannot open: {exc.strerror or exc}") from exc
         with fh:
             if os.fstat(fh.fileno()).st_size == 0:
                 raise ImageError("empty", f"{label}: file is empty (0 bytes)")

@@ -31,7 +31,7 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
     A URL is fetched only from a public address unless ``allow_private_urls`` (see
     :func:`indexer.fetch.fetch_url`)."""
     from .fetch import fetch_url
-    from .images import ImageError
+    from .images import ImageError, PhotoUnavailable
 
     if source.lower().startswith(("http://", "https://")):
         return fetch_url(source, max_bytes=max_bytes, allow_private=allow_private_urls)
@@ -46,11 +46,11 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
             f = tar.extractfile(name)
             data = f.read(max_bytes + 1) if f is not None else None
         except FileNotFoundError:
-            raise ImageError("not_found", f"no such tar shard: {shard}") from None
+            raise PhotoUnavailable("not_found", f"no such tar shard: {shard}") from None
         except KeyError:
-            raise ImageError("not_found", f"{name} is not in {shard}") from None
+            raise PhotoUnavailable("not_found", f"{name} is not in {shard}") from None
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise ImageError("unreadable", f"cannot read {name} from {shard}: {e}") from None
+            raise PhotoUnavailable("unreadable", f"cannot read {name} from {shard}: {e}") from None
         if data is None:
             raise ImageError("not_an_image", f"{name} in {shard} is not a regular file")
         if len(data) > max_bytes:
@@ -63,10 +63,10 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
         with open(source, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ImageError("not_found", f"no such file: {source}") from None
+        raise PhotoUnavailable("not_found", f"no such file: {source}") from None
     except IsADirectoryError:
         raise ImageError("not_an_image", f"{source} is a folder") from None
     except PermissionError:
-        raise ImageError("unreadable", f"permission denied: {source}") from None
+        raise PhotoUnavailable("unreadable", f"permission denied: {source}") from None
     except OSError as e:
-        raise ImageError("unreadable", f"cannot read {source}: {e}") from None
+        raise PhotoUnavailable("unreadable", f"cannot read {source}: {e}") from None
