@@ -67,3 +67,32 @@ class LRUCache(Generic[K, V]):
 
     def _cost(self, value: V) -> int:
         return self._size(value) if self._size is not None else 0
+
+
+#: Words open_clip's tokenizer may memoise (:func:`bound_tokenizer_cache`).
+TOKENIZER_CACHE_WORDS = 50_000
+
+
+class BoundedWordCache(dict):
+    """A dict that stops taking new entries at ``max_items``: open_clip's tokenizer memoises the
+    BPE split of every word it meets (``SimpleTokenizer.cache``), so each distinct word a client
+    sends would stay in memory for the life of the process. Entries are never removed, because
+    the tokenizer reads the cache unlocked from several threads (``if token in cache: return
+    cache[token]``) and a removal between the two steps would raise KeyError; a word past the
+    bound is split again each time, which costs microseconds for a real word."""
+
+    def __init__(self, entries: dict, max_items: int):
+        super().__init__(entries)
+        self.max_items = max_items
+
+    def __setitem__(self, key, value) -> None:
+        if len(self) < self.max_items:
+            super().__setitem__(key, value)
+
+
+def bound_tokenizer_cache(tokenizer, max_words: int = TOKENIZER_CACHE_WORDS) -> None:
+    """Cap the word cache of an open_clip ``SimpleTokenizer`` at ``max_words`` entries (idempotent;
+    tokenizers without such a cache are left alone)."""
+    cache = getattr(tokenizer, "cache", None)
+    if type(cache) is dict:
+        tokenizer.cache = BoundedWordCache(cache, max_words)

@@ -41,7 +41,6 @@ DEFAULT_TEMPLATES = (
 )
 MAX_LABELS = 1000
 # open_clip's SimpleTokenizer memoises the BPE split of every word it has seen, without bound
-TOKENIZER_CACHE_WORDS = 50_000
 
 
 class LabelSetError(LookalikeError):
@@ -136,7 +135,6 @@ class ZeroShotClassifier:
     def __init__(self, model: ClipModel, label_set: LabelSet):
         self.model = model
         self.label_set = label_set
-        bound_tokenizer_cache(model.tokenizer)
         self.weights = self._label_embeddings()  # (n_labels, dim)
 
     def _label_embeddings(self) -> np.ndarray:
@@ -219,28 +217,3 @@ class ZeroShotClassifier:
                 for j in order
             ])
         return out
-
-
-class _BoundedWordCache(dict):
-    """A dict that stops taking new entries at ``max_items``: open_clip's tokenizer memoises the
-    BPE split of every word it meets (``SimpleTokenizer.cache``), so each distinct word a client
-    sends would stay in memory for the life of the process. Entries are never removed, because
-    the tokenizer reads the cache unlocked from several threads (``if token in cache: return
-    cache[token]``) and a removal between the two steps would raise KeyError; a word past the
-    bound is split again each time, which costs microseconds for a real word."""
-
-    def __init__(self, entries: dict, max_items: int):
-        super().__init__(entries)
-        self.max_items = max_items
-
-    def __setitem__(self, key, value) -> None:
-        if len(self) < self.max_items:
-            super().__setitem__(key, value)
-
-
-def bound_tokenizer_cache(tokenizer, max_words: int = TOKENIZER_CACHE_WORDS) -> None:
-    """Cap the word cache of an open_clip ``SimpleTokenizer`` at ``max_words`` entries (idempotent;
-    tokenizers without such a cache are left alone)."""
-    cache = getattr(tokenizer, "cache", None)
-    if type(cache) is dict:
-        tokenizer.cache = _BoundedWordCache(cache, max_words)

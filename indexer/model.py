@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import LRUCache
+from .cache import LRUCache, bound_tokenizer_cache
 from .modelspec import (  # noqa: F401  (re-exported: the model specification's names)
     BACKENDS,
     BUNDLED_MODELS_DIR,
@@ -255,6 +255,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         except Exception as e:  # open_clip and huggingface_hub raise bare RuntimeError/OSError/ValueError
             raise ModelLoadError(_load_failure_message(name, pretrained, e)) from e
         tokenizer = open_clip.get_tokenizer(ident)
+        bound_tokenizer_cache(tokenizer)  # it memoises every word it meets: bounded, or clients grow it
     model.eval().to(dev)
     vision = model.visual
     image_size = vision.image_size[0] if isinstance(vision.image_size, (tuple, list)) else int(vision.image_size)

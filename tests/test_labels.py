@@ -115,7 +115,7 @@ def test_label_sets_from_requests_leave_no_file(tiny_model, tmp_path, monkeypatc
 
 
 def test_tokenizer_word_cache_is_bounded(tiny_model):
-    from indexer.labels import bound_tokenizer_cache
+    from indexer.cache import bound_tokenizer_cache
 
     tokenizer = copy.copy(tiny_model.tokenizer)
     assert isinstance(tokenizer.cache, dict), "test-tiny uses open_clip's SimpleTokenizer, which has a word cache"

@@ -376,7 +376,7 @@ def test_thumbnail_cache_is_bounded_by_bytes(small_index, tiny_model):
     """The thumbnail cache keeps at most thumbnail_cache_bytes of JPEGs, whatever their number (a real
     uvicorn server in a thread, so the cache can be looked at). The tokenizer's word cache is bounded too."""
     from conftest import LiveServer
-    from indexer.labels import _BoundedWordCache
+    from indexer.cache import BoundedWordCache
     from server.app import create_app
 
     limit = 20_000
@@ -391,4 +391,4 @@ def test_thumbnail_cache_is_bounded_by_bytes(small_index, tiny_model):
         cache = app.state.engine._thumbnails
         assert sum(sizes) > 2 * limit
         assert 0 < sum(len(v) for v in cache.values()) <= limit
-        assert isinstance(app.state.engine.model.tokenizer.cache, _BoundedWordCache)
+        assert isinstance(app.state.engine.model.tokenizer.cache, BoundedWordCache)
