@@ -560,29 +560,24 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _fraction(text: str) -> float:
-    """An argparse type: a number from 0 to 1."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return v
+def _number_between(low: float, high: float, what: str = "a number"):
+    """An argparse type: a number from ``low`` to ``high``, with a clear message otherwise."""
 
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{what} is from {low:g} to {high:g}, got {text}")
+        return v
 
-def _cosine(text: str) -> float:
-    """An argparse type: a cosine, from -1 to 1."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not -1 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"a cosine is from -1 to 1, got {text}")
-    return v
+    return parse
 
 
 _positive = _int_at_least(1)
+_fraction = _number_between(0, 1, "a fraction")
+_cosine = _number_between(-1, 1, "a cosine")
 _non_negative = _int_at_least(0)
 
 
