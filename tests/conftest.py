@@ -108,37 +108,6 @@ def index_copy(fixture_index, tmp_path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
-def magento_subset(datasets_dir, tmp_path_factory) -> Path:
-    """A JSONL manifest of a real Magento subset: every third product, all of its photos (about 240)."""
-    import json
-
-    from indexer.magento import build_manifest
-
-    rows, _ = build_manifest(datasets_dir / "magento")
-    ids = sorted({r["id"] for r in rows})[::3]
-    keep = set(ids)
-    path = tmp_path_factory.mktemp("catalogue") / "magento.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            if r["id"] in keep:
-                f.write(json.dumps(r) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def magento_index(magento_subset, tiny_model, tmp_path_factory) -> Path:
-    """An index of the Magento subset built with the tiny model."""
-    from indexer.catalogue import read_catalogue
-    from indexer.pipeline import index_catalogue
-    from indexer.store import Store
-
-    out = tmp_path_factory.mktemp("index") / "magento-index"
-    with Store.create(out, tiny_model.identity) as store:
-        index_catalogue(read_catalogue(magento_subset), store, tiny_model, workers=0, progress=False)
-    return out
-
-
 class LiveServer:
     """The real app served by uvicorn in a thread on a free loopback port."""
 
