@@ -1,5 +1,5 @@
 """Shared fixtures: the catalogue generated for the tests (tests/fixtures/make_catalogue.py), the real
-datasets beside the project for the marked runs, small indexes built from both, and real servers.
+datasets beside the project for the marked runs, a small index built from the generated one, and real servers.
 
 Markers (each module says which kind it is with ``pytestmark``):
 
