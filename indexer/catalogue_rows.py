@@ -132,7 +132,7 @@ def text_problem(value: str, identifier: bool = False) -> str | None:
         return None
     ch = bad.group()
     if "\ud800" <= ch <= "\udfff":
-        return f"is not valid UTF-8 text ('{printable(value)}')"
+        return f"is not valid UTF-8 text: undecodable bytes or a lone surrogate ('{printable(value)}')"
     if ch == "\x00":
         return f"holds a NUL character ('{printable(value)}')"
     return f"holds a control character ('{printable(value)}')"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .catalogue import RESERVED_ID_SUFFIXES
+from .catalogue import RESERVED_ID_SUFFIXES, text_problem
 from .errors import LookalikeError, NotFound
 from .images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
 from .model import ClipModel
@@ -53,14 +53,12 @@ def _bad(message: str) -> LookalikeError:
     return LookalikeError(message, code="bad_product", http_status=422)
 
 
-def _check_text(name: str, value: str) -> None:
-    """Text SQLite and JSON can store and return: valid UTF-8 (no lone surrogate), no NUL."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _bad(f"{name} holds a lone surrogate (broken UTF-16, e.g. half an emoji)") from None
-    if "\x00" in value:
-        raise _bad(f"{name} holds a NUL character")
+def _check_text(name: str, value: str, identifier: bool = False) -> None:
+    """Raise a 422 unless SQLite and JSON can store and return ``value``: the catalogue's own rule
+    (:func:`indexer.catalogue.text_problem`), so a row and an upload are judged alike."""
+    problem = text_problem(value, identifier)
+    if problem:
+        raise _bad(f"{name} {problem}")
 
 
 def validate_product_id(product_id) -> str:
@@ -68,9 +66,9 @@ def validate_product_id(product_id) -> str:
     characters, invalid text, or an id ending with one of :data:`RESERVED_ID_SUFFIXES`."""
     if not isinstance(product_id, str) or not product_id.strip():
         raise _bad("a product needs a non-empty string 'id'")
-    _check_text("product id", product_id)
-    if len(product_id) > MAX_ID_LENGTH or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in product_id):
-        raise _bad(f"product id must be at most {MAX_ID_LENGTH} printable characters")
+    _check_text("product id", product_id, identifier=True)
+    if len(product_id) > MAX_ID_LENGTH:
+        raise _bad(f"product id must be at most {MAX_ID_LENGTH} characters")
     product_id = product_id.strip()
     if product_id.endswith(RESERVED_ID_SUFFIXES):
         raise _bad(f"product id may not end with {' or '.join(RESERVED_ID_SUFFIXES)} (those are routes)")
