@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 
 from . import ann
+from .photo_sources import tar_member
 from .records import INDEX_SOURCE_PREFIX, MANIFEST_NAME, UPLOADS_DIR
 from .vectors import saved_generation, snapshot_path
 
@@ -142,7 +143,7 @@ def _check_photo_files(store, problems: list[str], notes: list[str]) -> None:
             referenced.add(source)
             if not Path(store.resolve_source(source)).is_file():
                 missing_uploads.append(source)
-        elif "://" not in source and not Path(source.split("::")[0]).exists():
+        elif "://" not in source and not Path((tar_member(source) or (source,))[0]).exists():
             missing_local.append(source)
     if missing_uploads:
         problems.append(f"{len(missing_uploads)} uploaded photos are missing from {store.path / UPLOADS_DIR} "

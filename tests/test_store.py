@@ -918,3 +918,22 @@ def test_check_notes_catalogue_photos_gone_from_disk(store: Store, identity, tmp
     photo.unlink()
     report = store.check()
     assert report["ok"] and any(n.startswith("1 catalogue photos are no longer on disk") for n in report["notes"])
+
+
+def test_check_finds_photo_files_named_with_a_tar_separator(store: Store, identity, tmp_path):
+    """A photo whose own name holds '::' is a file (only 'shard.tar::member' is a tar member):
+    check looks for the file itself, and for the shard of a member."""
+    odd = tmp_path / "a::b.jpg"
+    odd.write_bytes(b"x")
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(b"x")
+    with store.transaction() as tx:
+        tx.upsert_products([Product("a")])
+        vecs = unit(np.random.default_rng(1), 2, identity.dim)
+        tx.add_photos([PhotoRecord("a", str(odd), "0" * 64, vecs[0]),
+                       PhotoRecord("a", f"{shard}::m.jpg", "1" * 64, vecs[1])])
+    store.save()
+    assert not any("no longer on disk" in n for n in store.check()["notes"])
+    odd.unlink()
+    shard.unlink()
+    assert any(n.startswith("2 catalogue photos are no longer on disk") for n in store.check()["notes"])
