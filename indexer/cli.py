@@ -143,7 +143,10 @@ def cmd_search(args) -> int:
                 raise LookalikeError(f"cannot use {args.image}: {errors[args.image]}")
         else:
             vecs = model.embed_texts([args.text])
-        min_score = args.min_score if args.min_score is not None else (0.0 if args.image else None)
+        from .search import PHOTO_QUERY_MIN_SCORE
+
+        default = PHOTO_QUERY_MIN_SCORE if args.image else None  # text cosines: each model's own scale
+        min_score = args.min_score if args.min_score is not None else default
         hits = store.search(vecs, args.k, category=args.category, min_score=min_score, ef_search=args.ef_search,
                             nprobe=args.nprobe)[0]
     if args.json:

@@ -16,6 +16,10 @@ from .database import Database, in_category
 from .records import Hit, StoreError, stored_json
 from .vectors import VectorIndex
 
+#: The default ``min_score`` of photo queries (a photo, or a product's photos): a photo with a negative
+#: cosine is unlike the query, not a lesser match. Text queries have none (their cosines sit on each
+#: model's own scale). Used by the server's photo routes and ``lookalike search --image``.
+PHOTO_QUERY_MIN_SCORE = 0.0
 #: Scores are rounded to this many decimals (float32 cosines are good to about 1e-7).
 SCORE_DECIMALS = 6
 #: A category filter that matches at most this many photos is searched exactly (all of them

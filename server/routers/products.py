@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError
+from indexer.search import PHOTO_QUERY_MIN_SCORE
 from indexer.store import Product
 from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
 
@@ -45,7 +46,7 @@ def similar(
     product_id: str,
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
     category: Annotated[str | None, Query(max_length=500)] = None,
-    min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = 0.0,
+    min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = PHOTO_QUERY_MIN_SCORE,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
 ) -> SearchResponse:

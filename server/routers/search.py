@@ -7,6 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from indexer.search import PHOTO_QUERY_MIN_SCORE
+
 from ..deps import READ_AUTH, EngineDep, read_upload
 from ..engine import Engine
 from ..limits import one_file
@@ -24,7 +26,7 @@ async def search_image(
     image: Annotated[UploadFile, File(description="the query photo (JPEG, PNG, WebP, ...)")],
     k: Annotated[int, Query(ge=1, le=1000, description="number of products")] = 10,
     category: Annotated[str | None, Query(max_length=500, description="only this category or below it")] = None,
-    min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = 0.0,
+    min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = PHOTO_QUERY_MIN_SCORE,
     labels: Annotated[bool, Query(description="also return zero-shot labels of the photo")] = True,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
