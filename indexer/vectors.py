@@ -147,11 +147,6 @@ class VectorIndex:
             self._live = live
             self._generation = generation
 
-    def set_generation(self, generation: int) -> None:
-        """Record a commit that changed no vector (metadata only)."""
-        with self._lock:
-            self._generation = generation
-
 
 def snapshot_path(index_dir: Path, generation: int) -> Path:
     """The FAISS snapshot file of ``generation``: ``INDEX_DIR/vectors.g<N>.faiss``."""
