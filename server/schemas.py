@@ -9,6 +9,7 @@ from fastapi import Query
 from pydantic import BaseModel, Field
 
 from indexer.ann import MAX_EF_SEARCH, MAX_NPROBE
+from indexer.compose import DEFAULT_TEXT_WEIGHT, MAX_QUERY_TEXT_CHARS, MIN_BOX_SIDE
 
 
 class ErrorBody(BaseModel):
@@ -143,3 +144,18 @@ def public_hits(hits) -> list[dict]:
 
 def public_product(product: dict) -> dict:
     return {**product, "images": [{**p, "image": photo_url(product["id"], p["photo_id"])} for p in product["images"]]}
+
+
+TEXT_DOC = ("composed query: words that refine the photo, e.g. 'in red' or 'a backpack' (\"like this, but ...\"); "
+            f"1 to {MAX_QUERY_TEXT_CHARS} characters, with at least one word the model knows. Scores are then cosines "
+            "with the composed query, and `close_match` is null")
+TEXT_WEIGHT_DOC = ("how much the words count against the photo, 0 to 1 (0: the photo alone, 1: the words alone); "
+                   f"the composed query is normalise((1 - w) photo + w text - w negative_text). Default "
+                   f"{DEFAULT_TEXT_WEIGHT}, the best of the weights measured on Magento colour variants "
+                   "(README, \"Composed queries\")")
+NEGATIVE_TEXT_DOC = ("composed query: words to move away from, e.g. 'blue' (subtracted with weight `text_weight`); "
+                     f"1 to {MAX_QUERY_TEXT_CHARS} characters")
+BOX_DOC = ("region search: only this box of the photo is searched, 'x0,y0,x1,y1' (left, top, right, bottom) on the "
+           "photo as it shows upright (after its EXIF orientation). All four values in [0, 1]: fractions of its width "
+           "and height ('0.25,0.5,0.75,1'); otherwise pixels ('120,300,480,700'). The box must lie inside the photo "
+           f"and be at least {MIN_BOX_SIDE}x{MIN_BOX_SIDE} pixels")

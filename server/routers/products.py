@@ -13,6 +13,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from indexer.compose import DEFAULT_TEXT_WEIGHT, MAX_QUERY_TEXT_CHARS, composer
 from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError
 from indexer.search import PHOTO_QUERY_MIN_SCORE
@@ -23,6 +24,9 @@ from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, read_upload, writable
 from ..schemas import (
     ERRORS,
     IMAGE_MIN_SCORE_DOC,
+    NEGATIVE_TEXT_DOC,
+    TEXT_DOC,
+    TEXT_WEIGHT_DOC,
     EfSearch,
     ErrorResponse,
     NProbe,
@@ -49,12 +53,16 @@ def similar(
     min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = PHOTO_QUERY_MIN_SCORE,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
+    text: Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)] = None,
+    text_weight: Annotated[float, Query(ge=0, le=1, description=TEXT_WEIGHT_DOC)] = DEFAULT_TEXT_WEIGHT,
+    negative_text: Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=NEGATIVE_TEXT_DOC)] = None,
 ) -> SearchResponse:
     t0 = time.perf_counter()
+    query = composer(engine.model, text, negative_text, text_weight)
     hits = engine.store.similar(product_id, k, category=category, min_score=min_score, ef_search=ef_search,
-                                nprobe=nprobe)
-    return SearchResponse(results=public_hits(hits), close_match=engine.close_match(hits, "image"),
-                          took_ms=elapsed_ms(t0))
+                                nprobe=nprobe, query=query)
+    close = engine.close_match(hits, "image") if query is None else None
+    return SearchResponse(results=public_hits(hits), close_match=close, took_ms=elapsed_ms(t0))
 
 
 @router.get("/v1/products/{product_id:path}/image", dependencies=READ_AUTH,
