@@ -263,7 +263,8 @@ def test_the_server_composes_a_photo_with_words(server, magento_small):
 
 
 HOSTILE_FORMS = [
-    ({"text": ""}, "text"), ({"text": "   "}, "text is empty"), ({"text": "x" * (MAX_QUERY_TEXT_CHARS + 1)}, "text"),
+    ({"text": "\t \n"}, "text is empty"), ({"text": "   "}, "text is empty"),
+    ({"text": "x" * (MAX_QUERY_TEXT_CHARS + 1)}, "text"),
     ({"text": "zzqxv qqwrtz"}, "no word the model knows"), ({"negative_text": "zzqxv"}, "no word the model knows"),
     ({"text": "red", "text_weight": "1.5"}, "text_weight"), ({"text": "red", "text_weight": "-0.1"}, "text_weight"),
     ({"text": "red", "text_weight": "nan"}, "text_weight"), ({"text": "red", "text_weight": "heavy"}, "text_weight"),
@@ -285,6 +286,7 @@ def test_the_server_refuses_bad_text_weights_and_boxes_with_a_json_422(server, m
 
 @pytest.mark.system
 @pytest.mark.parametrize("params, words", [({"text": "zzqxv"}, "no word the model knows"),
+                                           ({"text": ""}, "text is empty"),
                                            ({"text": "red", "text_weight": "2"}, "text_weight"),
                                            ({"negative_text": " "}, "negative_text is empty")])
 def test_similar_refuses_bad_words_and_weights(server, magento_small, params, words):
