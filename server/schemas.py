@@ -149,8 +149,7 @@ def public_product(product: dict) -> dict:
 TEXT_DOC = ("composed query: words that refine the photo, e.g. 'in red' or 'a backpack' (\"like this, but ...\"); "
             f"1 to {MAX_QUERY_TEXT_CHARS} characters, with at least one word the model knows (an empty form field "
             "counts as none, as in HTML forms; spaces only are refused). Scores are then cosines with the composed "
-            "query, "
-            "and `close_match` is null")
+            "query, and `close_match` is null")
 TEXT_WEIGHT_DOC = ("how much the words count against the photo, 0 to 1 (0: the photo alone, 1: the words alone); "
                    f"the composed query is normalise((1 - w) photo + w text - w negative_text). Default "
                    f"{DEFAULT_TEXT_WEIGHT}, the best of the weights measured on Magento colour variants "
