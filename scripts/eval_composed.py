@@ -1,6 +1,6 @@
 """Composed queries on Magento: a product photo + another colour the product exists in.
 
-    python scripts/eval_composed.py [--index out/magento-base] [--weights 0 0.1 ... 1] [-k 5]
+    python scripts/eval_composed.py [--index out/magento-lookalike-base] [--weights 0 0.1 ... 1] [-k 5]
                                     [--prompt "in {colour}"] [--pool 30]
 
 Each configurable Magento product comes in colours (its photos' ``color`` column, from the
@@ -22,7 +22,7 @@ and composed queries, none for text); the re-ranking uses the stored photo vecto
 JSON object. Build the index first::
 
     python scripts/prepare_magento.py --out out/magento.jsonl
-    lookalike index out/magento.jsonl --out out/magento-base --model lookalike-base
+    lookalike index out/magento.jsonl --out out/magento-lookalike-base --model lookalike-base
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def rate(all_hits, queries, colour_of) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--index", default="out/magento-base", help="index of the Magento catalogue")
+    ap.add_argument("--index", default="out/magento-lookalike-base", help="index of the Magento catalogue")
     ap.add_argument("--weights", type=float, nargs="+", default=WEIGHTS, help="text_weight values to try")
     ap.add_argument("-k", type=int, default=5, help="top-k products a query may find its target in")
     ap.add_argument("--prompt", default="in {colour}", help="the words of a colour; {colour} is replaced")

@@ -1,6 +1,6 @@
 """Region search on Magento: find a product pasted into a larger scene-like canvas.
 
-    python scripts/eval_region.py [--index out/magento-base] [--canvases 200] [--seed 0] [-k 5]
+    python scripts/eval_region.py [--index out/magento-lookalike-base] [--canvases 200] [--seed 0] [-k 5]
 
 Each canvas (:func:`make_canvas`, seeded) is a 1200 x 900 px textured background with a grid of
 catalogue photos of different products pasted on it at random sizes and offsets; one of them, the
@@ -13,7 +13,7 @@ photo of it), so the box figure is an upper bound for real scenes; the whole-can
 what a user gets without drawing a box. Build the index first::
 
     python scripts/prepare_magento.py --out out/magento.jsonl
-    lookalike index out/magento.jsonl --out out/magento-base --model lookalike-base
+    lookalike index out/magento.jsonl --out out/magento-lookalike-base --model lookalike-base
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def region_vectors(model, data: bytes, box: str | None) -> np.ndarray:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--index", default="out/magento-base", help="index of the Magento catalogue")
+    ap.add_argument("--index", default="out/magento-lookalike-base", help="index of the Magento catalogue")
     ap.add_argument("--canvases", type=int, default=200, help="canvases (queries) to make")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-k", type=int, default=5)

@@ -326,11 +326,16 @@ def _cli(*args):
 def test_the_cli_takes_text_weights_negative_words_and_boxes(magento_small, tmp_path):
     index, rows = magento_small
     product, path, colour = _colour_queries(rows)[0]
-    done = _cli(index, "--image", path, "--text", f"in {colour.lower()}", "--text-weight", "0.7",
-                "--negative-text", "black", "-k", "5", "--json")
-    assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)["results"]
-    assert [r["image_metadata"]["color"] for r in results if r["id"] == product] == [colour]
+    own = next(r["color"] for r in rows if r["image"] == path)  # the photo's colour: the words to move away from
+    runs = {}
+    for extra in ([], ["--negative-text", own.lower()]):
+        done = _cli(index, "--image", path, "--text", f"in {colour.lower()}", "--text-weight", "0.7", *extra,
+                    "-k", "5", "--json")
+        assert done.returncode == 0, done.stderr
+        runs[bool(extra)] = json.loads(done.stdout)["results"]
+    assert [r["image_metadata"]["color"] for r in runs[False] if r["id"] == product] == [colour]
+    scores = lambda results: [(r["id"], r["photo_id"], r["score"]) for r in results]  # noqa: E731
+    assert scores(runs[True]) != scores(runs[False])  # the negative words took part
     data, bag, (x0, y0, x1, y1) = _canvas(rows, 0)
     (tmp_path / "scene.jpg").write_bytes(data)
     done = _cli(index, "--image", tmp_path / "scene.jpg", "--box", f"{x0},{y0},{x1},{y1}", "-k", "5", "--json")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from indexer.compose import DEFAULT_TEXT_WEIGHT, MAX_QUERY_TEXT_CHARS, composer
+from indexer.compose import DEFAULT_TEXT_WEIGHT, composer
 from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError
 from indexer.search import PHOTO_QUERY_MIN_SCORE
@@ -24,14 +24,14 @@ from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, read_upload, writable
 from ..schemas import (
     ERRORS,
     IMAGE_MIN_SCORE_DOC,
-    NEGATIVE_TEXT_DOC,
-    TEXT_DOC,
-    TEXT_WEIGHT_DOC,
     EfSearch,
     ErrorResponse,
     NProbe,
     ProductPatch,
     ProductResponse,
+    RefineNegativeParam,
+    RefineTextParam,
+    RefineWeightParam,
     SearchResponse,
     public_hits,
     public_product,
@@ -53,9 +53,9 @@ def similar(
     min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = PHOTO_QUERY_MIN_SCORE,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
-    text: Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)] = None,
-    text_weight: Annotated[float, Query(ge=0, le=1, description=TEXT_WEIGHT_DOC)] = DEFAULT_TEXT_WEIGHT,
-    negative_text: Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=NEGATIVE_TEXT_DOC)] = None,
+    text: RefineTextParam = None,
+    text_weight: RefineWeightParam = DEFAULT_TEXT_WEIGHT,
+    negative_text: RefineNegativeParam = None,
 ) -> SearchResponse:
     t0 = time.perf_counter()
     query = composer(engine.model, text, negative_text, text_weight)

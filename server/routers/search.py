@@ -4,24 +4,24 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from indexer.compose import DEFAULT_TEXT_WEIGHT, MAX_BOX_CHARS, MAX_QUERY_TEXT_CHARS, composer, parse_box
+from indexer.compose import DEFAULT_TEXT_WEIGHT, composer, parse_box
 from indexer.search import PHOTO_QUERY_MIN_SCORE
 
 from ..deps import READ_AUTH, EngineDep, read_upload
 from ..engine import Engine
 from ..limits import one_file
 from ..schemas import (
-    BOX_DOC,
     ERRORS,
     IMAGE_MIN_SCORE_DOC,
-    NEGATIVE_TEXT_DOC,
-    TEXT_DOC,
-    TEXT_WEIGHT_DOC,
     EfSearch,
     NProbe,
+    RefineNegative,
+    RefineText,
+    RefineWeight,
+    RegionBox,
     SearchResponse,
     TextQuery,
     public_hits,
@@ -43,10 +43,10 @@ async def search_image(
     labels: Annotated[bool, Query(description="also return zero-shot labels of the photo")] = True,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
-    text: Annotated[str | None, Form(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)] = None,
-    text_weight: Annotated[float, Form(ge=0, le=1, description=TEXT_WEIGHT_DOC)] = DEFAULT_TEXT_WEIGHT,
-    negative_text: Annotated[str | None, Form(max_length=MAX_QUERY_TEXT_CHARS, description=NEGATIVE_TEXT_DOC)] = None,
-    box: Annotated[str | None, Form(max_length=MAX_BOX_CHARS, description=BOX_DOC)] = None,
+    text: RefineText = None,
+    text_weight: RefineWeight = DEFAULT_TEXT_WEIGHT,
+    negative_text: RefineNegative = None,
+    box: RegionBox = None,
 ) -> SearchResponse:
     await one_file(request, "image")
     data = await read_upload(image, engine.max_upload_bytes)
