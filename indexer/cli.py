@@ -133,14 +133,22 @@ def cmd_serve(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .pipeline import embed_paths
+    from .compose import check_text_weight, composer, parse_box, query_text
 
+    if not args.image and (args.box or args.negative_text or args.text_weight is not None):
+        raise LookalikeError("--box, --negative-text and --text-weight refine a photo: give --image too")
+    if not args.image and not args.text:
+        raise LookalikeError("give --image PHOTO, --text WORDS, or both (a photo refined by words)")
+    box = parse_box(args.box) if args.box else None  # bad values fail before the model loads
+    weight = check_text_weight(args.text_weight) if args.text_weight is not None else None
+    query_text(args.text), query_text(args.negative_text, "--negative-text")
     with _open_index(args.index) as store:
         model = _model_for_index(args, store)
         if args.image:
-            _, vecs, errors = embed_paths(model, [args.image])
-            if errors:
-                raise LookalikeError(f"cannot use {args.image}: {errors[args.image]}")
+            vecs = _embed_query_photo(model, args.image, box)
+            compose = composer(model, args.text, args.negative_text, *([weight] if weight is not None else []))
+            if compose is not None:
+                vecs = compose(vecs)
         else:
             vecs = model.embed_texts([args.text])
         from .search import PHOTO_QUERY_MIN_SCORE
@@ -155,6 +163,18 @@ def cmd_search(args) -> int:
         for rank, h in enumerate(hits, 1):
             print(f"{rank:>3}  {h.score:.4f}  {h.product_id}  {h.title or ''}  [{h.category or ''}]  {h.source}")
     return 0
+
+
+def _embed_query_photo(model, path: str, box):
+    """``(1, dim)`` embedding of the photo at ``path``, or of ``box`` of it (:func:`indexer.compose.crop_box`)."""
+    from .compose import crop_box
+    from .images import ImageError, open_image
+
+    try:
+        image = open_image(path, draft_size=model.draft_size)
+    except ImageError as e:
+        raise LookalikeError(f"cannot use {path}: {e.reason}: {e}") from None
+    return model.embed_images([crop_box(image, box) if box is not None else image])
 
 
 def cmd_label(args) -> int:
@@ -420,11 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, ms.INDEX_MODEL_HELP, ms.INDEX_PRETRAINED_HELP)
     p.set_defaults(func=cmd_serve)
 
-    p = command("search", help="find products similar to a photo or matching a text")
+    from .compose import DEFAULT_TEXT_WEIGHT  # numpy and Pillow, no torch
+
+    p = command("search", help="find products similar to a photo (or a box of it), matching a text, or both")
     p.add_argument("index", help="index directory")
-    q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--image", help="query photo")
-    q.add_argument("--text", help="query text, e.g. 'red running shoes'")
+    p.add_argument("--image", help="query photo")
+    p.add_argument("--text", help="query text, e.g. 'red running shoes'; with --image, words that refine the photo "
+                                  "(a composed query: 'in red', 'a backpack')")
+    p.add_argument("--text-weight", type=float, default=None, metavar="W",
+                   help="with --image and --text: how much the words count, 0 (photo alone) to 1 (words alone); "
+                        f"default {DEFAULT_TEXT_WEIGHT}, measured on Magento (README, 'Composed queries')")
+    p.add_argument("--negative-text", default=None, metavar="WORDS",
+                   help="with --image: words to move away from, e.g. 'blue' (subtracted with --text-weight)")
+    p.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1",
+                   help="with --image: search only this box of the photo (left, top, right, bottom after EXIF "
+                        "orientation), in pixels, or in fractions of the width and height when all four are <= 1")
     p.add_argument("-k", type=_positive, default=10, help="number of products (default 10)")
     p.add_argument("--category", default=None, help="only products in this category (or below it)")
     p.add_argument("--min-score", type=_cosine, default=None,

@@ -7,7 +7,7 @@ changes either.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -48,9 +48,12 @@ class Searcher:
         return [self._search_one(q[None, :], k, category, min_score, excluded, knobs) for q in queries]
 
     def similar(self, product_id: str, k: int = 10, category: str | None = None, *, min_score: float | None = None,
-                ef_search: int | None = None, nprobe: int | None = None) -> list[Hit]:
+                ef_search: int | None = None, nprobe: int | None = None,
+                query: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Hit]:
         """Products most like ``product_id``: see :meth:`indexer.store.Store.similar`."""
         vecs = self.db.product_vectors(product_id, self.dim)
+        if query is not None and len(vecs):
+            vecs = query(vecs)
         merged: dict[str, Hit] = {}
         for hits in self.search(vecs, k, category=category, min_score=min_score, exclude=[product_id],
                                 ef_search=ef_search, nprobe=nprobe):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -305,11 +305,14 @@ class Store:
                                     ef_search=ef_search, nprobe=nprobe)
 
     def similar(self, product_id: str, k: int = 10, category: str | None = None, *, min_score: float | None = None,
-                ef_search: int | None = None, nprobe: int | None = None) -> list[Hit]:
+                ef_search: int | None = None, nprobe: int | None = None,
+                query: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Hit]:
         """Products most like ``product_id``: each photo of it is a query, a product scores by its best
         match to any of them; the product itself is left out. ``min_score``, ``ef_search`` and
-        ``nprobe`` as in :meth:`search`. Raises NotFound."""
-        return self.searcher.similar(product_id, k, category, min_score=min_score, ef_search=ef_search, nprobe=nprobe)
+        ``nprobe`` as in :meth:`search`; ``query`` maps the photos' vectors ``(n, dim)`` to the query
+        vectors (a composed query, :func:`indexer.compose.composer`). Raises NotFound."""
+        return self.searcher.similar(product_id, k, category, min_score=min_score, ef_search=ef_search, nprobe=nprobe,
+                                     query=query)
 
     # ------------------------------------------------------------------- FAISS
     def _snapshot_path(self, generation: int) -> Path:

@@ -13,6 +13,7 @@ from PIL import Image
 from indexer.batching import MicroBatcher
 from indexer.cache import LRUCache
 from indexer.catalogue import read_source_bytes
+from indexer.compose import Box, crop_box
 from indexer.errors import LookalikeError
 from indexer.images import image_from_bytes
 from indexer.labels import LabelSet, ZeroShotClassifier
@@ -130,8 +131,10 @@ class Engine:
             self._classifiers.put(key, clf)
         return clf
 
-    def embed_upload(self, data: bytes):
-        """Decode an uploaded photo and embed it: float32 ``(1, dim)``. Raises a 400/413 LookalikeError.
+    def embed_upload(self, data: bytes, box: Box | None = None):
+        """Decode an uploaded photo and embed it (only ``box`` of it, when given: region search):
+        float32 ``(1, dim)``. Raises a 400/413 LookalikeError, a 422 QueryError for a box that does not
+        fit the photo. The decode limits apply to the whole photo, before the box is cut out.
 
         With micro-batching on (``batch_window_ms`` > 0), concurrent uploads share a forward pass.
         """
@@ -139,6 +142,8 @@ class Engine:
 
         def prepare():
             image = decode_upload(data, self.model, self.max_pixels, "cannot use the uploaded image")
+            if box is not None:
+                image = crop_box(image, box)
             return self.model.preprocess(image)
 
         if self.batcher is not None:

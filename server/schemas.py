@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import Query
+from fastapi import Form, Query
 from pydantic import BaseModel, Field
 
 from indexer.ann import MAX_EF_SEARCH, MAX_NPROBE
+from indexer.compose import DEFAULT_TEXT_WEIGHT, MAX_BOX_CHARS, MAX_QUERY_TEXT_CHARS, MIN_BOX_SIDE
 
 
 class ErrorBody(BaseModel):
@@ -143,3 +144,27 @@ def public_hits(hits) -> list[dict]:
 
 def public_product(product: dict) -> dict:
     return {**product, "images": [{**p, "image": photo_url(product["id"], p["photo_id"])} for p in product["images"]]}
+
+
+TEXT_DOC = ("composed query: words that refine the photo, e.g. 'in red' or 'a backpack' (\"like this, but ...\"); "
+            f"1 to {MAX_QUERY_TEXT_CHARS} characters, with at least one word the model knows (an empty form field "
+            "counts as none, as in HTML forms; spaces only are refused). Scores are then cosines with the composed "
+            "query, and `close_match` is null")
+TEXT_WEIGHT_DOC = ("how much the words count against the photo, 0 to 1 (0: the photo alone, 1: the words alone); "
+                   f"the composed query is normalise((1 - w) photo + w text - w negative_text). Default "
+                   f"{DEFAULT_TEXT_WEIGHT}, the best of the weights measured on Magento colour variants "
+                   "(README, \"Composed queries\")")
+NEGATIVE_TEXT_DOC = ("composed query: words to move away from, e.g. 'blue' (subtracted with weight `text_weight`); "
+                     f"1 to {MAX_QUERY_TEXT_CHARS} characters")
+BOX_DOC = ("region search: only this box of the photo is searched, 'x0,y0,x1,y1' (left, top, right, bottom) on the "
+           "photo as it shows upright (after its EXIF orientation). All four values in [0, 1]: fractions of its width "
+           "and height ('0.25,0.5,0.75,1'); otherwise pixels ('120,300,480,700'). The box must lie inside the photo "
+           f"and be at least {MIN_BOX_SIDE}x{MIN_BOX_SIDE} pixels")
+# the composed-query fields: form fields of the photo upload, query parameters of similar
+RefineText = Annotated[str | None, Form(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)]
+RefineWeight = Annotated[float, Form(ge=0, le=1, description=TEXT_WEIGHT_DOC)]
+RefineNegative = Annotated[str | None, Form(max_length=MAX_QUERY_TEXT_CHARS, description=NEGATIVE_TEXT_DOC)]
+RegionBox = Annotated[str | None, Form(max_length=MAX_BOX_CHARS, description=BOX_DOC)]
+RefineTextParam = Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)]
+RefineWeightParam = Annotated[float, Query(ge=0, le=1, description=TEXT_WEIGHT_DOC)]
+RefineNegativeParam = Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=NEGATIVE_TEXT_DOC)]

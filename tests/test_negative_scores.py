@@ -32,7 +32,7 @@ def test_image_search_and_similar_leave_out_negative_cosines(fixture_index, tiny
     assert any(h.score < 0 for h in everything) and any(h.score > 0 for h in everything)
     app = create_app(fixture_index, model=tiny_model)
     with TestClient(app) as c:
-        monkeypatch.setattr(app.state.engine, "embed_upload", lambda data: query)
+        monkeypatch.setattr(app.state.engine, "embed_upload", lambda data, box=None: query)
         files = {"image": ("q.png", _png(), "image/png")}
         default = c.post(f"/v1/search/image?k={n}", files=files).json()["results"]
         assert default and all(r["score"] >= 0 for r in default)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from indexer.compose import DEFAULT_TEXT_WEIGHT, composer
 from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError
 from indexer.search import PHOTO_QUERY_MIN_SCORE
@@ -28,6 +29,9 @@ from ..schemas import (
     NProbe,
     ProductPatch,
     ProductResponse,
+    RefineNegativeParam,
+    RefineTextParam,
+    RefineWeightParam,
     SearchResponse,
     public_hits,
     public_product,
@@ -49,12 +53,16 @@ def similar(
     min_score: Annotated[float, Query(ge=-1, le=1, description=IMAGE_MIN_SCORE_DOC)] = PHOTO_QUERY_MIN_SCORE,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
+    text: RefineTextParam = None,
+    text_weight: RefineWeightParam = DEFAULT_TEXT_WEIGHT,
+    negative_text: RefineNegativeParam = None,
 ) -> SearchResponse:
     t0 = time.perf_counter()
+    query = composer(engine.model, text, negative_text, text_weight)
     hits = engine.store.similar(product_id, k, category=category, min_score=min_score, ef_search=ef_search,
-                                nprobe=nprobe)
-    return SearchResponse(results=public_hits(hits), close_match=engine.close_match(hits, "image"),
-                          took_ms=elapsed_ms(t0))
+                                nprobe=nprobe, query=query)
+    close = engine.close_match(hits, "image") if query is None else None
+    return SearchResponse(results=public_hits(hits), close_match=close, took_ms=elapsed_ms(t0))
 
 
 @router.get("/v1/products/{product_id:path}/image", dependencies=READ_AUTH,

@@ -7,19 +7,32 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from indexer.compose import DEFAULT_TEXT_WEIGHT, composer, parse_box
 from indexer.search import PHOTO_QUERY_MIN_SCORE
 
 from ..deps import READ_AUTH, EngineDep, read_upload
 from ..engine import Engine
 from ..limits import one_file
-from ..schemas import ERRORS, IMAGE_MIN_SCORE_DOC, EfSearch, NProbe, SearchResponse, TextQuery, public_hits
+from ..schemas import (
+    ERRORS,
+    IMAGE_MIN_SCORE_DOC,
+    EfSearch,
+    NProbe,
+    RefineNegative,
+    RefineText,
+    RefineWeight,
+    RegionBox,
+    SearchResponse,
+    TextQuery,
+    public_hits,
+)
 from . import elapsed_ms
 
 router = APIRouter(dependencies=READ_AUTH, responses=ERRORS, tags=["search"])
 
 
 @router.post("/v1/search/image", response_model=SearchResponse,
-             summary="Find products that look like an uploaded photo")
+             summary="Find products that look like an uploaded photo (or a box of it), optionally refined by words")
 async def search_image(
     request: Request,
     engine: EngineDep,
@@ -30,19 +43,28 @@ async def search_image(
     labels: Annotated[bool, Query(description="also return zero-shot labels of the photo")] = True,
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
+    text: RefineText = None,
+    text_weight: RefineWeight = DEFAULT_TEXT_WEIGHT,
+    negative_text: RefineNegative = None,
+    box: RegionBox = None,
 ) -> SearchResponse:
     await one_file(request, "image")
     data = await read_upload(image, engine.max_upload_bytes)
-    return await run_in_threadpool(_search_image, engine, data, k, category, min_score, labels, ef_search, nprobe)
+    return await run_in_threadpool(_search_image, engine, data, k, category, min_score, labels, ef_search, nprobe,
+                                   text, text_weight, negative_text, box)
 
 
-def _search_image(engine: Engine, data: bytes, k, category, min_score, labels, ef_search, nprobe) -> SearchResponse:
+def _search_image(engine: Engine, data: bytes, k, category, min_score, labels, ef_search, nprobe,
+                  text=None, text_weight=DEFAULT_TEXT_WEIGHT, negative_text=None, box=None) -> SearchResponse:
     t0 = time.perf_counter()
-    vec = engine.embed_upload(data)
-    hits = engine.search(vec, k, category, min_score, ef_search, nprobe)
+    region = parse_box(box) if box is not None else None
+    query = composer(engine.model, text, negative_text, text_weight)  # bad words fail before the decode
+    vec = engine.embed_upload(data, region)
+    hits = engine.search(vec if query is None else query(vec), k, category, min_score, ef_search, nprobe)
     labs = engine.default_labels.top_k(vec, 5)[0] if labels else []
     rejected = engine.default_labels.none_of_these(vec)[0] if labels else None
-    return SearchResponse(results=public_hits(hits), close_match=engine.close_match(hits, "image"),
+    close = engine.close_match(hits, "image") if query is None else None
+    return SearchResponse(results=public_hits(hits), close_match=close,
                           labels=labs, none_of_these=rejected, took_ms=elapsed_ms(t0))
 
 

@@ -1,6 +1,7 @@
-// lookalike web page: photo search (drop, pick, paste, camera), text search, "more like this",
-// product details, category and result-count filters. The query lives in the URL (?q=, ?similar=,
-// &category=, &k=) so a result page can be shared and reloaded. No build step.
+// lookalike web page: photo search (drop, pick, paste, camera), refined by words ("in red") or by a
+// box drawn on the photo, text search, "more like this", product details, category and result-count
+// filters. The query lives in the URL (?q=, ?similar=, &refine=, &category=, &k=) so a result page can be
+// shared and reloaded (an uploaded photo and its box cannot be). No build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,8 +11,12 @@ const els = {
   queryCaption: $("query-caption"), labels: $("labels"), labelList: $("label-list"), category: $("category"),
   k: $("k"), status: $("status"), error: $("error"), results: $("results"), details: $("details"),
   detailsBody: $("details-body"),
+  queryFrame: $("query-frame"), boxOverlay: $("box-overlay"), boxHint: $("box-hint"), clearBox: $("clear-box"),
+  refineForm: $("refine-form"), refineText: $("refine-text"),
 };
 let lastPhoto = null; // the uploaded File, to re-run a photo search when a filter changes
+let box = null; // the box drawn on the query photo: [x0, y0, x1, y1] in fractions of the photo, or null
+const MIN_BOX_PIXELS = 8; // the server refuses smaller boxes (indexer.compose.MIN_BOX_SIDE)
 
 function params() { return new URLSearchParams(location.search); }
 
@@ -64,20 +69,31 @@ async function searchPhoto(file) {
     showError(`"${file.name}" is not an image. Choose a JPEG, PNG or WebP photo.`);
     return;
   }
+  if (file !== lastPhoto) {  // a new photo: its own search, without the last one's words and box
+    els.queryImage.src = URL.createObjectURL(file);
+    els.refineText.value = "";
+    setBox(null);
+  }
   lastPhoto = file;
   showError("");
-  els.queryImage.src = URL.createObjectURL(file);
   els.queryCaption.textContent = file.name || "pasted image";
   els.preview.hidden = false;
+  els.refineForm.hidden = false;
+  els.boxHint.hidden = false;
   els.textQuery.value = "";
-  setUrl({ q: null, similar: null, ...filters() });
+  setUrl({ q: null, similar: null, refine: null, ...filters() });
   els.status.textContent = "Searching…";
   const form = new FormData();
   form.append("image", file, file.name || "photo.jpg");
+  const words = els.refineText.value.trim();
+  if (words) form.append("text", words);
+  if (box) form.append("box", box.map((v) => v.toFixed(4)).join(","));
   try {
     const body = await api(`/v1/search/image?${searchQuery()}`, { method: "POST", body: form });
     renderLabels(body.labels);
-    renderResults(body.results, `${body.results.length} similar products (${Math.round(body.took_ms)} ms)`);
+    const what = [box && "the box", words && `“${words}”`].filter(Boolean).join(" + ");
+    renderResults(body.results, `${body.results.length} similar products${what ? ` (photo: ${what})` : ""} `
+      + `(${Math.round(body.took_ms)} ms)`);
   } catch (e) {
     els.status.textContent = "";
     renderLabels([]);
@@ -92,6 +108,7 @@ async function searchText(query) {
   lastPhoto = null;
   showError("");
   els.preview.hidden = true;
+  els.refineForm.hidden = true;
   renderLabels([]);
   els.status.textContent = "Searching…";
   try {
@@ -110,16 +127,23 @@ async function searchText(query) {
 
 async function searchSimilar(id) {
   lastPhoto = null;
+  setBox(null);
   showError("");
   renderLabels([]);
   els.textQuery.value = "";
   els.queryImage.src = `/v1/products/${encodeURIComponent(id)}/image?size=512`;
   els.queryCaption.textContent = `More like ${id}`;
   els.preview.hidden = false;
+  els.refineForm.hidden = false;
+  els.boxHint.hidden = true; // a box refines an uploaded photo; similar searches every photo of the product
   els.status.textContent = "Searching…";
+  const query = searchQuery();
+  const words = els.refineText.value.trim();
+  if (words) query.set("text", words);
   try {
-    const body = await api(`/v1/products/${encodeURIComponent(id)}/similar?${searchQuery()}`);
-    renderResults(body.results, `${body.results.length} products like ${id} (${Math.round(body.took_ms)} ms)`);
+    const body = await api(`/v1/products/${encodeURIComponent(id)}/similar?${query}`);
+    renderResults(body.results, `${body.results.length} products like ${id}${words ? ` + “${words}”` : ""} `
+      + `(${Math.round(body.took_ms)} ms)`);
   } catch (e) {
     els.status.textContent = "";
     els.results.replaceChildren();
@@ -174,7 +198,11 @@ function renderResults(results, statusText) {
     li.querySelector(".category").textContent = r.category || "";
     li.querySelector(".price").textContent = price(r);
     li.querySelector(".score").textContent = `similarity ${r.score.toFixed(3)}`;
-    li.querySelector(".more").addEventListener("click", () => { setUrl({ similar: r.id, q: null }); searchSimilar(r.id); });
+    li.querySelector(".more").addEventListener("click", () => {
+      els.refineText.value = "";
+      setUrl({ similar: r.id, q: null, refine: null });
+      searchSimilar(r.id);
+    });
     const open = () => openDetails(r.id);
     li.querySelector(".open").addEventListener("click", open);
     img.addEventListener("click", open);
@@ -257,7 +285,7 @@ function runFromUrl() {
   if (category) selectValue(els.category, category);
   else els.category.value = "";
   if (p.get("q")) { els.textQuery.value = p.get("q"); searchText(p.get("q")); }
-  else if (p.get("similar")) searchSimilar(p.get("similar"));
+  else if (p.get("similar")) { els.refineText.value = p.get("refine") || ""; searchSimilar(p.get("similar")); }
 }
 
 function rerun() {
@@ -290,5 +318,75 @@ document.addEventListener("paste", (e) => {
 els.category.addEventListener("change", rerun);
 els.k.addEventListener("change", rerun);
 window.addEventListener("popstate", runFromUrl);
+
+// Refine: the query photo (or product) with words, e.g. "in red" (POST /v1/search/image `text`).
+els.refineForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (lastPhoto) { searchPhoto(lastPhoto); return; }
+  const similar = params().get("similar");
+  if (similar) { setUrl({ refine: els.refineText.value.trim() }); searchSimilar(similar); }
+});
+
+// Region search: drag a box on the query photo (mouse, pen or touch: pointer events), then search that
+// part of it (`box`, in fractions of the photo). object-fit: contain letterboxes the photo inside the
+// <img>, so positions are taken relative to the photo's own rectangle.
+function photoRect() {
+  const img = els.queryImage;
+  const scale = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);
+  const width = img.naturalWidth * scale, height = img.naturalHeight * scale;
+  return { left: img.offsetLeft + (img.clientWidth - width) / 2, top: img.offsetTop + (img.clientHeight - height) / 2,
+           width, height };
+}
+
+function pointerFraction(e) {
+  const r = photoRect(), frame = els.queryFrame.getBoundingClientRect();
+  const clamp = (v) => Math.min(1, Math.max(0, v));
+  return [clamp((e.clientX - frame.left - r.left) / r.width), clamp((e.clientY - frame.top - r.top) / r.height)];
+}
+
+function drawBox(b) {
+  els.boxOverlay.hidden = !b;
+  if (!b) return;
+  const r = photoRect();
+  Object.assign(els.boxOverlay.style, {
+    left: `${r.left + b[0] * r.width}px`, top: `${r.top + b[1] * r.height}px`,
+    width: `${(b[2] - b[0]) * r.width}px`, height: `${(b[3] - b[1]) * r.height}px`,
+  });
+}
+
+function setBox(b) {
+  box = b;
+  els.clearBox.hidden = !b;
+  drawBox(b);
+}
+
+let dragStart = null;
+els.queryFrame.addEventListener("pointerdown", (e) => {
+  if (!lastPhoto || !els.queryImage.naturalWidth || e.button > 0) return;
+  e.preventDefault();
+  dragStart = pointerFraction(e);
+  els.queryFrame.setPointerCapture(e.pointerId);
+});
+els.queryFrame.addEventListener("pointermove", (e) => {
+  if (!dragStart) return;
+  const [x, y] = pointerFraction(e);
+  drawBox([Math.min(dragStart[0], x), Math.min(dragStart[1], y), Math.max(dragStart[0], x), Math.max(dragStart[1], y)]);
+});
+els.queryFrame.addEventListener("pointerup", (e) => {
+  if (!dragStart) return;
+  const [x, y] = pointerFraction(e);
+  const b = [Math.min(dragStart[0], x), Math.min(dragStart[1], y), Math.max(dragStart[0], x), Math.max(dragStart[1], y)];
+  dragStart = null;
+  const img = els.queryImage;
+  if ((b[2] - b[0]) * img.naturalWidth < MIN_BOX_PIXELS || (b[3] - b[1]) * img.naturalHeight < MIN_BOX_PIXELS) {
+    drawBox(box); // a click, not a box: keep what was there
+    return;
+  }
+  setBox(b);
+  searchPhoto(lastPhoto);
+});
+els.queryFrame.addEventListener("pointercancel", () => { dragStart = null; drawBox(box); });
+els.clearBox.addEventListener("click", () => { setBox(null); if (lastPhoto) searchPhoto(lastPhoto); });
+window.addEventListener("resize", () => drawBox(box));
 
 loadCategories().then(runFromUrl);
