@@ -157,11 +157,16 @@ class AuditLabelScore(BaseModel):
     score: float
 
 
-class CategoryDisagreement(BaseModel):
+class AuditProduct(BaseModel):
+    """A flagged product and its first photos (the evidence)."""
+
     product_id: str
     title: str | None = None
     category: str | None = None
     photos: list[AuditPhoto]
+
+
+class CategoryDisagreement(AuditProduct):
     catalogue_label: str = Field(description="the label the catalogue category maps to (its last path part)")
     predicted_label: str = Field(description="the most probable label of the product's photos")
     margin: float = Field(description="probability of predicted_label minus that of catalogue_label")
@@ -172,11 +177,7 @@ class CategoryDisagreement(BaseModel):
     top_labels: list[AuditLabelScore]
 
 
-class CategoryOutlier(BaseModel):
-    product_id: str
-    title: str | None = None
-    category: str | None = None
-    photos: list[AuditPhoto]
+class CategoryOutlier(AuditProduct):
     distance: float = Field(description="cosine distance of the product's mean embedding to its category's centroid")
     robust_z: float = Field(description="0.6745 * (distance - median) / MAD over the category (Iglewicz & Hoaglin)")
     category_median_distance: float
