@@ -381,10 +381,14 @@ def _near_duplicate_groups(cat: _Catalogue, a, b, s) -> list[dict]:
     differ = np.array([cat.sha256[rows_of[x]] != cat.sha256[rows_of[y]] for x, y in zip(a.tolist(), b.tolist())],
                       dtype=bool)
     a, b, s = a[differ], b[differ], s[differ]
+    components = list(connected_components(a, b).values())
+    group_of = {m: g for g, members in enumerate(components) for m in members}
+    edges: list[list[tuple[int, int, float]]] = [[] for _ in components]
+    for x, y, c in zip(a.tolist(), b.tolist(), s.tolist()):
+        edges[group_of[x]].append((x, y, c))
     groups = []
-    for members in connected_components(a, b).values():
-        inside = np.isin(a, members)
-        pairs = sorted(zip(a[inside].tolist(), b[inside].tolist(), s[inside].tolist()), key=lambda p: -p[2])
+    for members, pairs in zip(components, edges):
+        pairs.sort(key=lambda p: -p[2])
         photos = [cat.photo(rows_of[m]) for m in members]
         groups.append({
             "products": sorted({p["product_id"] for p in photos}),
