@@ -13,7 +13,8 @@ each finding with its evidence (scores, product ids, photo ids and sources):
   nearest photos, fetched again with 4x as many for the photos whose last neighbour still passes the
   threshold, so every pair above it is found (exactly for Flat; as well as the index finds
   neighbours for HNSW and IVF-PQ, whose candidates are re-scored with exact vectors). Cost:
-  one k-NN query per photo, never all pairs (:func:`near_duplicate_pairs`).
+  one k-NN query per photo, never all pairs (:func:`near_duplicate_pairs`); a large Flat index is
+  queried through a temporary HNSW graph (:func:`audit_index`).
 * ``category_disagreements``: products whose zero-shot label disagrees with their catalogue
   category with a probability margin of at least ``category_min_margin``, ranked by margin. The
   label set is the catalogue's own categories (:func:`category_label_set`), prompt-ensembled by
@@ -66,6 +67,11 @@ OUTLIER_MIN_CATEGORY_PRODUCTS = 5
 PHOTOS_PER_PRODUCT = 3
 #: Photos embedded per query batch in the near-duplicate search.
 QUERY_BATCH = 4096
+#: An exact (Flat) index of more photos than this is audited through a temporary HNSW graph of its
+#: vectors (:func:`audit_index`): one k-NN query per photo on a Flat index costs photos squared
+#: (714 s at 100,000 on the 2-core bench machine, scripts/bench_audit.py), the graph's build and
+#: queries 35 s + 41 s, and it found every planted pair there.
+EXACT_AUDIT_UP_TO = 20_000
 _LEAF_SPLIT = re.compile(r"\s*[/>]\s*")
 _PROMPT_SPLIT = re.compile(r"\s*(?:&|,|\band\b)\s*", re.IGNORECASE)
 
@@ -134,6 +140,23 @@ def knn(vectors, queries: np.ndarray, k: int, lookup: ann.VectorLookup | None = 
             raise ValueError("an IVF-PQ index needs a lookup of exact vectors to re-rank its candidates")
         scores, ids = ann.rerank(queries, ids, k, lookup)
     return scores, ids
+
+
+def audit_index(vectors):
+    """The index the near-duplicate search queries: ``vectors`` (a :class:`indexer.vectors.VectorIndex`)
+    itself, or, for a Flat index of more than :data:`EXACT_AUDIT_UP_TO` photos, a temporary HNSW
+    index (:func:`indexer.ann.hnsw_spec`) built over a copy of its vectors (4 bytes x dim per photo,
+    plus the graph)."""
+    from .vectors import VectorIndex
+
+    ids = vectors.live_ids()
+    if vectors.spec.type != ann.FLAT or len(ids) <= EXACT_AUDIT_UP_TO:
+        return vectors
+    found, vecs = vectors.lookup(ids)
+    spec = ann.hnsw_spec()
+    graph = VectorIndex(vectors.dim)
+    graph.replace(ann.build_index(spec, vecs, found), spec, vectors.generation, found)
+    return graph
 
 
 def near_duplicate_pairs(vectors, batches, owner_of: Callable[[np.ndarray], np.ndarray], threshold: float,
@@ -430,7 +453,7 @@ def run_audit(store, model=None, options: AuditOptions | None = None,
     batches = store.db.all_vectors(QUERY_BATCH)
     if "near_duplicates" in options.parts:
         say(f"near-duplicates: {n_photos} photos, cosine >= {threshold}")
-        a, b, s = near_duplicate_pairs(store.vectors, batches, cat.owner_of, threshold, options.neighbours,
+        a, b, s = near_duplicate_pairs(audit_index(store.vectors), batches, cat.owner_of, threshold, options.neighbours,
                                        lookup=store._vectors, on_batch=add_to_products)
         report["near_duplicates"] = _near_duplicate_groups(cat, a, b, s)
     else:

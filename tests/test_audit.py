@@ -125,6 +125,31 @@ def test_bundled_model_ships_a_near_duplicate_calibration():
     assert 0 < cfg["lookalike"]["calibration"]["near_duplicate_min_cosine"] < 1
 
 
+@pytest.mark.unit
+def test_large_flat_index_is_audited_through_a_graph_that_finds_the_same_pairs(monkeypatch):
+    from indexer import ann, audit
+    from indexer.vectors import VectorIndex
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((3000, 32)).astype(np.float32)
+    vecs[1] = vecs[0] + 0.05 * rng.standard_normal(32)  # a near-duplicate pair: photos 0 and 1
+    vecs[2000] = vecs[7] + 0.05 * rng.standard_normal(32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.arange(len(vecs), dtype=np.int64)
+    flat = VectorIndex(32)
+    flat.replace(ann.build_index(ann.IndexSpec(ann.FLAT), vecs, ids), ann.IndexSpec(ann.FLAT), 3, ids)
+    monkeypatch.setattr(audit, "EXACT_AUDIT_UP_TO", 1000)
+    graph = audit.audit_index(flat)
+    assert graph.spec.type == ann.HNSW and np.array_equal(graph.live_ids(), ids)
+    found = {}
+    for name, index in (("flat", flat), ("graph", graph)):
+        a, b, s = audit.near_duplicate_pairs(index, [(ids, vecs)], lambda x: x, 0.95, neighbours=4)
+        found[name] = set(zip(a.tolist(), b.tolist()))
+    assert found["flat"] == found["graph"] == {(0, 1), (7, 2000)}
+    monkeypatch.setattr(audit, "EXACT_AUDIT_UP_TO", 10_000)
+    assert audit.audit_index(flat) is flat
+
+
 # ------------------------------------------------------------------------ real index, tiny model
 @pytest.mark.integration
 def test_exact_duplicates_by_content_hash(dup_index):
