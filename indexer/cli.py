@@ -323,6 +323,31 @@ def cmd_check(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_audit(args) -> int:
+    from .audit import AuditOptions, run_audit
+    from .audit_report import write_report
+
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    options = AuditOptions(args.near_duplicate_min_cosine, args.neighbours, args.category_min_margin,
+                           args.outlier_min_z, parts=parts)
+    with _open_index(args.index) as store:
+        model = _model_for_index(args, store) if "category_disagreements" in options.parts else None
+        say = None if args.json else (lambda msg: print(msg, file=sys.stderr))
+        report = run_audit(store, model, options, progress=say)
+        out = Path(args.out) if args.out else store.path / "audit"
+        try:
+            paths = write_report(report, out, store.resolve_source)
+        except OSError as e:
+            raise LookalikeError(f"cannot write the audit report to {out}: {e.strerror or e}") from None
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        for part, n in report["counts"].items():
+            print(f"{n:>6}  {part}")
+        print(f"report: {paths['html']} (and report.json, report.csv)")
+    return 0
+
+
 def cmd_finetune(args) -> int:
     from .finetune import DEFAULT_TEMPLATES, FinetuneConfig, finetune
 
@@ -545,6 +570,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_check)
+
+    p = command("audit", help="find reused photos, near-duplicates, wrong categories and outliers in an index")
+    from . import audit as au
+
+    p.add_argument("index", help="index directory")
+    p.add_argument("--out", default=None, help="report folder for report.json, .csv, .html (default INDEX_DIR/audit)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--parts", default=",".join(au.PARTS), help="comma-separated parts to run")
+    p.add_argument("--near-duplicate-min-cosine", type=_number_between(0.01, 1, "a cosine"), default=None,
+                   help="photos of different products at or above this cosine are near-duplicates (default: the "
+                        f"model's calibrated {au.CALIBRATION_KEY}, else {au.DEFAULT_NEAR_DUPLICATE_MIN_COSINE})")
+    p.add_argument("--neighbours", type=_positive, default=au.DEFAULT_NEIGHBOURS,
+                   help="nearest photos fetched per photo at first (more are fetched while they pass the threshold)")
+    p.add_argument("--category-min-margin", type=_fraction, default=au.DEFAULT_CATEGORY_MIN_MARGIN,
+                   help="zero-shot probability margin over the catalogue category that flags a product")
+    p.add_argument("--outlier-min-z", type=_number_between(0.01, 1000, "a z-score"), default=au.DEFAULT_OUTLIER_MIN_Z,
+                   help="robust z-score of the distance to the category centroid that flags an outlier")
+    _model_args(p, ms.INDEX_MODEL_HELP, ms.INDEX_PRETRAINED_HELP)
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -310,6 +310,14 @@ class Database:
         if blobs:
             yield current, np.frombuffer(b"".join(blobs), np.float32).reshape(len(blobs), -1)
 
+    def audit_rows(self) -> tuple[list[tuple[int, str, str, str]], dict[str, tuple[str | None, str | None]]]:
+        """For :mod:`indexer.audit`, from one consistent read: every photo as (photo id, product id,
+        source, sha256) in photo-id order, and product id -> (title, category) of every product."""
+        with self.read_txn() as db:
+            photos = db.execute("SELECT photo_id, product_id, source, sha256 FROM photos ORDER BY photo_id").fetchall()
+            products = {r[0]: (r[1], r[2]) for r in db.execute("SELECT id, title, category FROM products")}
+        return photos, products
+
     def source_referenced(self, source: str) -> bool:
         return self.conn().execute("SELECT 1 FROM photos WHERE source = ? LIMIT 1", (source,)).fetchone() is not None
 

@@ -26,7 +26,7 @@ from .engine import load_engine
 from .errors import EXCEPTION_HANDLERS
 from .limits import RequestLimits
 from .observability import Metrics, RequestObserver
-from .routers import health, labels, products, search
+from .routers import audit, health, labels, products, search
 from .routers.health import STATIC_DIR
 from .settings import ServerSettings
 
@@ -109,4 +109,5 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in (health.router, search.router, labels.router, products.router):
         app.include_router(router)
+    app.include_router(audit.router)
     return app

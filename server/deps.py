@@ -54,8 +54,16 @@ def require_write(request: Request) -> None:
     _check_key(request)
 
 
+def require_key_if_configured(request: Request) -> None:
+    """Routes that read the whole catalogue at once (the audit) need a key whenever keys are configured,
+    whatever ``auth_reads`` says."""
+    if request.app.state.settings.keys():
+        _check_key(request)
+
+
 READ_AUTH = [Depends(require_read)]
 WRITE_AUTH = [Depends(require_write)]
+KEY_IF_CONFIGURED = [Depends(require_key_if_configured)]
 
 
 def writable(engine: Engine) -> Engine:

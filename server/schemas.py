@@ -123,6 +123,107 @@ class CategoryCount(BaseModel):
     products: int
 
 
+# ---------------------------------------------------------------- catalogue audit (GET /v1/audit)
+class AuditPhoto(BaseModel):
+    photo_id: int
+    product_id: str
+    image: str = Field(description="URL of the photo on this server (`/v1/products/{id}/image?photo_id=N`; add "
+                                   "`&size=128` for a thumbnail)")
+
+
+class ExactDuplicateGroup(BaseModel):
+    sha256: str = Field(description="content hash shared by the photos")
+    products: list[str] = Field(description="ids of the products that hold this same photo file")
+    cosine: float = Field(description="1.0: the files are byte-identical")
+    photos: list[AuditPhoto]
+
+
+class NearDuplicatePair(BaseModel):
+    a: int = Field(description="photo id")
+    b: int = Field(description="photo id")
+    cosine: float
+
+
+class NearDuplicateGroup(BaseModel):
+    products: list[str]
+    max_cosine: float
+    min_cosine: float = Field(description="lowest cosine among the pairs that connect the group")
+    photos: list[AuditPhoto]
+    pairs: list[NearDuplicatePair] = Field(description="every pair of photos of different products at or above "
+                                                       "the threshold (byte-identical pairs are exact duplicates)")
+
+
+class AuditLabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class AuditProduct(BaseModel):
+    """A flagged product and its first photos (the evidence)."""
+
+    product_id: str
+    title: str | None = None
+    category: str | None = None
+    photos: list[AuditPhoto]
+
+
+class CategoryDisagreement(AuditProduct):
+    catalogue_label: str = Field(description="the label the catalogue category maps to (its last path part)")
+    predicted_label: str = Field(description="the most probable label of the product's photos")
+    margin: float = Field(description="probability of predicted_label minus that of catalogue_label")
+    p_predicted: float
+    p_catalogue: float
+    cosine_predicted: float
+    cosine_catalogue: float
+    top_labels: list[AuditLabelScore]
+
+
+class CategoryOutlier(AuditProduct):
+    distance: float = Field(description="cosine distance of the product's mean embedding to its category's centroid")
+    robust_z: float = Field(description="0.6745 * (distance - median) / MAD over the category (Iglewicz & Hoaglin)")
+    category_median_distance: float
+    category_products: int
+    nearest_product: str = Field(description="the most similar other product of the category")
+    nearest_cosine: float
+
+
+class AuditThresholds(BaseModel):
+    near_duplicate_min_cosine: float
+    near_duplicate_threshold_source: str = Field(description="option, calibration (the model's) or default")
+    neighbours: int
+    category_min_margin: float
+    outlier_min_z: float
+
+
+class AuditResponse(BaseModel):
+    model: str
+    generated_at: str
+    products: int
+    photos: int
+    thresholds: AuditThresholds
+    counts: dict[str, int] = Field(description="findings per part")
+    exact_duplicates: list[ExactDuplicateGroup] = Field(default_factory=list)
+    near_duplicates: list[NearDuplicateGroup] = Field(default_factory=list)
+    category_disagreements: list[CategoryDisagreement] = Field(default_factory=list)
+    outliers: list[CategoryOutlier] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="parts skipped and why")
+    took_ms: float
+
+
+def public_audit(report: dict) -> dict:
+    """An audit report as the API returns it: photos as URLs of this server, no server paths."""
+    def photos(items: list[dict]) -> list[dict]:
+        return [{"photo_id": p["photo_id"], "product_id": p["product_id"], "image": photo_url(p["product_id"],
+                                                                                           p["photo_id"])}
+                for p in items]
+
+    out = {k: v for k, v in report.items() if k != "index"}
+    for part in ("exact_duplicates", "near_duplicates", "category_disagreements", "outliers"):
+        if part in out:
+            out[part] = [{**f, "photos": photos(f["photos"])} for f in out[part]]
+    return out
+
+
 # error responses every /v1 route documents
 ERRORS = {
     400: {"model": ErrorResponse, "description": "bad input (not an image, empty upload, bad label list)"},

@@ -75,6 +75,11 @@ class ServerSettings(BaseSettings):
                                    description="micro-batching: longest wait, ms, for concurrent image queries to "
                                                "share a forward pass (0 = embed each query alone)")
     max_batch: int = Field(16, ge=1, le=256, description="micro-batching: most image queries per forward pass")
+    audit_max_photos: int = Field(100_000, ge=1,
+                                  description="GET /v1/audit refuses (413) an index with more photos than this: an "
+                                              "audit reads every embedding and queries the index once per photo "
+                                              "(40 to 44 s at 100,000 on a loaded 2-core Xeon, "
+                                              "scripts/bench_audit.py); 'lookalike audit INDEX_DIR' has no limit")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     access_log: bool = Field(True, description="log one line per request")

@@ -53,7 +53,7 @@ def test_no_server_errors(base_url):
                     failures.append(f"{name}: {response.status_code} without a JSON error body: {response.text[:200]}")
 
         run()
-    assert len(cases_run) == 13, sorted(cases_run)
+    assert len(cases_run) == 14, sorted(cases_run)
     assert all(n > 0 for n in cases_run.values()), cases_run
     print(f"fuzzed {sum(cases_run.values())} requests over {len(cases_run)} operations")
     assert failures == []
