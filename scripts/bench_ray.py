@@ -16,7 +16,9 @@
    :class:`indexer.pipeline._Run`: SQLite transactions of 1024 photos with the FAISS index updated in
    the same step), ``--commit-vectors`` vectors into a new store; then the run's last step
    (:meth:`indexer.pipeline._Run.finish`: products, FAISS snapshot, report) timed apart.
-3. A table of N nodes computed from these: ``min(N x per-node rate, commit rate)`` and the hours for
+3. The driver's first step alone: reading a ``--catalogue-rows`` JSONL manifest (made-up paths) and
+   planning the run (one stat per photo), with the memory the catalogue holds per row.
+4. A table of N nodes computed from these: ``min(N x per-node rate, commit rate)`` and the hours for
    100M photos (the formulas are in docs/PERFORMANCE.md, "Scaling out").
 
 Photos are read from ``$LOOKALIKE_DATASETS`` (default ``../shared/datasets``).
@@ -104,9 +106,45 @@ def commit_rate(n: int, work: Path, dim: int = 512, batch: int = 64) -> dict:
         t1 = time.perf_counter()
         report = run.finish(prune=False)
         finish = time.perf_counter() - t1
+        index_type = store.index_spec().type
     assert report.indexed == n and report.index_photos == n
     return {"commit_vectors": n, "commit_vectors_per_s": round(n / streaming, 1),
-            "finish_seconds": round(finish, 2), "db_bytes": (work / "commit-bench" / "catalogue.sqlite").stat().st_size}
+            "finish_seconds": round(finish, 2), "index_type": index_type, "db_bytes": (work / "commit-bench" / "catalogue.sqlite").stat().st_size}
+
+
+def catalogue_rate(n: int, work: Path) -> dict:
+    """The driver's first step alone: reading an ``n``-row JSONL manifest (4 photos per product, paths that
+    do not exist) into a Catalogue, then planning the run (a stat per photo): rows/s and the Python
+    memory the catalogue holds per row (tracemalloc)."""
+    import tracemalloc
+
+    from indexer.catalogue import read_catalogue
+    from indexer.pipeline import _stat
+
+    manifest = work / "rows.jsonl"
+    with manifest.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i // 4:08d}", "image": f"/data/images/{i % 1000:03d}/photo-{i:09d}.jpg",
+                                "title": f"product {i // 4}", "category": "Women/Tops/Tees", "price": 19.99}) + "\n")
+    t0 = time.perf_counter()
+    catalogue = read_catalogue(manifest)
+    read = time.perf_counter() - t0
+    assert len(catalogue.rows) == n
+    t1 = time.perf_counter()
+    for row in catalogue.rows:
+        _stat(row.source)
+    stat = time.perf_counter() - t1
+    del catalogue
+    sample = work / "rows-sample.jsonl"  # tracemalloc slows reading ~8x: memory is measured on a sample
+    m = min(n, 20_000)
+    sample.write_text("".join(manifest.read_text().splitlines(keepends=True)[:m]))
+    tracemalloc.start()
+    held = read_catalogue(sample)
+    per_row = tracemalloc.get_traced_memory()[0] / m
+    tracemalloc.stop()
+    del held
+    return {"catalogue_rows": n, "catalogue_rows_per_s": round(n / read, 1), "catalogue_bytes_per_row": round(per_row),
+            "stat_per_s": round(n / stat, 1)}
 
 
 def main(argv=None) -> int:
@@ -114,7 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=725, help="Magento photos per run (default 725: each once)")
     ap.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per core)")
     ap.add_argument("--commit-vectors", type=int, default=200_000, help="vectors for the commit rate (default 200000)")
-    ap.add_argument("--skip-index", action="store_true", help="only the commit rate")
+    ap.add_argument("--catalogue-rows", type=int, default=100_000,
+                    help="manifest rows for the catalogue read rate (default 100000)")
+    ap.add_argument("--skip-index", action="store_true", help="only the driver's rates")
     ap.add_argument("--work", default=None, help="folder for manifests and indexes (default: a temporary one)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args(argv)
@@ -146,14 +186,20 @@ def main(argv=None) -> int:
                     "ray_wall_s": round(ray_wall, 1), "mean_cosine": round(cos, 5)})
     log(f"driver commit rate: {args.commit_vectors} made-up results, dim 512")
     res.update(commit_rate(args.commit_vectors, work))
-    log(f"  {res['commit_vectors_per_s']:.0f} vectors/s committed; the last step (snapshot, report) "
-        f"{res['finish_seconds']:.1f} s")
+    log(f"  {res['commit_vectors_per_s']:.0f} vectors/s committed; the last step (products, FAISS index "
+        f"{res['index_type']} chosen and built, snapshot, report) {res['finish_seconds']:.1f} s")
+    log(f"driver catalogue read: {args.catalogue_rows} manifest rows")
+    res.update(catalogue_rate(args.catalogue_rows, work))
+    log(f"  {res['catalogue_rows_per_s']:.0f} rows/s read, {res['catalogue_bytes_per_row']} bytes/row held, "
+        f"{res['stat_per_s']:.0f} stat/s")
     print(f"\n{'':<34}{'images/s':>10}")
     if "ray_images_per_s" in res:
         print(f"{'local engine, 1 node':<34}{res['local_images_per_s']:>10.1f}")
         print(f"{'Ray engine, 1 node, ' + str(res['ray_workers']) + ' actors':<34}{res['ray_images_per_s']:>10.1f}"
               f"   ({res['ray_over_local']:.2f}x local; mean cosine {res['mean_cosine']:.4f})")
     print(f"{'driver commit rate (vectors/s)':<34}{res['commit_vectors_per_s']:>10.0f}")
+    print(f"{'driver catalogue read (rows/s)':<34}{res['catalogue_rows_per_s']:>10.0f}"
+          f"   ({res['catalogue_bytes_per_row']} bytes/row in memory)")
     if "ray_images_per_s" in res:
         node = res["ray_images_per_s"]
         commit = res["commit_vectors_per_s"]
