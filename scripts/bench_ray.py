@@ -109,7 +109,8 @@ def commit_rate(n: int, work: Path, dim: int = 512, batch: int = 64) -> dict:
         index_type = store.index_spec().type
     assert report.indexed == n and report.index_photos == n
     return {"commit_vectors": n, "commit_vectors_per_s": round(n / streaming, 1),
-            "finish_seconds": round(finish, 2), "index_type": index_type, "db_bytes": (work / "commit-bench" / "catalogue.sqlite").stat().st_size}
+            "finish_seconds": round(finish, 2), "index_type": index_type,
+            "db_bytes": (work / "commit-bench" / "catalogue.sqlite").stat().st_size}
 
 
 def catalogue_rate(n: int, work: Path) -> dict:
