@@ -108,14 +108,15 @@ def _index_on_ray(args, catalogue):
     compilation), then Ray actors embed (:mod:`indexer.pipeline_ray`)."""
     import dataclasses
 
-    from .pipeline_ray import import_ray, index_catalogue_ray, ray_session
+    from .pipeline_ray import index_catalogue_ray, ray_session
     from .store import Store
 
-    import_ray()  # not installed: say so before loading the model
+    session = ray_session(args.ray_address)
+    session.check()  # Ray missing, nobody at the address: say so before loading the model
     spec = _model_spec(args)
     identity = dataclasses.replace(spec, device="cpu", backend="torch", precision="fp32").load(
         _existing_identity(args.out)).identity
-    with ray_session(args.ray_address), Store.create(args.out, identity) as store:
+    with session, Store.create(args.out, identity) as store:
         store.set_index_choice(args.index_type, args.memory_budget)
         return index_catalogue_ray(
             catalogue, store, spec, identity, catalogue_name=str(args.catalogue), workers=args.ray_workers,

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 #: Object store of a Ray instance started for one run (``--ray-address local``): only photo sources and
 #: vectors pass through it (64 photos' vectors are 128 KiB at dim 512), never pixels.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+#: Seconds to wait for a TCP connection to the cluster's address before giving up.
+CONNECT_TIMEOUT_S = 10.0
 #: Batches per dataset block: a block is what a retried task redoes after a worker dies.
 BATCHES_PER_BLOCK = 4
 _STATUS = ("embedded", "unchanged", "failed")
@@ -82,8 +84,15 @@ class ray_session:
         self.num_cpus = num_cpus
         self._temp_dir: str | None = None
 
+    def check(self) -> None:
+        """Fail fast, before the model loads: Ray is installed, and something listens at the address."""
+        import_ray()
+        if self.address not in ("local", "auto"):
+            _probe(self.address)
+
     def __enter__(self):
-        ray = import_ray()
+        self.check()
+        import ray
         kwargs: dict = {"log_to_driver": False, "logging_level": logging.WARNING}
         if self.address == "local":
             # short: Ray's unix socket paths must stay under 107 characters
@@ -108,6 +117,20 @@ class ray_session:
     def _cleanup(self) -> None:
         if self._temp_dir:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+
+def _probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast when nothing accepts a TCP connection at ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``):
+    ``ray.init`` would wait for minutes. Raises LookalikeError."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise LookalikeError(f"--ray-address {address!r}: give HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise LookalikeError(f"cannot connect to Ray at {address!r} ({e}): is a head node running there "
+                             "(ray start --head --port PORT)?") from None
 
 
 class EmbedWorker:

@@ -340,3 +340,40 @@ def test_bad_files_are_reported_as_on_the_local_engine(datasets_dir, tmp_path):
     assert sorted(map(key, report["failures"])) == sorted(map(key, local["failures"]))
     assert report["row_problems"] == local["row_problems"]
     assert_same_index(out, tmp_path / "local")
+
+
+# Runs `lookalike index` in a fresh interpreter, then says whether Ray was imported on the way.
+INDEX_AND_REPORT_RAY = """
+import sys
+from indexer.cli import main
+code = main(sys.argv[1:])
+print("ray imported" if "ray" in sys.modules else "ray not imported")
+sys.exit(code)
+"""
+
+
+def two_photos(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        Image.new("RGB", (48, 40), colour).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_the_local_engine_never_imports_ray(tmp_path):
+    photos = two_photos(tmp_path / "photos")
+    r = subprocess.run([sys.executable, "-c", INDEX_AND_REPORT_RAY, "index", str(photos), "--out", str(tmp_path / "i"),
+                        "--model", "test-tiny", "--workers", "0", "-q"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=run_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "ray not imported"
+
+
+def test_an_unreachable_cluster_is_one_clear_error(tmp_path):
+    r = subprocess.run(index_cmd(two_photos(tmp_path / "photos"), tmp_path / "i", "--engine", "ray", "--ray-address",
+                                 f"127.0.0.1:{_free_port()}"),
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=run_env())
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("lookalike: error: cannot connect to Ray at")
+    assert "Traceback" not in r.stderr
