@@ -250,6 +250,7 @@ def ray_magento(magento, cluster, tmp_path_factory) -> tuple[Path, dict]:
     return out, index(magento, out, "--engine", "ray", "--ray-address", cluster.address)
 
 
+@pytest.mark.datasets
 def test_magento_on_ray_equals_the_local_engine(ray_magento, local_magento):
     out, report = ray_magento
     assert report["engine"] == "ray"
@@ -258,6 +259,7 @@ def test_magento_on_ray_equals_the_local_engine(ray_magento, local_magento):
     check_clean(out)
 
 
+@pytest.mark.datasets
 def test_both_nodes_worked(ray_magento, cluster):
     _, report = ray_magento
     nodes = cluster.node_ids()
@@ -269,6 +271,7 @@ def test_both_nodes_worked(ray_magento, cluster):
     assert sum(done.values()) == 725
 
 
+@pytest.mark.datasets
 def test_a_killed_worker_costs_nothing(magento_slice, local_magento, cluster, tmp_path):
     out = tmp_path / "index"
     proc = subprocess.Popen(index_cmd(magento_slice, out, "--engine", "ray", "--ray-address", cluster.address,
@@ -302,6 +305,7 @@ def test_a_killed_worker_costs_nothing(magento_slice, local_magento, cluster, tm
     check_clean(out)
 
 
+@pytest.mark.datasets
 def test_a_killed_driver_resumes(magento_slice, cluster, tmp_path):
     clean = tmp_path / "clean"
     index(magento_slice, clean, "--engine", "ray", "--ray-address", cluster.address, "--batch-size", "8")
