@@ -381,3 +381,34 @@ def test_an_unreachable_cluster_is_one_clear_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("lookalike: error: cannot connect to Ray at")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.datasets
+def test_bench_ray_short_mode(datasets_dir):
+    """scripts/bench_ray.py on 64 Magento photos: both engines index them alike, and the driver's figures
+    and the N-node table come out (speed itself is never asserted)."""
+    from test_benchmarks import _run
+
+    r = _run("bench_ray.py", "--images", "64", "--commit-vectors", "3000", "--catalogue-rows", "3000")
+    assert r["images"] == 64 and r["mean_cosine"] >= 0.999
+    assert sum(w["photos"] for w in r["ray_workers_detail"]) == 64
+    for key in ("local_images_per_s", "ray_images_per_s", "commit_vectors_per_s", "catalogue_rows_per_s"):
+        assert r[key] > 0, key
+    assert [row["nodes"] for row in r["scaling"]] == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_gpu_check_says_when_there_is_no_gpu():
+    """scripts/gpu_check_ray.py: without a GPU, exit 2 and one line saying so; with one, a real run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gpu_check_ray import gpu_utilisation
+
+    if gpu_utilisation():
+        from test_benchmarks import _run
+
+        r = _run("gpu_check_ray.py", "--images", "256")
+        assert r["images"] == 256 and r["gpu_util_pct"] and r["images_per_s_per_gpu"] > 0
+        return
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_ray.py")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: no NVIDIA GPU found")
