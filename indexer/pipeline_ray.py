@@ -46,8 +46,6 @@ from .pipeline import DEFAULT_MAX_FILE_BYTES, IndexReport, PhotoReader, _Item, _
 from .records import ModelIdentity
 from .store import Store
 
-log = logging.getLogger(__name__)
-
 #: Object store of a Ray instance started for one run (``--ray-address local``): only photo sources and
 #: vectors pass through it (64 photos' vectors are 128 KiB at dim 512), never pixels.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
@@ -319,5 +317,7 @@ def _results(ray, tasks, spec, identity, workers, cpus_per_worker, gpus_per_work
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None,
+        # --offline (HF_HUB_OFFLINE=1 here) holds on every node, not only in this process
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if os.environ.get("HF_HUB_OFFLINE") == "1" else None,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
