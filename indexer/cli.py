@@ -75,17 +75,20 @@ def cmd_index(args) -> int:
     if not catalogue.rows:
         problems = "; ".join(f"{p.where}: {p.message}" for p in catalogue.problems[:5])
         raise LookalikeError(f"no photos found in {args.catalogue}" + (f" ({problems})" if problems else ""))
-    model = _model_spec(args).load(_existing_identity(args.out))  # missing weights fail here, before torch loads
-    from .pipeline import index_catalogue
-    from .store import Store
+    if args.engine == "ray":
+        report = _index_on_ray(args, catalogue)
+    else:
+        model = _model_spec(args).load(_existing_identity(args.out))  # missing weights fail here, before torch loads
+        from .pipeline import index_catalogue
+        from .store import Store
 
-    with Store.create(args.out, model.identity) as store:
-        store.set_index_choice(args.index_type, args.memory_budget)  # applied by the pipeline's final save
-        report = index_catalogue(
-            catalogue, store, model, catalogue_name=str(args.catalogue), batch_size=args.batch_size,
-            workers=args.workers, prune=args.prune, progress=not args.quiet,
-            allow_private_urls=args.allow_private_urls,
-        )
+        with Store.create(args.out, model.identity) as store:
+            store.set_index_choice(args.index_type, args.memory_budget)  # applied by the pipeline's final save
+            report = index_catalogue(
+                catalogue, store, model, catalogue_name=str(args.catalogue), batch_size=args.batch_size,
+                workers=args.workers, prune=args.prune, progress=not args.quiet,
+                allow_private_urls=args.allow_private_urls,
+            )
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
@@ -98,6 +101,29 @@ def cmd_index(args) -> int:
         print(f"lookalike: error: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _index_on_ray(args, catalogue):
+    """``index --engine ray``: the driver identifies the model's weights (on its CPU, with torch: no
+    compilation), then Ray actors embed (:mod:`indexer.pipeline_ray`)."""
+    import dataclasses
+
+    from .pipeline_ray import index_catalogue_ray, ray_session
+    from .store import Store
+
+    session = ray_session(args.ray_address)
+    session.check()  # Ray missing, nobody at the address: say so before loading the model
+    spec = _model_spec(args)
+    identity = dataclasses.replace(spec, device="cpu", backend="torch", precision="fp32").load(
+        _existing_identity(args.out)).identity
+    with session, Store.create(args.out, identity) as store:
+        store.set_index_choice(args.index_type, args.memory_budget)
+        return index_catalogue_ray(
+            catalogue, store, spec, identity, catalogue_name=str(args.catalogue), workers=args.ray_workers,
+            cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+            batch_size=args.batch_size, prune=args.prune, progress=not args.quiet,
+            allow_private_urls=args.allow_private_urls,
+        )
 
 
 def cmd_serve(args) -> int:
@@ -450,6 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-private-urls", action="store_true",
                    help="fetch photo URLs on private, loopback or link-local addresses (internal catalogues)")
     _index_type_args(p)
+    g = p.add_argument_group("Ray cluster (--engine ray; pip install 'lookalike[ray]')")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: decode workers and the model in this process; ray: Ray actors read, decode and "
+                        "embed, this process commits (see docs/PERFORMANCE.md, 'Scaling out')")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="HOST:PORT of a running head node, ray://HOST:10001, auto (this machine's cluster) or "
+                        "local (start Ray here for this run); default $RAY_ADDRESS, else local")
+    g.add_argument("--ray-workers", type=_positive, default=None, metavar="N",
+                   help="model-holding actors (default: the cluster's CPUs / --cpus-per-worker, or its GPUs / "
+                        "--gpus-per-worker)")
+    g.add_argument("--cpus-per-worker", type=_worker_cpus, default=1.0, metavar="C",
+                   help="CPUs each actor reserves, also its photo-reading threads (default 1)")
+    g.add_argument("--gpus-per-worker", type=_worker_gpus, default=0.0, metavar="G",
+                   help="GPUs each actor reserves, e.g. 1, or 0.5 for two actors per GPU (default 0: CPU)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
@@ -656,6 +696,8 @@ _positive = _int_at_least(1)
 _fraction = _number_between(0, 1, "a fraction")
 _cosine = _number_between(-1, 1, "a cosine")
 _non_negative = _int_at_least(0)
+_worker_cpus = _number_between(0.01, 1024, "CPUs per worker")
+_worker_gpus = _number_between(0, 64, "GPUs per worker")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,10 @@ class _Task:
 
 @dataclass
 class _Item:
-    task: _Task
+    """One photo after reading: unchanged (same SHA-256 as stored), decoded (``pixels``), or failed
+    (``reason``, ``message``). ``task`` is None where the reader ran without one (a Ray worker)."""
+
+    task: _Task | None = None
     sha256: str | None = None
     pixels: torch.Tensor | None = None
     width: int | None = None
@@ -60,13 +63,23 @@ class _Item:
     reason: str | None = None
     message: str | None = None
 
+    @property
+    def embeddable(self) -> bool:
+        """Read, changed and decoded: the photo gets a vector."""
+        return not self.unchanged and self.reason is None
 
-class _PhotoDataset(Dataset):
-    """Reads, hashes, decodes and preprocesses one photo per item; never raises."""
 
-    def __init__(self, tasks: list[_Task], preprocess, max_pixels: int, max_file_bytes: int, draft_size: int,
+class PhotoReader:
+    """Reads, hashes, decodes and preprocesses one photo source; never raises. The one reading rule of
+    the local DataLoader workers and the Ray workers (:mod:`indexer.pipeline_ray`).
+
+    preprocess: the model's image transform (PIL image -> float tensor ``(3, H, W)``); max_pixels,
+    max_file_bytes, draft_size: the limits of :func:`indexer.images.open_image` and
+    :func:`indexer.photo_sources.read_source_bytes`. Open tar shards are kept for the next member.
+    """
+
+    def __init__(self, preprocess, max_pixels: int, max_file_bytes: int, draft_size: int,
                  allow_private_urls: bool = False):
-        self.tasks = tasks
         self.allow_private_urls = allow_private_urls
         self.preprocess = preprocess
         self.max_pixels = max_pixels
@@ -74,16 +87,14 @@ class _PhotoDataset(Dataset):
         self.draft_size = draft_size
         self._tar_cache: dict = {}
 
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def __getitem__(self, i: int) -> _Item:
-        task = self.tasks[i]
-        item = _Item(task)
+    def read(self, source: str, known_sha256: str | None) -> _Item:
+        """The photo at ``source``: unchanged when its SHA-256 is ``known_sha256`` (not decoded), else
+        decoded and preprocessed, or failed with the reason (:class:`indexer.images.ImageError`)."""
+        item = _Item()
         try:
-            data = read_source_bytes(task.row.source, self.max_file_bytes, self._tar_cache, self.allow_private_urls)
+            data = read_source_bytes(source, self.max_file_bytes, self._tar_cache, self.allow_private_urls)
             item.sha256 = hashlib.sha256(data).hexdigest()
-            if task.known is not None and task.known.sha256 == item.sha256:
+            if known_sha256 is not None and known_sha256 == item.sha256:
                 item.unchanged = True
                 return item
             image = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
@@ -95,6 +106,24 @@ class _PhotoDataset(Dataset):
             item.reason, item.message = "too_large", "out of memory while decoding"
         except Exception as e:  # a decoder bug must cost one photo, not the run
             item.reason, item.message = "corrupt", f"{type(e).__name__}: {e}"
+        return item
+
+
+class _PhotoDataset(Dataset):
+    """Reads, hashes, decodes and preprocesses one photo per item (:class:`PhotoReader`); never raises."""
+
+    def __init__(self, tasks: list[_Task], preprocess, max_pixels: int, max_file_bytes: int, draft_size: int,
+                 allow_private_urls: bool = False):
+        self.tasks = tasks
+        self.reader = PhotoReader(preprocess, max_pixels, max_file_bytes, draft_size, allow_private_urls)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> _Item:
+        task = self.tasks[i]
+        item = self.reader.read(task.row.source, task.known.sha256 if task.known is not None else None)
+        item.task = task
         return item
 
 
@@ -119,7 +148,11 @@ class _Batch:
 
 @dataclass
 class IndexReport:
-    """What one indexing run did; saved as ``report.json`` in the index directory."""
+    """What one indexing run did; saved as ``report.json`` in the index directory.
+
+    engine: ``local`` or ``ray``. workers (Ray only): one entry per worker process that embedded photos,
+    ``{"node_id", "host", "pid", "batches", "photos"}`` (photos read, whatever their outcome).
+    """
 
     catalogue: str
     model: dict
@@ -137,6 +170,8 @@ class IndexReport:
     row_problems: list[dict] = field(default_factory=list)
     index_products: int = 0
     index_photos: int = 0
+    engine: str = "local"
+    workers: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -210,6 +245,104 @@ def _stat(source: str) -> tuple[int | None, int | None]:
         return None, None
 
 
+class _Run:
+    """What the local and the Ray engine share around the embedding itself: the report, the tasks (photos
+    whose size and mtime changed or are unknown; the rest count as unchanged without being read), and the
+    commits, every ``commit_every`` photos embedded or found unchanged, one store transaction each.
+
+    The engines feed it batches of read photos with :meth:`add` and close it with :meth:`finish`.
+    """
+
+    def __init__(self, catalogue: Catalogue, store: Store, model_identity, catalogue_name: str, commit_every: int | None,
+                 engine: str = "local"):
+        self.t0 = time.perf_counter()
+        self.catalogue, self.store = catalogue, store
+        self.commit_every = _commit_every_from_env() if commit_every is None else commit_every
+        self.report = IndexReport(
+            catalogue=catalogue_name,
+            model=model_identity.to_dict(),
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            rows=len(catalogue.rows),
+            products=len(catalogue.products),
+            row_problems=[p.to_dict() for p in catalogue.problems],
+            engine=engine,
+        )
+        known = store.known_photos()
+        self.tasks: list[_Task] = []
+        seen: set[tuple[str, str]] = set()
+        for row in catalogue.rows:
+            key = (row.product_id, row.source)
+            if key in seen:
+                continue
+            seen.add(key)
+            size, mtime = _stat(row.source)
+            k = known.get(key)
+            if k is not None and size is not None and k.size == size and k.mtime_ns == mtime:
+                self.report.unchanged += 1
+                continue
+            self.tasks.append(_Task(row, k, size, mtime))
+        self.stored_products = {pid for pid, _ in known}
+        self.pending: list[PhotoRecord] = []
+        self.touched: list[tuple[int, int | None, int | None]] = []
+
+    def add(self, items: list[_Item], vectors) -> None:
+        """One batch of read photos (each with its ``task``); ``vectors`` float32 ``(k, dim)``, unit rows,
+        of its :attr:`_Item.embeddable` items in order. Commits when ``commit_every`` photos are pending."""
+        report = self.report
+        for it, vec in zip([it for it in items if it.embeddable], vectors):
+            self.pending.append(PhotoRecord(it.task.row.product_id, it.task.row.source, it.sha256, vec,
+                                            it.task.size, it.task.mtime_ns, it.width, it.height,
+                                            it.task.row.metadata))
+            report.indexed += 1
+        for it in items:
+            if it.unchanged:
+                report.unchanged += 1
+                self.touched.append((it.task.known.photo_id, it.task.size, it.task.mtime_ns))
+            elif it.reason is not None:
+                report.failed += 1
+                report.failures.append({"id": it.task.row.product_id, "image": it.task.row.source,
+                                        "where": it.task.row.where, "reason": it.reason,
+                                        "message": printable(it.message)})
+        if len(self.pending) + len(self.touched) >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the pending photos (new products first) and the unchanged photos' new size and mtime."""
+        if not self.pending and not self.touched:
+            return
+        with self.store.transaction() as tx:
+            new_products = {p.product_id for p in self.pending} - self.stored_products
+            tx.upsert_products([_product(self.catalogue, pid) for pid in sorted(new_products)])
+            tx.add_photos(self.pending)
+            for photo_id, size, mtime in self.touched:
+                tx.touch_photo(photo_id, size, mtime)
+        self.stored_products.update(p.product_id for p in self.pending)
+        self.pending, self.touched = [], []
+
+    def finish(self, prune: bool) -> IndexReport:
+        """The last commit, the products' metadata, pruning, the snapshot and ``report.json``."""
+        self.flush()
+        catalogue, store, report = self.catalogue, self.store, self.report
+        with store.transaction() as tx:
+            tx.upsert_products([_product(catalogue, pid)
+                                for pid in sorted(self.stored_products & catalogue.products.keys())])
+            if prune:
+                gone = set(self.stored_products - catalogue.products.keys())
+                wanted = {(r.product_id, r.source) for r in catalogue.rows}
+                stale = [k.photo_id for key, k in store.known_photos().items() if key not in wanted]
+                report.pruned_products = tx.delete_products(sorted(gone))
+                tx.delete_photos(stale)
+                report.pruned_photos = len(stale)
+        store.save()
+
+        report.seconds = round(time.perf_counter() - self.t0, 3)
+        report.images_per_s = round((report.indexed + report.failed) / report.seconds, 2) if report.seconds else 0.0
+        report.index_products = store.count_products()
+        report.index_photos = store.count_photos()
+        store.write_report(report.to_dict())
+        return report
+
+
 def index_catalogue(
     catalogue: Catalogue,
     store: Store,
@@ -236,33 +369,8 @@ def index_catalogue(
     host is a private, loopback or other non-public address (refused by default).
     Returns the run's report, which is also written to ``INDEX_DIR/report.json``.
     """
-    if commit_every is None:
-        commit_every = _commit_every_from_env()
-    t0 = time.perf_counter()
-    report = IndexReport(
-        catalogue=catalogue_name,
-        model=model.identity.to_dict(),
-        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        rows=len(catalogue.rows),
-        products=len(catalogue.products),
-        row_problems=[p.to_dict() for p in catalogue.problems],
-    )
-    known = store.known_photos()
-    tasks: list[_Task] = []
-    seen: set[tuple[str, str]] = set()
-    for row in catalogue.rows:
-        key = (row.product_id, row.source)
-        if key in seen:
-            continue
-        seen.add(key)
-        size, mtime = _stat(row.source)
-        k = known.get(key)
-        if k is not None and size is not None and k.size == size and k.mtime_ns == mtime:
-            report.unchanged += 1
-            continue
-        tasks.append(_Task(row, k, size, mtime))
-
-    stored_products = {pid for pid, _ in known}
+    run = _Run(catalogue, store, model.identity, catalogue_name, commit_every)
+    tasks = run.tasks
     if workers is None:
         workers = min(32, os.cpu_count() or 1)
     if batch_size is None:
@@ -277,72 +385,24 @@ def index_catalogue(
         pin_memory=model.device.type == "cuda",
         prefetch_factor=4 if workers and len(tasks) > batch_size else None,
     )
-    bar = None
-    if progress and tasks:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks), unit="img", desc="indexing", dynamic_ncols=True)
-
-    pending: list[PhotoRecord] = []
-    touched: list[tuple[int, int | None, int | None]] = []
-
-    def flush() -> None:
-        nonlocal pending, touched
-        if not pending and not touched:
-            return
-        with store.transaction() as tx:
-            new_products = {p.product_id for p in pending} - stored_products
-            tx.upsert_products([_product(catalogue, pid) for pid in sorted(new_products)])
-            tx.add_photos(pending)
-            for photo_id, size, mtime in touched:
-                tx.touch_photo(photo_id, size, mtime)
-        stored_products.update(p.product_id for p in pending)
-        pending, touched = [], []
-
+    bar = progress_bar(len(tasks)) if progress else None
     for batch in loader:
-        items, ok = batch.items, batch.ok
-        if ok:
-            vectors = model.embed_image_tensors(batch.pixels)
-            for it, vec in zip(ok, vectors):
-                pending.append(PhotoRecord(it.task.row.product_id, it.task.row.source, it.sha256, vec,
-                                           it.task.size, it.task.mtime_ns, it.width, it.height,
-                                           it.task.row.metadata))
-            report.indexed += len(ok)
-        for it in items:
-            if it.unchanged:
-                report.unchanged += 1
-                touched.append((it.task.known.photo_id, it.task.size, it.task.mtime_ns))
-            elif it.reason is not None:
-                report.failed += 1
-                report.failures.append({"id": it.task.row.product_id, "image": it.task.row.source,
-                                        "where": it.task.row.where, "reason": it.reason,
-                                        "message": printable(it.message)})
-        if len(pending) + len(touched) >= commit_every:
-            flush()
+        run.add(batch.items, model.embed_image_tensors(batch.pixels) if batch.ok else [])
         if bar is not None:
-            bar.update(len(items))
-            bar.set_postfix(failed=report.failed, refresh=False)
-    flush()
+            bar.update(len(batch.items))
+            bar.set_postfix(failed=run.report.failed, refresh=False)
     if bar is not None:
         bar.close()
+    return run.finish(prune)
 
-    with store.transaction() as tx:
-        tx.upsert_products([_product(catalogue, pid) for pid in sorted(stored_products & catalogue.products.keys())])
-        if prune:
-            gone = set(stored_products - catalogue.products.keys())
-            wanted = {(r.product_id, r.source) for r in catalogue.rows}
-            stale = [k.photo_id for key, k in store.known_photos().items() if key not in wanted]
-            report.pruned_products = tx.delete_products(sorted(gone))
-            tx.delete_photos(stale)
-            report.pruned_photos = len(stale)
-    store.save()
 
-    report.seconds = round(time.perf_counter() - t0, 3)
-    report.images_per_s = round((report.indexed + report.failed) / report.seconds, 2) if report.seconds else 0.0
-    report.index_products = store.count_products()
-    report.index_photos = store.count_photos()
-    store.write_report(report.to_dict())
-    return report
+def progress_bar(total: int):
+    """A tqdm progress bar over ``total`` photos, or None when there are none."""
+    if not total:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True)
 
 
 def _product(catalogue: Catalogue, pid: str) -> Product:
