@@ -51,15 +51,34 @@ def write_report(report: dict, out_dir: str | Path, resolve_source: Callable[[st
     return paths
 
 
+#: A spreadsheet reads a cell that starts with one of these as a formula (CSV injection, OWASP
+#: "CSV Injection"): ``=HYPERLINK(...)`` in a product id or category would run when report.csv is opened.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """``value`` safe for a spreadsheet: a string starting with a formula character (:data:`FORMULA_PREFIXES`)
+    gets a leading ``'``, which spreadsheets show as text; numbers and other strings are unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) else value
+
+
 def csv_rows(report: dict) -> list[list]:
-    """One row per photo of each finding (duplicates) or per product (categories, outliers)."""
+    """One row per photo of each finding (duplicates) or per product (categories, outliers); a
+    near-duplicate photo's evidence is its own pairs (all of a group's pairs on every photo's row
+    would grow as photos x pairs). Strings that a spreadsheet would run as formulas are quoted
+    (:func:`csv_cell`)."""
     rows = []
     for part in PARTS:
         for n, f in enumerate(report.get(part, []), 1):
             if part in ("exact_duplicates", "near_duplicates"):
                 score = f.get("cosine", f.get("max_cosine"))
-                evidence = {"sha256": f["sha256"]} if part == "exact_duplicates" else {"pairs": f["pairs"]}
+                pairs_of: dict[int, list] = {}
+                for pair in f.get("pairs", []):
+                    pairs_of.setdefault(pair["a"], []).append(pair)
+                    pairs_of.setdefault(pair["b"], []).append(pair)
                 for p in f["photos"]:
+                    evidence = ({"sha256": f["sha256"]} if part == "exact_duplicates"
+                                else {"pairs": pairs_of.get(p["photo_id"], [])})
                     rows.append([part, n, p["product_id"], p["photo_id"], p["source"], "", score, json.dumps(evidence)])
             else:
                 score = f["margin"] if part == "category_disagreements" else f["robust_z"]
@@ -67,7 +86,7 @@ def csv_rows(report: dict) -> list[list]:
                 first = f["photos"][0] if f["photos"] else {"photo_id": "", "source": ""}
                 rows.append([part, n, f["product_id"], first["photo_id"], first["source"], f["category"] or "", score,
                              json.dumps(evidence, ensure_ascii=False)])
-    return rows
+    return [[csv_cell(v) for v in row] for row in rows]
 
 
 class Thumbnails:
