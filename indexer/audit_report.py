@@ -22,6 +22,9 @@ THUMBNAIL_PX = 128
 THUMBNAIL_QUALITY = 70
 #: Findings shown per part in the HTML page (the JSON and CSV files hold them all).
 HTML_MAX_FINDINGS = 200
+#: Photos shown per finding in the HTML page (a near-duplicate group can hold thousands; the JSON and CSV
+#: files list them all): each is a thumbnail read and decoded, about 4 KB of the page.
+HTML_MAX_PHOTOS = 24
 #: Largest photo file read for a thumbnail, bytes.
 MAX_PHOTO_BYTES = 64 * 1024 * 1024
 CSV_COLUMNS = ["part", "finding", "product_id", "photo_id", "source", "category", "score", "evidence"]
@@ -146,22 +149,21 @@ def _figure(photo: dict, thumbs: Thumbnails, caption: str = "") -> str:
 def _finding_html(part: str, f: dict, thumbs: Thumbnails) -> str:
     if part == "exact_duplicates":
         head = f'{len(f["products"])} products share one file (sha256 {_e(f["sha256"][:16])}…)'
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
     elif part == "near_duplicates":
         head = (f'{len(f["products"])} products, {len(f["photos"])} photos, cosine {f["min_cosine"]:.3f} to '
                 f'{f["max_cosine"]:.3f}')
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
     elif part == "category_disagreements":
         head = (f'<b>{_e(f["product_id"])}</b> {_e(f["title"])}: filed under <b>{_e(f["category"])}</b>, looks like '
                 f'<b>{_e(f["predicted_label"])}</b> (p {f["p_predicted"]:.2f} vs {f["p_catalogue"]:.2f}, margin '
                 f'{f["margin"]:.2f})')
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
     else:
         head = (f'<b>{_e(f["product_id"])}</b> {_e(f["title"])} in <b>{_e(f["category"])}</b>: robust z '
                 f'{f["robust_z"]:.1f}, distance to centroid {f["distance"]:.3f} '
                 f'(median {f["category_median_distance"]:.3f} of {f["category_products"]}); '
                 f'nearest {_e(f["nearest_product"])} at cosine {f["nearest_cosine"]:.3f}')
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
+    body = "".join(_figure(p, thumbs) for p in f["photos"][:HTML_MAX_PHOTOS])
+    if len(f["photos"]) > HTML_MAX_PHOTOS:
+        body += f'<p class="muted">{len(f["photos"]) - HTML_MAX_PHOTOS} more photos in report.json and report.csv</p>'
     return f'<div class="finding" data-part="{part}"><div>{head}</div><div class="photos">{body}</div></div>'
 
 

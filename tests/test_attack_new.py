@@ -20,7 +20,7 @@ from conftest import ROOT, served
 from PIL import Image
 
 from indexer.audit import AuditOptions, AuditTooManyPairs, near_duplicate_pairs
-from indexer.audit_report import FORMULA_PREFIXES, csv_cell
+from indexer.audit_report import FORMULA_PREFIXES, HTML_MAX_PHOTOS, csv_cell
 from indexer.compose import QueryError, parse_box, query_text
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
@@ -201,6 +201,9 @@ def test_audit_page_shows_hostile_names_as_text_in_chromium(server):
         text = page.inner_text("#audit-results")
         assert "<script>alert(1)</script>" in text and "onerror=alert(1)" in text
         assert page.locator("#audit-results script, #audit-results img[src='x']").count() == 0
+        group = page.locator("#near_duplicates .finding").first  # test-tiny: 67 photos above cosine 0.99
+        assert group.locator("img").count() == 24
+        assert "more photos in the JSON report" in group.locator(".more-photos").inner_text()
         browser.close()
     assert dialogs == [] and errors == []
 
@@ -230,6 +233,8 @@ def test_cli_reports_keep_hostile_names_inert(hostile_index, tmp_path):
     for bad in (b for b in HOSTILE if "<" in b):
         assert bad not in page and html.escape(bad) in page
     assert "<script>" not in page and "<img src=x" not in page and "<b onmouseover" not in page
+    group = page.split('data-part="near_duplicates"')[1].split('<div class="finding"')[0]
+    assert group.count("<figure>") == HTML_MAX_PHOTOS and "more photos in report.json" in group  # 60-odd photos
 
 
 @pytest.mark.system
