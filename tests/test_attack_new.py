@@ -18,6 +18,7 @@ import httpx
 import pytest
 from conftest import ROOT, served
 from PIL import Image
+from test_audit import _index
 
 from indexer.audit import AuditOptions, AuditTooManyPairs, near_duplicate_pairs
 from indexer.audit_report import FORMULA_PREFIXES, HTML_MAX_PHOTOS, csv_cell
@@ -36,22 +37,13 @@ MAX_PAIRS = 1000
 def hostile_index(fixture_data, tiny_model, tmp_path_factory) -> Path:
     """The fixture catalogue with every 7th product renamed and re-filed under a hostile string, plus
     product ``=cmd|' /C calc'!A0`` reusing another product's photo (an exact duplicate)."""
-    from indexer.catalogue import read_catalogue
-    from indexer.pipeline import index_catalogue
-    from indexer.store import Store
-
     rows = fixture_data.rows()
     for i, r in enumerate(rows):
         if i % 7 == 0:
             bad = HOSTILE[(i // 7) % len(HOSTILE)]
             r.update(id=f"{bad}-{r['id']}", category=bad, title=f"<b onmouseover=alert(2)>{r['title']}")
     rows.append({**rows[1], "id": "=cmd|' /C calc'!A0", "title": "reused"})
-    out = tmp_path_factory.mktemp("hostile") / "index"
-    manifest = out.with_suffix(".jsonl")
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    with Store.create(out, tiny_model.identity) as store:
-        index_catalogue(read_catalogue(manifest), store, tiny_model, workers=0, progress=False)
-    return out
+    return _index(rows, tmp_path_factory.mktemp("hostile") / "index", tiny_model)
 
 
 @pytest.fixture(scope="module")
