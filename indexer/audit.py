@@ -65,9 +65,9 @@ DEFAULT_OUTLIER_MIN_Z = 3.5
 OUTLIER_MIN_CATEGORY_PRODUCTS = 5
 #: Most near-duplicate pairs an audit collects (:class:`AuditOptions` ``max_pairs``). A threshold far
 #: under the model's near-duplicate scale (``near_duplicate_min_cosine=0.01``) makes nearly every
-#: pair of photos pass: photos squared pairs, each fetched, kept and written to the report (1.2 GB
-#: of pair records alone at 25,000 photos). Past this many the audit stops with
-#: :class:`AuditTooManyPairs` instead. 100,000 pairs are about 30 MB in flight and 4 MB of JSON.
+#: pair of photos pass: photos squared / 2 pairs, each fetched, kept and written to the report
+#: (25,000 photos have 312 million pairs; each is 20 bytes in the arrays and a JSON object of 44 to
+#: 56 bytes in the report). Past this many the audit stops with :class:`AuditTooManyPairs` instead.
 DEFAULT_MAX_PAIRS = 100_000
 #: Photos listed per product in a finding's evidence.
 PHOTOS_PER_PRODUCT = 3
