@@ -333,8 +333,13 @@ def cmd_audit(args) -> int:
     with _open_index(args.index) as store:
         model = _model_for_index(args, store) if "category_disagreements" in options.parts else None
         say = None if args.json else (lambda msg: print(msg, file=sys.stderr))
-        report = run_audit(store, model, options, progress=say)
         out = Path(args.out) if args.out else store.path / "audit"
+        if out.resolve() == store.path.resolve():  # its report.json is the indexing run's (failures, skipped rows)
+            raise LookalikeError(f"--out {out} is the index directory; its report.json is the indexing report: "
+                                 "choose another folder (default: INDEX_DIR/audit)")
+        if out.exists() and not out.is_dir():  # said before the audit runs, not after
+            raise LookalikeError(f"--out {out} is a file; give a folder for report.json, .csv and .html")
+        report = run_audit(store, model, options, progress=say)
         try:
             paths = write_report(report, out, store.resolve_source)
         except OSError as e:

@@ -259,3 +259,17 @@ def test_cli_undecodable_text_bytes_are_one_line(hostile_index, fixture_data):
                         b"--text", b"red \xff\xfe"], capture_output=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2
     assert b"not UTF-8" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.system
+def test_cli_audit_out_at_the_index_or_a_file_is_refused_before_it_runs(hostile_index, tmp_path):
+    indexing_report = (hostile_index / "report.json").read_bytes()
+    r = _cli("audit", str(hostile_index), "--out", str(hostile_index) + "/.", "--parts", "exact_duplicates")
+    assert r.returncode == 2 and "is the index directory" in r.stderr and "Traceback" not in r.stderr
+    assert (hostile_index / "report.json").read_bytes() == indexing_report  # the indexing report is kept
+    assert not (hostile_index / "report.csv").exists()
+    a_file = tmp_path / "report.html"
+    a_file.write_text("mine")
+    r = _cli("audit", str(hostile_index), "--out", str(a_file), "--parts", "near_duplicates")
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+    assert a_file.read_text() == "mine" and "near-duplicates:" not in r.stderr  # refused before the audit ran
