@@ -63,6 +63,12 @@ DEFAULT_OUTLIER_MIN_Z = 3.5
 #: Categories with fewer products are not searched for outliers: a median and MAD of fewer
 #: distances say little.
 OUTLIER_MIN_CATEGORY_PRODUCTS = 5
+#: Most near-duplicate pairs an audit collects (:class:`AuditOptions` ``max_pairs``). A threshold far
+#: under the model's near-duplicate scale (``near_duplicate_min_cosine=0.01``) makes nearly every
+#: pair of photos pass: photos squared / 2 pairs, each fetched, kept and written to the report
+#: (25,000 photos have 312 million pairs; each is 20 bytes in the arrays and a JSON object of 44 to
+#: 56 bytes in the report). Past this many the audit stops with :class:`AuditTooManyPairs` instead.
+DEFAULT_MAX_PAIRS = 100_000
 #: Photos listed per product in a finding's evidence.
 PHOTOS_PER_PRODUCT = 3
 #: Photos embedded per query batch in the near-duplicate search.
@@ -83,13 +89,22 @@ class AuditTooLarge(LookalikeError):
     http_status = 413
 
 
+class AuditTooManyPairs(LookalikeError):
+    """More photo pairs pass the near-duplicate threshold than the audit may collect
+    (``AuditOptions.max_pairs``): the threshold is too low for this model."""
+
+    code = "audit_too_many_pairs"
+    http_status = 422
+
+
 @dataclass(frozen=True)
 class AuditOptions:
     """What to audit and the thresholds; None thresholds take the defaults described in the module docstring.
 
     near_duplicate_min_cosine: cosine in (0, 1]; neighbours: >= 1; category_min_margin: probability
     margin in [0, 1]; outlier_min_z: > 0; max_photos: refuse (:class:`AuditTooLarge`) an index with
-    more photos; parts: a subset of :data:`PARTS`. Raises LookalikeError for a value out of range.
+    more photos; parts: a subset of :data:`PARTS`; max_pairs: stop (:class:`AuditTooManyPairs`) past this
+    many near-duplicate pairs (None: no limit). Raises LookalikeError for a value out of range.
     """
 
     near_duplicate_min_cosine: float | None = None
@@ -98,6 +113,7 @@ class AuditOptions:
     outlier_min_z: float = DEFAULT_OUTLIER_MIN_Z
     max_photos: int | None = None
     parts: tuple[str, ...] = PARTS
+    max_pairs: int | None = DEFAULT_MAX_PAIRS
 
     def __post_init__(self):
         t = self.near_duplicate_min_cosine
@@ -110,8 +126,12 @@ class AuditOptions:
                                  code="bad_audit")
         if not self.outlier_min_z > 0:
             raise LookalikeError(f"outlier_min_z must be positive, got {self.outlier_min_z}", code="bad_audit")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise LookalikeError(f"max_pairs must be at least 1, got {self.max_pairs}", code="bad_audit")
+        if not self.parts:
+            raise LookalikeError(f"no audit part given; choose from {', '.join(PARTS)}", code="bad_audit")
         unknown = set(self.parts) - set(PARTS)
-        if unknown or not self.parts:
+        if unknown:
             raise LookalikeError(f"unknown audit parts {sorted(unknown)}; choose from {', '.join(PARTS)}",
                                  code="bad_audit")
 
@@ -162,7 +182,7 @@ def audit_index(vectors):
 def near_duplicate_pairs(vectors, batches, owner_of: Callable[[np.ndarray], np.ndarray], threshold: float,
                          neighbours: int = DEFAULT_NEIGHBOURS, lookup: ann.VectorLookup | None = None,
                          on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         max_pairs: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of photos of different owners whose cosine is at least ``threshold``.
 
     vectors: the :class:`indexer.vectors.VectorIndex` holding the photos. batches: iterable of
@@ -172,9 +192,12 @@ def near_duplicate_pairs(vectors, batches, owner_of: Callable[[np.ndarray], np.n
     are fetched; rows whose last neighbour still passes ``threshold`` are fetched again with 4x as
     many, until it does not or every photo is fetched. on_batch(ids, vecs) sees each batch (the
     audit sums product embeddings in the same pass). Returns (a ids, b ids, cosines), a < b, each
-    pair once, ``(p,)`` each.
+    pair once, ``(p,)`` each. Raises :class:`AuditTooManyPairs` as soon as more than ``max_pairs``
+    pairs may pass (photos of one product included; each pair is found from both ends, so past
+    ``2 * max_pairs`` finds): that also bounds each later k-NN round to ``8 * max_pairs`` neighbours.
     """
     found_a, found_b, found_s = [], [], []
+    finds = 0
     for ids, vecs in batches:
         ids = np.asarray(ids, dtype=np.int64)
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
@@ -197,6 +220,11 @@ def near_duplicate_pairs(vectors, batches, owner_of: Callable[[np.ndarray], np.n
             found_a.append(np.minimum(a, b)[cross])
             found_b.append(np.maximum(a, b)[cross])
             found_s.append(s[cross])
+            finds += len(a)  # every pair that passes, of one product too: it bounds the next round's rows * k
+            if max_pairs is not None and finds > 2 * max_pairs:
+                raise AuditTooManyPairs(
+                    f"more than {max_pairs:,} pairs of photos pass the near-duplicate cosine {threshold:g}: it is "
+                    "too low for this model's scale; raise near_duplicate_min_cosine (or the pair limit)")
             if k >= ntotal:
                 break
             more = hit[:, -1]  # the k-th neighbour still passes: there may be more
@@ -454,7 +482,7 @@ def run_audit(store, model=None, options: AuditOptions | None = None,
     if "near_duplicates" in options.parts:
         say(f"near-duplicates: {n_photos} photos, cosine >= {threshold}")
         a, b, s = near_duplicate_pairs(audit_index(store.vectors), batches, cat.owner_of, threshold, options.neighbours,
-                                       lookup=store._vectors, on_batch=add_to_products)
+                                       lookup=store._vectors, on_batch=add_to_products, max_pairs=options.max_pairs)
         report["near_duplicates"] = _near_duplicate_groups(cat, a, b, s)
     else:
         for ids, vecs in batches:

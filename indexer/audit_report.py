@@ -22,6 +22,9 @@ THUMBNAIL_PX = 128
 THUMBNAIL_QUALITY = 70
 #: Findings shown per part in the HTML page (the JSON and CSV files hold them all).
 HTML_MAX_FINDINGS = 200
+#: Photos shown per finding in the HTML page (a near-duplicate group can hold thousands; the JSON and CSV
+#: files list them all): each is a thumbnail read and decoded, about 4 KB of the page.
+HTML_MAX_PHOTOS = 24
 #: Largest photo file read for a thumbnail, bytes.
 MAX_PHOTO_BYTES = 64 * 1024 * 1024
 CSV_COLUMNS = ["part", "finding", "product_id", "photo_id", "source", "category", "score", "evidence"]
@@ -51,15 +54,34 @@ def write_report(report: dict, out_dir: str | Path, resolve_source: Callable[[st
     return paths
 
 
+#: A spreadsheet reads a cell that starts with one of these as a formula (CSV injection, OWASP
+#: "CSV Injection"): ``=HYPERLINK(...)`` in a product id or category would run when report.csv is opened.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """``value`` safe for a spreadsheet: a string starting with a formula character (:data:`FORMULA_PREFIXES`)
+    gets a leading ``'``, which spreadsheets show as text; numbers and other strings are unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) else value
+
+
 def csv_rows(report: dict) -> list[list]:
-    """One row per photo of each finding (duplicates) or per product (categories, outliers)."""
+    """One row per photo of each finding (duplicates) or per product (categories, outliers); a
+    near-duplicate photo's evidence is its own pairs (all of a group's pairs on every photo's row
+    would grow as photos x pairs). Strings that a spreadsheet would run as formulas are quoted
+    (:func:`csv_cell`)."""
     rows = []
     for part in PARTS:
         for n, f in enumerate(report.get(part, []), 1):
             if part in ("exact_duplicates", "near_duplicates"):
                 score = f.get("cosine", f.get("max_cosine"))
-                evidence = {"sha256": f["sha256"]} if part == "exact_duplicates" else {"pairs": f["pairs"]}
+                pairs_of: dict[int, list] = {}
+                for pair in f.get("pairs", []):
+                    pairs_of.setdefault(pair["a"], []).append(pair)
+                    pairs_of.setdefault(pair["b"], []).append(pair)
                 for p in f["photos"]:
+                    evidence = ({"sha256": f["sha256"]} if part == "exact_duplicates"
+                                else {"pairs": pairs_of.get(p["photo_id"], [])})
                     rows.append([part, n, p["product_id"], p["photo_id"], p["source"], "", score, json.dumps(evidence)])
             else:
                 score = f["margin"] if part == "category_disagreements" else f["robust_z"]
@@ -67,7 +89,7 @@ def csv_rows(report: dict) -> list[list]:
                 first = f["photos"][0] if f["photos"] else {"photo_id": "", "source": ""}
                 rows.append([part, n, f["product_id"], first["photo_id"], first["source"], f["category"] or "", score,
                              json.dumps(evidence, ensure_ascii=False)])
-    return rows
+    return [[csv_cell(v) for v in row] for row in rows]
 
 
 class Thumbnails:
@@ -127,22 +149,21 @@ def _figure(photo: dict, thumbs: Thumbnails, caption: str = "") -> str:
 def _finding_html(part: str, f: dict, thumbs: Thumbnails) -> str:
     if part == "exact_duplicates":
         head = f'{len(f["products"])} products share one file (sha256 {_e(f["sha256"][:16])}…)'
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
     elif part == "near_duplicates":
         head = (f'{len(f["products"])} products, {len(f["photos"])} photos, cosine {f["min_cosine"]:.3f} to '
                 f'{f["max_cosine"]:.3f}')
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
     elif part == "category_disagreements":
         head = (f'<b>{_e(f["product_id"])}</b> {_e(f["title"])}: filed under <b>{_e(f["category"])}</b>, looks like '
                 f'<b>{_e(f["predicted_label"])}</b> (p {f["p_predicted"]:.2f} vs {f["p_catalogue"]:.2f}, margin '
                 f'{f["margin"]:.2f})')
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
     else:
         head = (f'<b>{_e(f["product_id"])}</b> {_e(f["title"])} in <b>{_e(f["category"])}</b>: robust z '
                 f'{f["robust_z"]:.1f}, distance to centroid {f["distance"]:.3f} '
                 f'(median {f["category_median_distance"]:.3f} of {f["category_products"]}); '
                 f'nearest {_e(f["nearest_product"])} at cosine {f["nearest_cosine"]:.3f}')
-        body = "".join(_figure(p, thumbs) for p in f["photos"])
+    body = "".join(_figure(p, thumbs) for p in f["photos"][:HTML_MAX_PHOTOS])
+    if len(f["photos"]) > HTML_MAX_PHOTOS:
+        body += f'<p class="muted">{len(f["photos"]) - HTML_MAX_PHOTOS} more photos in report.json and report.csv</p>'
     return f'<div class="finding" data-part="{part}"><div>{head}</div><div class="photos">{body}</div></div>'
 
 

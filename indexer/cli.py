@@ -355,12 +355,17 @@ def cmd_audit(args) -> int:
 
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     options = AuditOptions(args.near_duplicate_min_cosine, args.neighbours, args.category_min_margin,
-                           args.outlier_min_z, parts=parts)
+                           args.outlier_min_z, parts=parts, max_pairs=args.max_pairs)
     with _open_index(args.index) as store:
         model = _model_for_index(args, store) if "category_disagreements" in options.parts else None
         say = None if args.json else (lambda msg: print(msg, file=sys.stderr))
-        report = run_audit(store, model, options, progress=say)
         out = Path(args.out) if args.out else store.path / "audit"
+        if out.resolve() == store.path.resolve():  # its report.json is the indexing run's (failures, skipped rows)
+            raise LookalikeError(f"--out {out} is the index directory; its report.json is the indexing report: "
+                                 "choose another folder (default: INDEX_DIR/audit)")
+        if out.exists() and not out.is_dir():  # said before the audit runs, not after
+            raise LookalikeError(f"--out {out} is a file; give a folder for report.json, .csv and .html")
+        report = run_audit(store, model, options, progress=say)
         try:
             paths = write_report(report, out, store.resolve_source)
         except OSError as e:
@@ -627,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot probability margin over the catalogue category that flags a product")
     p.add_argument("--outlier-min-z", type=_number_between(0.01, 1000, "a z-score"), default=au.DEFAULT_OUTLIER_MIN_Z,
                    help="robust z-score of the distance to the category centroid that flags an outlier")
+    p.add_argument("--max-pairs", type=_positive, default=au.DEFAULT_MAX_PAIRS,
+                   help="stop with an error past this many near-duplicate pairs (a threshold too low for the model)")
     _model_args(p, ms.INDEX_MODEL_HELP, ms.INDEX_PRETRAINED_HELP)
     p.set_defaults(func=cmd_audit)
     return parser

@@ -20,6 +20,7 @@ server both go through these functions.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,13 @@ MAX_QUERY_TEXT_CHARS = 1000
 MIN_BOX_SIDE = 8
 #: A box's value at most this long, in characters ("x0,y0,x1,y1").
 MAX_BOX_CHARS = 200
+#: One box value: an ASCII decimal number, optionally with an exponent and surrounding spaces. Python's
+#: float() alone would also take "nan", "inf", "1_000" and non-ASCII digits
+#: ("١٠٠", "１００"), which a client almost certainly did not mean.
+_BOX_NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
+#: Characters no query text may hold: C0/C1 controls except tab and line breaks, lone surrogates (undecodable
+#: bytes on a command line) and U+FFFD (bytes that were not UTF-8, replaced by the server's form decoder).
+_UNUSABLE_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 
 
 class QueryError(LookalikeError):
@@ -61,9 +69,15 @@ def check_text_weight(weight: float) -> float:
 
 def query_text(text: str | None, name: str = "text") -> str | None:
     """``text`` stripped, or None when it was not given. Raises QueryError when it is given but empty
-    (or only spaces) or longer than :data:`MAX_QUERY_TEXT_CHARS`; ``name`` names the field."""
+    (or only spaces), longer than :data:`MAX_QUERY_TEXT_CHARS`, or holds a control character, a NUL or
+    bytes that were not UTF-8; ``name`` names the field."""
     if text is None:
         return None
+    bad = _UNUSABLE_TEXT.search(text)
+    if bad:
+        ch = bad.group()
+        what = "bytes that are not UTF-8" if ch >= "\ud800" else f"the control character U+{ord(ch):04X}"
+        raise QueryError(f"{name} holds {what} at character {bad.start() + 1}; send plain UTF-8 words")
     stripped = text.strip()
     if not stripped:
         raise QueryError(f"{name} is empty: give some words, or leave {name} out")
@@ -137,18 +151,20 @@ class Box:
 
 
 def parse_box(value: str) -> Box:
-    """Read ``"x0,y0,x1,y1"``: four finite numbers, ``x0 < x1`` and ``y0 < y1``, none negative. All four
-    in [0, 1]: fractions of the photo's width and height (``0,0,1,1`` is the whole photo); otherwise
-    pixels (a pixel box within [0, 1] would be under :data:`MIN_BOX_SIDE` anyway). Raises QueryError."""
+    """Read ``"x0,y0,x1,y1"``: four finite ASCII decimal numbers (``12``, ``0.5``, ``1e3``; spaces around
+    them allowed; no NaN, infinity, hex, ``_`` or non-ASCII digits), ``x0 < x1`` and ``y0 < y1``, none
+    negative. All four in [0, 1]: fractions of the photo's width and height (``0,0,1,1`` is the whole
+    photo); otherwise pixels (a pixel box within [0, 1] would be under :data:`MIN_BOX_SIDE` anyway).
+    Raises QueryError."""
     if not isinstance(value, str) or len(value) > MAX_BOX_CHARS:
         raise QueryError(f"box must be 'x0,y0,x1,y1' (at most {MAX_BOX_CHARS} characters)")
     parts = value.split(",")
     if len(parts) != 4:
         raise QueryError(f"box must be four numbers 'x0,y0,x1,y1', got {value[:80]!r}")
-    try:
-        x0, y0, x1, y1 = (float(p) for p in parts)
-    except ValueError:
-        raise QueryError(f"box must be four numbers 'x0,y0,x1,y1', got {value[:80]!r}") from None
+    if not all(_BOX_NUMBER.fullmatch(p) for p in parts):
+        raise QueryError("box must be four numbers 'x0,y0,x1,y1', each a finite plain ASCII decimal (no NaN, "
+                         f"infinity, hex, '_' or non-ASCII digits), got {value[:80]!r}")
+    x0, y0, x1, y1 = (float(p) for p in parts)
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise QueryError("box values must be finite numbers (no NaN or infinity)")
     if min(x0, y0, x1, y1) < 0:

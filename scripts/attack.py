@@ -15,7 +15,8 @@ stopped and ``lookalike check`` must find the index consistent.
 
 Attack kinds: thin images; small files that decode huge (four at once); a 108 Mpx photo; huge,
 lying, streamed and chunked bodies; half-sent request heads held open; costly label and
-filter requests; writers and searchers at once, then every acknowledged write searched for by its
+filter requests, hostile box / text / text_weight values, a box on a bomb and an audit threshold far
+too low; writers and searchers at once, then every acknowledged write searched for by its
 own photo; malformed multipart, ids and metadata; the OpenAPI pages with ``auth_reads`` (full
 mode). ``--quick`` runs a CI-sized subset (fewer slow clients, fewer writes, no second server).
 
@@ -556,6 +557,21 @@ class Run:
                           lambda: self.client.post("/v1/search/text",
                                                    json={"query": "red shoe", "k": 50, "category": "nope"}),
                           no_results)]
+        # composed and region queries: hostile fields answer 422 before any decode; a box does not lift
+        # the decode limits; an audit threshold far under the model's scale stops at audit_max_pairs
+        bomb = self.payloads["WebP 16383x16383 solid"]
+        for name, form in (("box in Arabic-Indic digits", {"box": "\u0660,\u0660,\u0661\u0660\u0660,\u0661\u0660\u0660"}),
+                           ("box 'nan,0,inf,1e999'", {"box": "nan,0,inf,1e999"}),
+                           ("text with a NUL", {"text": "red\x00bag"}),
+                           ("text_weight 'nan'", {"text": "red", "text_weight": "nan"})):
+            out.append(timed(f"/v1/search/image, {name}", (422,),
+                             lambda form=form: self.client.post("/v1/search/image", data=form,
+                                                                files={"image": ("p.png", photo, "image/png")})))
+        out.append(timed("/v1/search/image, box on WebP 16383x16383", (413, 422),
+                         lambda: self.client.post("/v1/search/image", data={"box": "0,0,100,100"},
+                                                  files={"image": ("b.webp", bomb, "image/webp")})))
+        out.append(timed("/v1/audit, near_duplicate_min_cosine 0.01", (200, 422),
+                         lambda: self.client.get("/v1/audit", params={"near_duplicate_min_cosine": 0.01}, headers=AUTH)))
         if not self.quick:
             out.append(timed("/v1/labels, 10,000 labels (one comma-separated value)", (422,),
                                   lambda: labels([",".join(f"label {i}" for i in range(10_000))])))

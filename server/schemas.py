@@ -260,7 +260,7 @@ NEGATIVE_TEXT_DOC = ("composed query: words to move away from, e.g. 'blue' (subt
 BOX_DOC = ("region search: only this box of the photo is searched, 'x0,y0,x1,y1' (left, top, right, bottom) on the "
            "photo as it shows upright (after its EXIF orientation). All four values in [0, 1]: fractions of its width "
            "and height ('0.25,0.5,0.75,1'); otherwise pixels ('120,300,480,700'). The box must lie inside the photo "
-           f"and be at least {MIN_BOX_SIDE}x{MIN_BOX_SIDE} pixels")
+           f"and be at least {MIN_BOX_SIDE}x{MIN_BOX_SIDE} pixels; values are plain ASCII decimals ('1e3' too)")
 # the composed-query fields: form fields of the photo upload, query parameters of similar
 RefineText = Annotated[str | None, Form(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)]
 RefineWeight = Annotated[float, Form(ge=0, le=1, description=TEXT_WEIGHT_DOC)]

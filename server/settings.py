@@ -80,6 +80,10 @@ class ServerSettings(BaseSettings):
                                               "audit reads every embedding and queries the index once per photo "
                                               "(40 to 44 s at 100,000 on a loaded 2-core Xeon, "
                                               "scripts/bench_audit.py); 'lookalike audit INDEX_DIR' has no limit")
+    audit_max_pairs: int = Field(100_000, ge=1,
+                                 description="GET /v1/audit stops with 422 audit_too_many_pairs when more photo pairs "
+                                             "than this pass the near-duplicate cosine (a threshold far too low "
+                                             "for the model: photos squared pairs in memory and in the report)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     access_log: bool = Field(True, description="log one line per request")

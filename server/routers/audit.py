@@ -3,6 +3,7 @@
 
 An audit reads every photo's embedding and queries the index once per photo, so it runs in a worker
 thread (the event loop keeps answering), refuses an index over ``audit_max_photos`` photos (413),
+stops with 422 past ``audit_max_pairs`` near-duplicate pairs (a threshold too low for the model),
 and runs one at a time per process: a second request while one runs gets 429 ``audit_busy``.
 """
 from __future__ import annotations
@@ -54,6 +55,7 @@ async def audit(
 ) -> AuditResponse:
     options = AuditOptions(near_duplicate_min_cosine, neighbours, category_min_margin, outlier_min_z,
                            max_photos=request.app.state.settings.audit_max_photos,
+                           max_pairs=request.app.state.settings.audit_max_pairs,
                            parts=tuple(p.strip() for p in parts.split(",") if p.strip()))
 
     def run() -> dict:

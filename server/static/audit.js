@@ -4,6 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const MAX_PHOTOS = 24; // photos shown per finding (indexer.audit_report.HTML_MAX_PHOTOS)
 const TITLES = {
   exact_duplicates: "Same photo file in several products",
   near_duplicates: "Near-duplicate photos of different products",
@@ -90,7 +91,14 @@ function render(report) {
       head.textContent = headline(part, f);
       const photos = document.createElement("div");
       photos.className = "photos";
-      for (const photo of f.photos) photos.append(figure(photo));
+      // a near-duplicate group may hold thousands of photos: each shown one is a thumbnail request
+      for (const photo of f.photos.slice(0, MAX_PHOTOS)) photos.append(figure(photo));
+      if (f.photos.length > MAX_PHOTOS) {
+        const more = document.createElement("p");
+        more.className = "more-photos";
+        more.textContent = `${f.photos.length - MAX_PHOTOS} more photos in the JSON report (GET /v1/audit)`;
+        photos.append(more);
+      }
       div.append(head, photos);
       section.append(div);
     }
