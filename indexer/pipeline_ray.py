@@ -101,6 +101,12 @@ class ray_session:
             ray.init(address=self.address, **kwargs)
         except Exception as e:  # ConnectionError, ValueError, RuntimeError: all mean "no cluster there"
             self._cleanup()
+            if _auth_refused(e):
+                raise LookalikeError(f"cannot connect to Ray at {self.address!r}: the cluster refused this process's "
+                                     "authentication token (Ray's token authentication). Give every node and this "
+                                     "command the same RAY_AUTH_MODE: token (with the cluster's token in "
+                                     "~/.ray/auth_token or RAY_AUTH_TOKEN) or, on a trusted network only, "
+                                     "disabled") from None
             raise LookalikeError(f"cannot connect to Ray at {self.address!r} ({type(e).__name__}: {e}); give "
                                  "--ray-address HOST:PORT of a running head node (ray start --head), "
                                  "ray://HOST:10001, auto, or local") from None
@@ -115,6 +121,23 @@ class ray_session:
     def _cleanup(self) -> None:
         if self._temp_dir:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+
+#: Words of Ray's refusal when a client's token does not match the cluster's (``ray.exceptions.AuthenticationError``,
+#: ``InvalidAuthToken``); ``ray.init`` wraps it in a ConnectionError whose cause's text holds it.
+_AUTH_REFUSALS = ("InvalidAuthToken", "AuthenticationError", "Authentication token is missing")
+
+
+def _auth_refused(error: BaseException) -> bool:
+    """Whether ``error`` (``ray.init``'s, with its chain of causes) is Ray refusing this process's
+    authentication token, rather than no cluster at the address."""
+    seen = 0
+    while error is not None and seen < 10:
+        if any(word in f"{type(error).__name__}: {error}" for word in _AUTH_REFUSALS):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
 
 
 def _probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

@@ -105,3 +105,29 @@ def test_errors_in_plain_words_and_phone_width(live_server, browser, tmp_path, a
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"page is {width}px wide at phone width"
     page.screenshot(path=str(artifacts / "phone-error.png"))
+
+
+def test_audit_page_runs_again_with_the_values_typed(live_server, browser, artifacts):
+    """The audit page runs on load, then "Run audit" re-runs it with the thresholds typed: the form's
+    defaults must pass the browser's own validation (step/min), or the button silently does nothing."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    audits = []
+    page.on("request", lambda r: "/v1/audit" in r.url and audits.append(r.url))
+    page.goto(live_server + "/static/audit.html")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('audited')")
+    assert page.evaluate("document.getElementById('audit-form').checkValidity()"), page.evaluate(
+        "[...document.querySelectorAll('#audit-form input')].map(i => i.id + ': ' + i.validationMessage)")
+    with page.expect_response(lambda r: "/v1/audit" in r.url, timeout=30_000):
+        page.click("#audit-form button[type=submit]")  # the defaults, as loaded
+    page.fill("#min-z", "3")
+    page.fill("#margin", "0.6")
+    with page.expect_response(lambda r: "/v1/audit" in r.url, timeout=30_000):
+        page.click("#audit-form button[type=submit]")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('audited')")
+    assert len(audits) == 3, audits
+    assert "outlier_min_z=3&" in audits[2] + "&" and "category_min_margin=0.6" in audits[2]
+    assert "outlier_min_z=3.5" in audits[1]
+    assert page.locator("#error").is_hidden() and not errors
+    page.screenshot(path=str(artifacts / "audit.png"), full_page=True)

@@ -56,7 +56,8 @@ class RayCluster:
     """A head node and ``extra_nodes`` worker nodes on this machine, each ``ray start --block`` in its
     own session (process group), stopped by :meth:`stop` through those groups only."""
 
-    def __init__(self, extra_nodes: int = 1, cpus_per_node: int = 1):
+    def __init__(self, extra_nodes: int = 1, cpus_per_node: int = 1, env: dict | None = None):
+        self.env = env or {"RAY_AUTH_MODE": "disabled"}  # the nodes' Ray settings
         self.temp = tempfile.mkdtemp(prefix="lkt-", dir="/tmp")  # short: unix socket paths < 107 chars
         self.procs: list[subprocess.Popen] = []
         self.port = _free_port()
@@ -78,7 +79,7 @@ class RayCluster:
         cmd = [str(BIN / "ray"), "start", "--block", f"--num-cpus={cpus}", "--object-store-memory=200000000",
                f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
                f"--runtime-env-agent-port={_free_port()}", "--disable-usage-stats", *args]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        env = {**os.environ, **self.env}
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                            env=env))
 
@@ -87,7 +88,7 @@ class RayCluster:
         code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                 "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                           env={**os.environ, **self.env})
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -381,6 +382,25 @@ def test_an_unreachable_cluster_is_one_clear_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("lookalike: error: cannot connect to Ray at")
     assert "Traceback" not in r.stderr
+
+
+def test_a_cluster_that_refuses_the_token_is_one_clear_error(tmp_path):
+    """Ray 2.60's token authentication: a head started with RAY_AUTH_MODE=token refuses a driver without
+    it; the error says so (not "no head node there") and how to fix it."""
+    token = os.urandom(32).hex()  # the head's own token: ~/.ray/auth_token is left alone
+    head = RayCluster(extra_nodes=0, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        env = run_env()  # RAY_AUTH_MODE=disabled
+        env.pop("RAY_AUTH_TOKEN", None)
+        r = subprocess.run(index_cmd(two_photos(tmp_path / "photos"), tmp_path / "i", "--engine", "ray",
+                                     "--ray-address", head.address),
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
+    finally:
+        head.stop()
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lookalike: error: cannot connect to Ray at {head.address!r}: the cluster refused"), last
+    assert "RAY_AUTH_MODE" in last and "Traceback" not in r.stderr
 
 
 @pytest.mark.datasets
