@@ -152,6 +152,16 @@ def test_hostile_similar_parameters_get_a_4xx_json_error(server, query):
 
 
 @pytest.mark.system
+@pytest.mark.parametrize("query", ["red\x00bag", "\x1b[2J", "   ", "red \udcff"])
+def test_hostile_text_search_gets_a_4xx_json_error(server, query):
+    body = json.dumps({"query": query}).encode()  # json.dumps escapes the lone surrogate as \\udcff
+    r = httpx.post(server + "/v1/search/text", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] in ("bad_query", "validation_error")
+    assert httpx.post(server + "/v1/search/text", json={"query": "red bag"}, timeout=60).status_code == 200
+
+
+@pytest.mark.system
 def test_plain_refined_and_boxed_search_still_answers(server):
     r = httpx.post(server + "/v1/search/image", files={"image": ("q.jpg", _jpeg(), "image/jpeg")},
                    data={"text": "red bag 👜", "box": " 0 , 0 , 0.5 , 0.5 "}, timeout=60)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from indexer.compose import DEFAULT_TEXT_WEIGHT, composer, parse_box
+from indexer.compose import DEFAULT_TEXT_WEIGHT, composer, parse_box, query_text
 from indexer.search import PHOTO_QUERY_MIN_SCORE
 
 from ..deps import READ_AUTH, EngineDep, read_upload
@@ -72,7 +72,7 @@ def _search_image(engine: Engine, data: bytes, k, category, min_score, labels, e
              summary="Find products that match a text, e.g. 'red running shoes'")
 def search_text(engine: EngineDep, body: TextQuery) -> SearchResponse:
     t0 = time.perf_counter()
-    vec = engine.embed_text(body.query)
+    vec = engine.embed_text(query_text(body.query, "query"))  # NUL, control characters, only spaces: 422
     hits = engine.search(vec, body.k, body.category, body.min_score, body.ef_search, body.nprobe)
     return SearchResponse(results=public_hits(hits), close_match=engine.close_match(hits, "text"),
                           took_ms=elapsed_ms(t0))
