@@ -172,7 +172,7 @@ def cmd_search(args) -> int:
         model = _model_for_index(args, store)
         if args.image:
             vecs = _embed_query_photo(model, args.image, box)
-            compose = composer(model, args.text, args.negative_text, *([weight] if weight is not None else []))
+            compose = composer(model, args.text, args.negative_text, weight)
             if compose is not None:
                 vecs = compose(vecs)
         else:

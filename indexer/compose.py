@@ -119,12 +119,17 @@ def compose(photos: np.ndarray, text: np.ndarray | None = None, negative: np.nda
 
 
 def composer(model, text: str | None, negative_text: str | None,
-             text_weight: float = DEFAULT_TEXT_WEIGHT) -> Callable[[np.ndarray], np.ndarray] | None:
+             text_weight: float | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
     """A function that turns photo vectors ``(n, dim)`` into composed queries with ``text`` and
     ``negative_text`` (embedded and checked once, here), or None when neither is given (plain photo
-    search). Raises QueryError for a bad weight or text, before any search runs."""
-    w = check_text_weight(text_weight)
+    search). ``text_weight`` None means :data:`DEFAULT_TEXT_WEIGHT`. Raises QueryError for a bad
+    weight or text, and for a weight given with neither text (it would weigh nothing), before any
+    search runs."""
+    w = check_text_weight(DEFAULT_TEXT_WEIGHT if text_weight is None else text_weight)
     if text is None and negative_text is None:
+        if text_weight is not None:
+            raise QueryError("text_weight weighs text and negative_text: give one of them too, "
+                             "or leave text_weight out")
         return None
     pos = embed_query_text(model, text, "text") if text is not None else None
     neg = embed_query_text(model, negative_text, "negative_text") if negative_text is not None else None

@@ -263,9 +263,9 @@ BOX_DOC = ("region search: only this box of the photo is searched, 'x0,y0,x1,y1'
            f"and be at least {MIN_BOX_SIDE}x{MIN_BOX_SIDE} pixels; values are plain ASCII decimals ('1e3' too)")
 # the composed-query fields: form fields of the photo upload, query parameters of similar
 RefineText = Annotated[str | None, Form(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)]
-RefineWeight = Annotated[float, Form(ge=0, le=1, description=TEXT_WEIGHT_DOC)]
+RefineWeight = Annotated[float | None, Form(ge=0, le=1, description=TEXT_WEIGHT_DOC)]
 RefineNegative = Annotated[str | None, Form(max_length=MAX_QUERY_TEXT_CHARS, description=NEGATIVE_TEXT_DOC)]
 RegionBox = Annotated[str | None, Form(max_length=MAX_BOX_CHARS, description=BOX_DOC)]
 RefineTextParam = Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=TEXT_DOC)]
-RefineWeightParam = Annotated[float, Query(ge=0, le=1, description=TEXT_WEIGHT_DOC)]
+RefineWeightParam = Annotated[float | None, Query(ge=0, le=1, description=TEXT_WEIGHT_DOC)]
 RefineNegativeParam = Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS, description=NEGATIVE_TEXT_DOC)]

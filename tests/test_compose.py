@@ -199,6 +199,8 @@ def test_words_the_model_does_not_know_are_refused(base):
     with pytest.raises(QueryError, match=f"at most {MAX_QUERY_TEXT_CHARS}"):
         composer(base, "red " * 400, None)
     assert composer(base, None, None) is None
+    with pytest.raises(QueryError, match="text_weight weighs text"):
+        composer(base, None, None, 0.5)  # a weight with nothing to weigh is a mistake, not a photo search
 
 
 def _canvas(rows, seed: int):
@@ -268,6 +270,7 @@ HOSTILE_FORMS = [
     ({"text": "zzqxv qqwrtz"}, "no word the model knows"), ({"negative_text": "zzqxv"}, "no word the model knows"),
     ({"text": "red", "text_weight": "1.5"}, "text_weight"), ({"text": "red", "text_weight": "-0.1"}, "text_weight"),
     ({"text": "red", "text_weight": "nan"}, "text_weight"), ({"text": "red", "text_weight": "heavy"}, "text_weight"),
+    ({"text_weight": "0.5"}, "text_weight weighs text"),
     ({"box": "nan,0,100,100"}, "finite"), ({"box": "300,0,100,100"}, "x0 < x1"), ({"box": "0,0,0.5"}, "four numbers"),
     ({"box": "0,0,5000,100"}, "reaches past the photo"), ({"box": "10,10,13,13"}, "too small"),
     ({"box": "-1,0,100,100"}, "negative"), ({"box": "0,0,1,1" * 100}, "box"),
@@ -288,6 +291,7 @@ def test_the_server_refuses_bad_text_weights_and_boxes_with_a_json_422(server, m
 @pytest.mark.parametrize("params, words", [({"text": "zzqxv"}, "no word the model knows"),
                                            ({"text": ""}, "text is empty"),
                                            ({"text": "red", "text_weight": "2"}, "text_weight"),
+                                           ({"text_weight": "0.5"}, "text_weight weighs text"),
                                            ({"negative_text": " "}, "negative_text is empty")])
 def test_similar_refuses_bad_words_and_weights(server, magento_small, params, words):
     product = _colour_queries(magento_small[1])[0][0]
@@ -311,7 +315,8 @@ def test_openapi_documents_the_fields(server):
     form = spec["components"]["schemas"][form_ref["$ref"].rsplit("/", 1)[1]]["properties"]
     for field in ("text", "text_weight", "negative_text", "box"):
         assert form[field]["description"], field
-    assert form["text_weight"]["default"] == DEFAULT_TEXT_WEIGHT
+    assert form["text_weight"].get("default") is None  # not given: the default weight, if there are words to weigh
+    assert f"Default {DEFAULT_TEXT_WEIGHT}" in form["text_weight"]["description"]
     assert "fractions" in form["box"]["description"] and "EXIF" in form["box"]["description"]
     similar = {p["name"] for p in spec["paths"]["/v1/products/{product_id}/similar"]["get"]["parameters"]}
     assert {"text", "text_weight", "negative_text"} <= similar
@@ -347,7 +352,7 @@ def test_the_cli_takes_text_weights_negative_words_and_boxes(magento_small, tmp_
 @pytest.mark.parametrize("args, words", [
     (["--box", "50,50,10,10"], "x0 < x1"), (["--box", "0,0,99999,10"], "reaches past the photo"),
     (["--text", "red", "--text-weight", "2"], "text_weight"), (["--text", "zzqxv"], "no word the model knows"),
-    (["--text", " "], "text is empty"),
+    (["--text", " "], "text is empty"), (["--text-weight", "0.5"], "text_weight weighs text"),
 ])
 def test_the_cli_refuses_bad_values_with_one_line(magento_small, args, words):
     index, rows = magento_small

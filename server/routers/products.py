@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from indexer.compose import DEFAULT_TEXT_WEIGHT, composer
+from indexer.compose import composer
 from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError
 from indexer.search import PHOTO_QUERY_MIN_SCORE
@@ -54,7 +54,7 @@ def similar(
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
     text: RefineTextParam = None,
-    text_weight: RefineWeightParam = DEFAULT_TEXT_WEIGHT,
+    text_weight: RefineWeightParam = None,
     negative_text: RefineNegativeParam = None,
 ) -> SearchResponse:
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from indexer.compose import DEFAULT_TEXT_WEIGHT, composer, parse_box, query_text
+from indexer.compose import composer, parse_box, query_text
 from indexer.search import PHOTO_QUERY_MIN_SCORE
 
 from ..deps import READ_AUTH, EngineDep, read_upload
@@ -44,7 +44,7 @@ async def search_image(
     ef_search: EfSearch = None,
     nprobe: NProbe = None,
     text: RefineText = None,
-    text_weight: RefineWeight = DEFAULT_TEXT_WEIGHT,
+    text_weight: RefineWeight = None,
     negative_text: RefineNegative = None,
     box: RegionBox = None,
 ) -> SearchResponse:
@@ -55,7 +55,7 @@ async def search_image(
 
 
 def _search_image(engine: Engine, data: bytes, k, category, min_score, labels, ef_search, nprobe,
-                  text=None, text_weight=DEFAULT_TEXT_WEIGHT, negative_text=None, box=None) -> SearchResponse:
+                  text=None, text_weight=None, negative_text=None, box=None) -> SearchResponse:
     t0 = time.perf_counter()
     region = parse_box(box) if box is not None else None
     query = composer(engine.model, text, negative_text, text_weight)  # bad words fail before the decode
