@@ -97,6 +97,12 @@ class AuditTooManyPairs(LookalikeError):
     http_status = 422
 
 
+def parse_parts(text: str) -> tuple[str, ...]:
+    """The audit parts named in a comma-separated ``text`` (``--parts``, ``?parts=``), blanks dropped;
+    :class:`AuditOptions` checks them against :data:`PARTS`."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 @dataclass(frozen=True)
 class AuditOptions:
     """What to audit and the thresholds; None thresholds take the defaults described in the module docstring.

@@ -350,12 +350,11 @@ def cmd_check(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .audit import AuditOptions, run_audit
+    from .audit import AuditOptions, parse_parts, run_audit
     from .audit_report import write_report
 
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     options = AuditOptions(args.near_duplicate_min_cosine, args.neighbours, args.category_min_margin,
-                           args.outlier_min_z, parts=parts, max_pairs=args.max_pairs)
+                           args.outlier_min_z, parts=parse_parts(args.parts), max_pairs=args.max_pairs)
     with _open_index(args.index) as store:
         model = _model_for_index(args, store) if "category_disagreements" in options.parts else None
         say = None if args.json else (lambda msg: print(msg, file=sys.stderr))

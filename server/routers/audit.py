@@ -21,6 +21,7 @@ from indexer.audit import (
     DEFAULT_OUTLIER_MIN_Z,
     PARTS,
     AuditOptions,
+    parse_parts,
     run_audit,
 )
 from indexer.errors import LookalikeError
@@ -56,7 +57,7 @@ async def audit(
     options = AuditOptions(near_duplicate_min_cosine, neighbours, category_min_margin, outlier_min_z,
                            max_photos=request.app.state.settings.audit_max_photos,
                            max_pairs=request.app.state.settings.audit_max_pairs,
-                           parts=tuple(p.strip() for p in parts.split(",") if p.strip()))
+                           parts=parse_parts(parts))
 
     def run() -> dict:
         t0 = time.perf_counter()
