@@ -12,13 +12,17 @@ cosine of 0.9999 (docs/PERFORMANCE.md; scripts/bench_backends.py, bench_index.py
 
 The converted model is cached as OpenVINO IR under ``$LOOKALIKE_CACHE_DIR`` (default
 ``~/.cache/lookalike``), keyed by the weights' SHA-256 and input size, so later starts
-read it instead of converting again.
+read it instead of converting again. ``int8`` quantises the converted tower with NNCF on the
+first photos it embeds and keeps it only if it agrees with fp32 (:mod:`indexer.quantize`); the
+int8 model and the check's verdict are cached beside the float one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
+import threading
 import warnings
 from pathlib import Path
 
@@ -51,40 +55,144 @@ class OpenVINOImageEncoder:
     unnormalised image features, float32 ``(n, dim)``, like ``model.encode_image``. Thread-safe:
     each call takes an idle infer request or makes one (OpenVINO's compiled model is shared, a
     request is not), and inference releases the GIL.
+
+    precision: ``fp32``, ``bf16`` (OpenVINO's ``INFERENCE_PRECISION_HINT``) or ``int8``. An int8
+    tower is quantised by NNCF (:mod:`indexer.quantize`) on the first
+    :data:`~indexer.quantize.CALIBRATION_PHOTOS` photos it embeds, checked against fp32 on them,
+    and cached; until then (and for good if the check fails) it runs in fp32. ``self.precision``
+    is the precision actually in use.
     """
 
     def __init__(self, visual: torch.nn.Module, image_size: int, precision: str, cache_key: str):
         import openvino as ov
 
-        core = ov.Core()
+        self._core = core = ov.Core()
         path = cache_dir() / "openvino" / f"{cache_key}-{image_size}.xml"
-        model = None
-        if path.is_file():
-            try:
-                model = core.read_model(str(path))
-            except RuntimeError as e:  # a damaged cache entry: convert again
-                log.warning("ignoring the OpenVINO cache %s: %s", path, e)
+        model = _read(core, path)
         if model is None:
             model = _convert(visual, image_size)
             _save(ov, model, path)
-        hint = "bf16" if precision == "bf16" else "f32"
-        # Idle infer requests, owned by this object and set before the compiled model, so they are
-        # released before it (not in thread-local storage, which could outlive the compiled model
-        # and free its requests from whichever thread happens to run the garbage collector).
+        self._float_model = model
+        self._int8_path = path.with_name(f"{cache_key}-{image_size}-int8.xml")
+        self._verdict_path = path.with_name(f"{cache_key}-{image_size}-int8.json")
+        # ViTs get NNCF's transformer recipe (SmoothQuant); convolutional towers the default one
+        self._transformer = any("attention" in type(m).__name__.lower() for m in visual.modules())
+        self._lock = threading.Lock()
+        self._samples: list[np.ndarray] = []
+        self._pending = False
+        # Idle infer requests, each with the compiled model it belongs to, owned by this object and
+        # set before the compiled model, so they are released before it (not in thread-local
+        # storage, which could outlive the compiled model and free its requests from whichever
+        # thread happens to run the garbage collector).
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        self.compiled = core.compile_model(model, "CPU",
-                                           {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+        self.precision = precision
+        if precision != "int8":
+            self.compiled = self._compile(model, "bf16" if precision == "bf16" else "f32")
+            return
+        int8 = _read(core, self._int8_path) if self._int8_path.is_file() else None
+        verdict = _read_verdict(self._verdict_path)
+        if int8 is not None and verdict.get("accepted"):
+            self.compiled = self._compile(int8, _int8_hint())
+            return
+        self.precision = "fp32"
+        self.compiled = self._compile(model, "f32")
+        if verdict.get("accepted") is False:
+            log.info("int8 image tower rejected earlier for this model (%s); running fp32", verdict.get("reason"))
+        else:
+            self._pending = True  # quantise once CALIBRATION_PHOTOS photos have been seen
+
+    def _compile(self, model, hint: str):
+        return self._core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
+        if self._pending:
+            self._calibrate(x)
+        compiled = self.compiled
         try:
-            request = self._idle.get_nowait()
+            owner, request = self._idle.get_nowait()
+            if owner is not compiled:  # made for the float model before int8 took over
+                request = compiled.create_infer_request()
         except queue.Empty:
-            request = self.compiled.create_infer_request()
+            request = compiled.create_infer_request()
         try:
-            out = request.infer({0: np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())})[0]
+            out = request.infer({0: x})[0]
             return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
         finally:
-            self._idle.put(request)
+            self._idle.put((compiled, request))
+
+    def _calibrate(self, x: np.ndarray) -> None:
+        """Collect calibration pixels; once there are enough, quantise, check and switch (or reject)."""
+        from . import quantize as q
+
+        with self._lock:
+            if not self._pending:
+                return
+            self._samples.append(x[: q.CALIBRATION_PHOTOS - sum(len(s) for s in self._samples)])
+            if sum(len(s) for s in self._samples) < q.CALIBRATION_PHOTOS:
+                return
+            samples = np.concatenate(self._samples)
+            self._samples, self._pending = [], False
+            log.info("calibrating the int8 image tower on %d photos (once per model on this machine)", len(samples))
+            try:
+                int8 = q.quantize(self._float_model, samples, self._transformer)
+                compiled = self._compile(int8, _int8_hint())
+                mean_cos, min_cos = q.agreement(self.compiled(samples)[0], compiled(samples)[0])
+            except Exception as e:  # NNCF missing or unable to quantise this graph: stay in fp32
+                log.warning("int8 quantisation failed (%s); the image tower runs in fp32", e)
+                if not isinstance(e, ImportError):  # a missing NNCF can be installed: try again next start
+                    _write_verdict(self._verdict_path, {"accepted": False, "reason": f"quantisation failed: {e}"})
+                return
+            verdict = {"accepted": q.acceptable(mean_cos, min_cos), "mean_cosine": round(mean_cos, 5),
+                       "min_cosine": round(min_cos, 5), "photos": len(samples)}
+            if not verdict["accepted"]:
+                verdict["reason"] = (f"mean cosine {mean_cos:.4f} / lowest {min_cos:.4f} to fp32, needs "
+                                     f">= {q.MIN_MEAN_COSINE} / {q.MIN_COSINE}")
+                log.warning("int8 image tower rejected: %s; running fp32", verdict["reason"])
+                _write_verdict(self._verdict_path, verdict)
+                return
+            import openvino as ov
+
+            _save(ov, int8, self._int8_path)
+            _write_verdict(self._verdict_path, verdict)
+            log.info("int8 image tower in use: mean cosine %.4f, lowest %.4f to fp32", mean_cos, min_cos)
+            self.compiled, self.precision = compiled, "int8"
+
+
+def _int8_hint() -> str:
+    """Precision of the layers an int8 model leaves in float: bf16 where AMX runs it, else f32
+    (without AMX, OpenVINO's bf16 was slower than f32 in our runs; docs/PERFORMANCE.md)."""
+    from .model import cpu_has_amx
+
+    return "bf16" if cpu_has_amx() else "f32"
+
+
+def _read(core, path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return core.read_model(str(path))
+    except RuntimeError as e:  # a damaged cache entry: convert again
+        log.warning("ignoring the OpenVINO cache %s: %s", path, e)
+        return None
+
+
+def _read_verdict(path: Path) -> dict:
+    try:
+        verdict = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return verdict if isinstance(verdict, dict) else {}
+
+
+def _write_verdict(path: Path, verdict: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(verdict))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot cache the int8 verdict in %s: %s", path.parent, e)
 
 
 def _convert(visual: torch.nn.Module, image_size: int):

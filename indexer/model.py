@@ -18,8 +18,11 @@ Every embedding returned is an L2-normalised float32 numpy array of shape ``(n, 
 Precision (``precision=``): ``fp32``; ``bf16`` (on CPU the weights are converted to
 bfloat16, which Intel AMX runs 4.7x faster than fp32 for ViT-B-32's image tower on an idle
 2-core Xeon, scripts/bench_backends.py;
-on CUDA, bf16 autocast); ``fp16`` (CUDA autocast only); ``auto`` (the default) picks
-fp16 autocast on CUDA, bf16 on CPUs with AMX or AVX512-BF16, fp32 elsewhere.
+on CUDA, bf16 autocast); ``fp16`` (CUDA autocast only); ``int8`` (the image tower only,
+OpenVINO + NNCF post-training quantisation, checked against fp32: :mod:`indexer.quantize`);
+``auto`` (the default) picks fp16 autocast on CUDA, bf16 on CPUs with AMX, int8 on CPUs with
+VNNI but no AMX (when NNCF is installed), bf16 with AVX512-BF16, fp32 elsewhere
+(:func:`resolve_precision`).
 bf16 embeddings agree with fp32 ones to a cosine of about 0.9999 (tests/test_model.py
 checks >= 0.999); an index made in one precision can be queried in another.
 """
@@ -70,39 +73,107 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def _cpu_flags() -> set[str]:
+    """The ``flags`` of ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def _onednn_isa_cap() -> str:
+    """``ONEDNN_MAX_CPU_ISA`` (upper case), the ISA cap oneDNN (PyTorch's and OpenVINO's CPU kernels)
+    honours; ``""`` when unset or ``ALL``. oneDNN docs, "CPU dispatcher control"."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return "" if cap in ("", "ALL", "DEFAULT") else cap
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU has Intel AMX-BF16 tiles and oneDNN may use them (not capped below AMX by
+    ``ONEDNN_MAX_CPU_ISA``, which is how we measure the no-AMX path on an AMX machine)."""
+    cap = _onednn_isa_cap()
+    if cap and "AMX" not in cap:
+        return False
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        if probe is not None and probe():
+            return True
+    except RuntimeError:
+        pass
+    return "amx_bf16" in _cpu_flags()
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI), allowed by the oneDNN cap."""
+    cap = _onednn_isa_cap()
+    if cap and not any(k in cap for k in ("VNNI", "BF16", "AMX", "FP16")):  # AVX2, AVX512_CORE: below VNNI
+        return False
+    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (Intel AMX-BF16 or AVX512-BF16).
 
     Read from torch's CPU feature probe, or else from the ``flags`` of ``/proc/cpuinfo``.
     """
-    probe = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if cpu_has_amx():
+        return True
+    cap = _onednn_isa_cap()
+    if cap and "BF16" not in cap and "FP16" not in cap:
+        return False
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     try:
-        if any(f is not None and f() for f in probe):
+        if probe is not None and probe():
             return True
     except RuntimeError:
         pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return "avx512_bf16" in _cpu_flags()
 
 
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """``auto``/None -> fp16 on CUDA, bf16 on CPUs with fast bf16 (:func:`cpu_has_fast_bf16`), else fp32.
+def int8_available() -> bool:
+    """Whether the int8 image tower can run here: OpenVINO and NNCF installed."""
+    from .backends import openvino_available
+    from .quantize import nncf_available
 
-    Raises ModelLoadError for an unknown name, or fp16 on CPU (PyTorch's CPU fp16 kernels are slow).
+    return openvino_available() and nncf_available()
+
+
+def resolve_precision(precision: str | None, device: torch.device, backend: str | None = "torch") -> str:
+    """The precision to run in: ``auto``/None picks per device and CPU.
+
+    * CUDA: fp16 (autocast).
+    * CPU with AMX: bf16 (AMX tiles; ViT-B-32's tower 4.7x fp32 in torch, 3.1x in OpenVINO).
+    * CPU with VNNI but no AMX, an OpenVINO back-end (``backend`` ``auto`` or ``openvino``) and NNCF
+      installed: int8 (:mod:`indexer.quantize`; with oneDNN capped to AVX512-BF16/VNNI, ViT-B-32's int8
+      tower ran 3.0x fp32, where bf16 ran 0.58x fp32 without AMX; docs/PERFORMANCE.md).
+    * other CPUs with AVX512-BF16: bf16; else fp32.
+
+    Raises ModelLoadError for an unknown name, fp16 on CPU (PyTorch's CPU fp16 kernels are slow), or
+    int8 on CUDA or the torch back-end.
     """
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    backend = (backend or "auto").lower()
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+        if device.type != "cpu":
+            return "fp32"
+        if cpu_has_amx():
+            return "bf16"
+        if backend in ("auto", "openvino") and cpu_has_vnni() and int8_available():
+            return "int8"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ModelLoadError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    if precision == "int8":
+        if device.type != "cpu" or backend == "torch":
+            raise ModelLoadError("precision int8 runs on the CPU with the openvino back-end: use --device cpu "
+                                 "and --backend auto or openvino, or another precision")
+        if not int8_available():
+            raise ModelLoadError("precision int8 needs OpenVINO and NNCF: pip install 'lookalike[int8]'")
     return precision
 
 
@@ -133,7 +204,7 @@ class ClipModel:
         self.tokenizer = tokenizer
         self.identity = identity
         self.device = device
-        self.precision = precision
+        self._precision = precision
         self.dim = identity.dim
         # CPU bf16 runs on converted weights (autocast on CPU was slower than fp32 in our measurements);
         # CUDA keeps fp32 weights under autocast.
@@ -143,6 +214,12 @@ class ClipModel:
         self.backend = ("torch" if image_encoder is None
                         else type(image_encoder).__name__.replace("ImageEncoder", "").lower())
         self._text_cache: LRUCache[str, np.ndarray] = LRUCache(TEXT_CACHE_ITEMS)
+
+    @property
+    def precision(self) -> str:
+        """The image tower's precision in use: an ``int8`` tower runs ``fp32`` until it is calibrated,
+        and for good when its check against fp32 fails (:mod:`indexer.quantize`)."""
+        return getattr(self.image_encoder, "precision", None) or self._precision
 
     @property
     def draft_size(self) -> int:
@@ -156,8 +233,8 @@ class ClipModel:
         return float(self.model.logit_scale.detach().exp().clamp(max=100).item())
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.precision != "fp32":
-            return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
+        if self.device.type == "cuda" and self._precision != "fp32":
+            return torch.autocast("cuda", dtype=torch.float16 if self._precision == "fp16" else torch.bfloat16)
         return contextlib.nullcontext()
 
     def embed_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
@@ -218,7 +295,9 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     pretrained: an open_clip pretrained tag or a checkpoint file; ignored for folders and hub ids;
       None or ``"none"`` builds the architecture with random weights (for speed benchmarks).
     device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-    precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (see the module docstring); training needs ``fp32``.
+    precision: ``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8`` (see :func:`resolve_precision`); training
+      needs ``fp32``. ``int8`` quantises the image tower on the first photos it embeds; the text tower
+      stays fp32.
     backend: runtime of the image tower: ``torch``, ``openvino`` (CPU only; see :mod:`indexer.backends`),
       or ``auto`` = openvino on CPU when it is installed, else torch. A model OpenVINO cannot convert
       falls back to torch under ``auto`` (logged) and raises ModelLoadError under ``openvino``.
@@ -229,7 +308,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     import open_clip
 
     dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
+    precision = resolve_precision(precision, dev, backend)
     ident, extra = open_clip_name(name)
     if ident.startswith("hf-hub:") or local_dir(ident) is not None:
         pretrained = None
@@ -267,6 +346,8 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
         name=name, pretrained=pretrained or None, weights_sha256=_weights_sha256(model), dim=dim, image_size=image_size
     )
     encoder = _image_backend(backend, model, dev, precision, identity)
+    if encoder is None and precision == "int8":  # OpenVINO could not convert this tower (logged): torch fp32
+        precision = "fp32"
     if dev.type == "cpu" and precision == "bf16":
         model.to(torch.bfloat16)  # after hashing and converting: the identity is of the weights as stored
     clip = ClipModel(model, preprocess, tokenizer, identity, dev, precision, encoder, extra.get("calibration"))

@@ -38,8 +38,9 @@ HUB_CONNECT_TIMEOUT_S = 1.5
 BUNDLED_MODELS_DIR = DATA_DIR / "models"
 LOCAL_DIR_PREFIX = "local-dir:"
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PRECISION_HELP = "inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISION_HELP = ("inference precision: auto = fp16 on CUDA, bf16 on CPUs with AMX, int8 (OpenVINO + NNCF, checked "
+                  "against fp32) on CPUs with VNNI but no AMX, bf16 with AVX512-BF16, else fp32")
 #: training runs on the CPU, where fp16 is slow (indexer.finetune)
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 TRAIN_PRECISION_HELP = "auto: bf16 autocast on CPUs with AMX/AVX512-BF16"

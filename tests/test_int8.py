@@ -1,0 +1,125 @@
+"""The int8 image tower (OpenVINO + NNCF, indexer/quantize.py): calibrated on the first photos it embeds,
+checked against fp32, cached; rejected towers run fp32; and the per-CPU choice of ``--precision auto``."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from indexer import model as model_mod
+from indexer import quantize
+from indexer.images import open_image
+from indexer.model import ModelLoadError, load_model, resolve_precision
+
+pytestmark = pytest.mark.integration
+
+
+def _photos(datasets_dir, n):
+    files = sorted((datasets_dir / "magento" / "images").rglob("*.jpg"))[:n]
+    assert len(files) == n
+    return [open_image(f, draft_size=448) for f in files]
+
+
+def _verdict(cache):
+    (path,) = (cache / "openvino").glob("*-int8.json")
+    return json.loads(path.read_text())
+
+
+def test_int8_tower_is_calibrated_checked_against_fp32_and_cached(datasets_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    photos = _photos(datasets_dir, quantize.CALIBRATION_PHOTOS + 16)
+    fp32 = load_model("ViT-B-32", None, "cpu", precision="fp32", backend="torch")
+    ref = fp32.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
+
+    int8 = load_model("ViT-B-32", None, "cpu", precision="int8")
+    assert int8.precision == "fp32"  # not calibrated yet
+    got = int8.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
+    assert int8.precision == "int8"  # the first batch calibrated it, and every photo ran int8
+    cos = np.sum(ref * got, axis=1)
+    assert cos.mean() >= 0.995 and cos.min() >= 0.98, (cos.mean(), cos.min())
+    assert not np.allclose(ref, got, atol=1e-4)  # it really is another (quantised) model
+    verdict = _verdict(tmp_path)
+    assert verdict["accepted"] and verdict["mean_cosine"] >= quantize.MIN_MEAN_COSINE
+    assert verdict["photos"] == quantize.CALIBRATION_PHOTOS
+
+    # the next load reads the cached int8 model: no calibration, the same embeddings from the first photo on
+    monkeypatch.setattr(quantize, "quantize", lambda *a, **k: pytest.fail("calibrated again"))
+    again = load_model("ViT-B-32", None, "cpu", precision="int8")
+    assert again.precision == "int8"
+    np.testing.assert_allclose(again.embed_images(photos[:3]), got[:3], atol=1e-5)
+
+
+def test_int8_tower_that_disagrees_with_fp32_is_rejected_and_runs_fp32(datasets_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(quantize, "MIN_MEAN_COSINE", 1.01)  # no quantised model can pass this
+    photos = _photos(datasets_dir, quantize.CALIBRATION_PHOTOS)
+    fp32 = load_model("test-tiny", None, "cpu", precision="fp32", backend="openvino")
+    int8 = load_model("test-tiny", None, "cpu", precision="int8")
+    with caplog.at_level("WARNING", logger="indexer.backends"):
+        got = int8.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
+    assert "int8 image tower rejected" in caplog.text
+    assert int8.precision == "fp32"
+    np.testing.assert_allclose(got, fp32.embed_images(photos, batch_size=16), atol=1e-5)
+    verdict = _verdict(tmp_path)
+    assert verdict["accepted"] is False and "needs >= 1.01" in verdict["reason"]
+    assert not list((tmp_path / "openvino").glob("*-int8.xml"))  # a rejected model is not kept
+    # remembered: later loads run fp32 at once, without calibrating again
+    monkeypatch.setattr(quantize, "quantize", lambda *a, **k: pytest.fail("calibrated again"))
+    later = load_model("test-tiny", None, "cpu", precision="int8")
+    assert later.precision == "fp32"
+    later.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
+
+
+def test_int8_calibration_collects_photos_across_small_batches(datasets_dir, tmp_path, monkeypatch):
+    """A server embeds one photo at a time: the tower answers in fp32 until it has seen enough photos."""
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    photos = _photos(datasets_dir, quantize.CALIBRATION_PHOTOS)
+    int8 = load_model("test-tiny", None, "cpu", precision="int8")
+    for i in range(0, len(photos) - 8, 8):
+        int8.embed_images(photos[i:i + 8])
+        assert int8.precision == "fp32"
+    int8.embed_images(photos[-8:])
+    verdict = _verdict(tmp_path)
+    assert verdict["photos"] == quantize.CALIBRATION_PHOTOS
+    assert int8.precision == ("int8" if verdict["accepted"] else "fp32")
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    for amx, vnni, bf16, have_int8, backend, want in [
+        (True, True, True, True, "auto", "bf16"),        # AMX: bf16 (the Xeon path, unchanged)
+        (False, True, True, True, "auto", "int8"),       # AVX512-BF16/VNNI without AMX (AMD EPYC): int8
+        (False, True, True, True, "openvino", "int8"),
+        (False, True, True, True, "torch", "bf16"),      # int8 runs on OpenVINO only
+        (False, True, True, False, "auto", "bf16"),      # NNCF not installed
+        (False, True, False, True, "auto", "int8"),      # VNNI only (Cascade Lake, AVX-VNNI)
+        (False, False, False, True, "auto", "fp32"),     # neither
+    ]:
+        monkeypatch.setattr(model_mod, "cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(model_mod, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(model_mod, "cpu_has_fast_bf16", lambda bf16=bf16, amx=amx: bf16 or amx)
+        monkeypatch.setattr(model_mod, "int8_available", lambda have=have_int8: have)
+        assert resolve_precision("auto", cpu, backend) == want, (amx, vnni, bf16, have_int8, backend)
+    assert resolve_precision("auto", torch.device("cuda"), "auto") == "fp16"
+
+
+def test_onednn_isa_cap_turns_amx_off(monkeypatch):
+    """``ONEDNN_MAX_CPU_ISA`` below AMX (how PERFORMANCE.md measures the no-AMX path on an AMX Xeon)
+    makes the choice as on a CPU without AMX."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert not model_mod.cpu_has_amx()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not model_mod.cpu_has_amx() and not model_mod.cpu_has_vnni() and not model_mod.cpu_has_fast_bf16()
+
+
+def test_int8_errors_are_clear(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(ModelLoadError, match="int8 runs on the CPU with the openvino back-end"):
+        resolve_precision("int8", cpu, "torch")
+    with pytest.raises(ModelLoadError, match="int8 runs on the CPU"):
+        resolve_precision("int8", torch.device("cuda"), "auto")
+    monkeypatch.setattr(model_mod, "int8_available", lambda: False)
+    with pytest.raises(ModelLoadError, match=r"pip install 'lookalike\[int8\]'"):
+        load_model("test-tiny", None, "cpu", precision="int8")
