@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sqlite3
 import subprocess
 import sys
@@ -51,10 +50,15 @@ import tarfile
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchenv  # noqa: E402
+
+if __name__ == "__main__":  # before numpy loads OpenBLAS; never when imported (bench_ray, tests)
+    benchenv.reexec_without_blas_env(__file__)
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,13 +117,24 @@ def random_weights(work: Path) -> Path:
     return path
 
 
-def baseline(paths: list[str], weights: Path, device: str, batch_size: int) -> tuple[np.ndarray, float, float | None]:
-    """The plain loop: returns (embeddings float32 (n, 512), images/s, mean GPU % during the loop on CUDA)."""
+def baseline(paths: list[str], weights: Path, device: str, batch_size: int,
+             model_name: str = ARCH) -> tuple[np.ndarray, float, float | None]:
+    """The plain loop: returns (embeddings float32 (n, dim), images/s, mean GPU % during the loop on CUDA).
+
+    ViT-B-32: open_clip's own ``create_model_and_transforms``. A bundled model (``lookalike-base``, which
+    open_clip cannot build by name): its torch module and preprocessing as ``load_model`` builds them,
+    fp32, torch back-end, called in the same plain loop."""
     import open_clip
     import torch
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(weights))
+    if model_name == ARCH:
+        model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(weights))
+    else:
+        from indexer.model import load_model
+
+        loaded = load_model(model_name, None, device, precision="fp32", backend="torch")
+        model, preprocess = loaded.model, loaded.preprocess
     model.eval().to(device)
     out = []
     with GpuSampler() if device.startswith("cuda") else _Null() as sampler:
@@ -194,7 +209,8 @@ class GpuSampler:
         return self.mean_since()
 
 
-def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, extra: list[str]) -> tuple[np.ndarray, float, dict]:
+def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, extra: list[str],
+         model_name: str = ARCH) -> tuple[np.ndarray, float, dict]:
     """`lookalike index` in a subprocess: returns (embeddings in ``paths`` order, images/s, GPU figures).
 
     GPU figures (on CUDA): ``gpu_util_pct`` over the indexing (the report's last ``seconds``),
@@ -202,8 +218,9 @@ def ours(paths: list[str], weights: Path, device: str, work: Path, name: str, ex
     manifest = work / f"{name}.jsonl"
     write_manifest(paths, manifest)
     out = work / f"index-{name}"
-    cmd = [sys.executable, "-m", "indexer.cli", "index", str(manifest), "--out", str(out), "--model", ARCH,
-           "--pretrained", str(weights), "--device", device, "--offline", "--quiet", "--json", *extra]
+    model_args = ["--model", ARCH, "--pretrained", str(weights)] if model_name == ARCH else ["--model", model_name]
+    cmd = [sys.executable, "-m", "indexer.cli", "index", str(manifest), "--out", str(out), *model_args,
+           "--device", device, "--offline", "--quiet", "--json", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with GpuSampler() if device.startswith("cuda") else _Null() as sampler:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -333,16 +350,11 @@ def levers(paths: list[str], weights: Path, work: Path) -> list[dict]:
 
 
 def machine() -> dict:
-    import faiss
+    """The machine (scripts/benchenv.py: CPU flags, BLAS kernels, OpenBLAS variables, oneDNN cap, the
+    precision ``auto`` picks) and, where CUDA is available, the GPU and its driver."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "faiss": faiss.__version__,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    info = benchenv.machine(with_model_runtime=True)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -366,6 +378,10 @@ def main(argv=None) -> int:
     ap.add_argument("--levers", action="store_true", help="also time each lever alone on the Magento photos")
     ap.add_argument("--lever-images", type=int, default=725, help="Magento photos per lever run (default 725, all once)")
     ap.add_argument("--work", default=None, help="folder for the manifests and indexes (default: a temporary one)")
+    ap.add_argument("--model", default=ARCH,
+                    help=f"{ARCH} (seeded random weights, the default) or a bundled model such as lookalike-base")
+    ap.add_argument("--keep-blas-env", action="store_true",
+                    help=f"keep {' / '.join(benchenv.BLAS_ENV)} if set (default: re-run without them)")
     ap.add_argument("--index-args", default="", help="extra arguments for lookalike index, e.g. '--precision fp32'")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = ap.parse_args(argv)
@@ -378,17 +394,21 @@ def main(argv=None) -> int:
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     weights = random_weights(work)
-    results: dict = {"model": f"{ARCH} (random weights)", "device": args.device, "machine": machine(), "sets": {}}
+    info = machine()
+    for line in benchenv.describe_machine(info):
+        log(line)
+    model_label = f"{ARCH} (random weights)" if args.model == ARCH else args.model
+    results: dict = {"model": model_label, "device": args.device, "machine": info, "sets": {}}
     total_base = total_ours = 0.0
     for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         paths = magento_paths(n) if name == "magento" else cifar_paths(n, work) if name == "cifar10" else None
         if paths is None:
             raise SystemExit(f"error: unknown set {name!r}: use magento, cifar10")
         log(f"{name}: {len(paths)} images ({len(set(paths))} distinct)")
-        base_emb, base_ips, base_gpu = baseline(paths, weights, args.device, args.batch_size)
+        base_emb, base_ips, base_gpu = baseline(paths, weights, args.device, args.batch_size, args.model)
         log(f"  baseline (plain open_clip loop, fp32): {base_ips:.1f} images/s"
             + (f", GPU {base_gpu}% busy" if base_gpu is not None else ""))
-        our_emb, our_ips, gpu = ours(paths, weights, args.device, work, name, args.index_args.split())
+        our_emb, our_ips, gpu = ours(paths, weights, args.device, work, name, args.index_args.split(), args.model)
         log(f"  lookalike index:                       {our_ips:.1f} images/s"
             + (f", GPU {gpu['gpu_util_pct']}% busy while indexing ({gpu['gpu_samples']} samples; "
                f"{gpu['gpu_util_run_pct']}% over the whole run)" if gpu else ""))

@@ -24,14 +24,14 @@ from ``--datasets`` or ``$LOOKALIKE_DATASETS`` (default ``../shared/datasets``).
 ``lookalike`` command is installed (a bare checkout on ``PYTHONPATH``), the server is started
 through a shim that runs ``python -m indexer.cli``. The last line with ``--json`` is one JSON object: ``image_p50_ms``,
 ``image_p99_ms``, ``text_p50_ms``, ``text_p99_ms``, ``text_cached_p50_ms``, ``qps``
-(``{"1": {"batched": x, "unbatched": y}, ...}``), ``cold_start_s``, ``machine``, plus per-mode details.
+(``{"1": {"batched": x, "unbatched": y}, ...}``), ``cold_start_s``, ``machine``, ``ceiling`` (what bounds
+image searches/s on this machine, measured first: :func:`ceiling`), plus per-mode details.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,11 +40,16 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchenv  # noqa: E402
+
+if __name__ == "__main__":  # before numpy loads OpenBLAS; never when imported (tests)
+    benchenv.reexec_without_blas_env(__file__)
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serverproc  # noqa: E402
 
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
@@ -74,12 +79,8 @@ def ensure_cli(work: Path) -> None:
 
 
 def machine() -> dict:
-    """CPU model, cores and, where nvidia-smi answers, the GPU and its driver."""
-    info: dict = {"cpu": platform.processor(), "cores": os.cpu_count()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """The machine (scripts/benchenv.py) and, where nvidia-smi answers, the GPU and its driver."""
+    info = benchenv.machine(with_model_runtime=True)
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
@@ -88,6 +89,50 @@ def machine() -> dict:
     except (OSError, ValueError, subprocess.TimeoutExpired):
         pass
     return info
+
+
+def ceiling(index: Path, uploads: list[bytes], device: str, max_batch: int = 16, seconds: float = 4.0) -> dict:
+    """What bounds image searches/s here, measured in this process before any server runs.
+
+    ``model_images_per_s``: the image tower (the index's model, as the server loads it) on batches of
+    1 and of ``max_batch`` (the server's micro-batch limit) preprocessed uploads. ``decode_ms``: decoding
+    and preprocessing one upload, one thread. With every core shared by both, a query costs
+    ``cores / rate + decode`` core-seconds, so ``bound_qps`` is ``cores / that`` at either batch size, and
+    ``max_batching_gain`` = bound at ``max_batch`` / bound at 1: the most micro-batching can give on
+    these uploads, whatever the server does (HTTP, threads and the client's own CPU come on top)."""
+
+    sys.path.insert(0, str(ROOT))
+    from indexer.images import image_from_bytes
+    from indexer.model import load_model
+
+    spec = json.loads((index / "manifest.json").read_text())["model"]
+    model = load_model(spec["name"], spec.get("pretrained"), device)
+    t0 = time.perf_counter()
+    decoded = [model.preprocess(image_from_bytes(u, draft_size=model.draft_size)) for u in uploads]
+    decode_s = (time.perf_counter() - t0) / len(uploads)
+    import torch
+
+    warm = torch.stack([decoded[i % len(decoded)] for i in range(max_batch)])
+    for _ in range(-(-64 // max_batch) + 1):  # warm up; an uncalibrated int8 tower calibrates here (64 photos)
+        model.embed_image_tensors(warm)
+    rates = {}
+    for bs in (1, max_batch):
+        x = torch.stack([decoded[i % len(decoded)] for i in range(bs)])
+        model.embed_image_tensors(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model.embed_image_tensors(x)
+            n += bs
+        rates[bs] = n / (time.perf_counter() - t0)
+    cores = os.cpu_count() or 1
+    if model.device.type == "cuda":  # the GPU runs the model; the cores only decode
+        bound = {bs: min(r, cores / decode_s) for bs, r in rates.items()}
+    else:
+        bound = {bs: cores / (cores / r + decode_s) for bs, r in rates.items()}
+    return {"model_precision": model.precision, "model_backend": model.backend,
+            "model_images_per_s": {str(bs): round(r, 1) for bs, r in rates.items()},
+            "decode_ms": round(decode_s * 1000, 2), "bound_qps": {str(bs): round(b, 1) for bs, b in bound.items()},
+            "max_batching_gain": round(bound[max_batch] / bound[1], 2)}
 
 
 def build_index(work: Path, model: str, photos: list[Path], device: str = "auto") -> Path:
@@ -225,7 +270,12 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,4,16", help="concurrency levels (default 1,4,16)")
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the server's first answer")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    ap.add_argument("--keep-blas-env", action="store_true",
+                    help=f"keep {' / '.join(benchenv.BLAS_ENV)} if set (default: re-run without them)")
     args = ap.parse_args(argv)
+    info = machine()
+    for line in benchenv.describe_machine(info):
+        log(line)
     args.clients = [int(x) for x in args.clients.split(",")]
     if args.quick:
         args.queries, args.seconds = min(args.queries, 20), min(args.seconds, 2.0)
@@ -243,13 +293,19 @@ def main(argv=None) -> int:
             log(f"indexing {len(chosen)} Magento photos with {args.model} ...")
             index = build_index(work, args.model, chosen, args.device)
         uploads = [p.read_bytes() for p in photos[1::7][:40]]
+        limit = ceiling(index, uploads, args.device)
+        log(f"ceiling ({limit['model_backend']} {limit['model_precision']}): image tower "
+            + ", ".join(f"batch {bs}: {r} images/s" for bs, r in limit["model_images_per_s"].items())
+            + f"; decode + preprocess {limit['decode_ms']} ms per upload; bound "
+            + ", ".join(f"batch {bs}: {r} q/s" for bs, r in limit["bound_qps"].items())
+            + f"; the most micro-batching can give here: {limit['max_batching_gain']}x")
         modes = {"unbatched": run_mode(index, work, False, uploads, args),
                  "batched": run_mode(index, work, True, uploads, args)}
     u, b = modes["unbatched"], modes["batched"]
     qps = {str(lu["clients"]): {"batched": lb["qps"], "unbatched": lu["qps"], "ratio": round(lb["qps"] / lu["qps"], 2)}
            for lu, lb in zip(u["levels"], b["levels"])}
     result = {"model": args.model, "index": str(args.index or f"{len(chosen)} Magento photos"),
-              "device": args.device, "machine": machine(),
+              "device": args.device, "machine": info, "ceiling": limit,
               "image_p50_ms": b["image_p50_ms"], "image_p99_ms": b["image_p99_ms"],
               "text_p50_ms": b["text_p50_ms"], "text_p99_ms": b["text_p99_ms"],
               "text_cached_p50_ms": b["text_cached_p50_ms"], "qps": qps, "cold_start_s": u["cold_start_s"],

@@ -49,35 +49,15 @@ import json
 import os
 import sys
 
-#: Environment variables that override OpenBLAS's choice of kernel and cache size for the CPU
-#: (OpenBLAS README, "Setting the number of threads using environment variables" and
-#: "Runtime CPU detection"): a value left over from another machine slows the Flat baseline.
-BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-#: Set in the re-executed process: the JSON of the BLAS_ENV values the first one was started with.
-_UNSET_MARK = "LOOKALIKE_BENCH_UNSET_BLAS_ENV"
-
-
-def _reexec_without_blas_env() -> None:
-    """Start this script again without :data:`BLAS_ENV` when any is set (OpenBLAS reads them once,
-    when numpy or faiss loads it, so they cannot be dropped later in the same process)."""
-    if "--keep-blas-env" in sys.argv or _UNSET_MARK in os.environ:
-        return
-    found = {k: os.environ[k] for k in BLAS_ENV if k in os.environ}
-    if found:
-        env = {k: v for k, v in os.environ.items() if k not in BLAS_ENV}
-        env[_UNSET_MARK] = json.dumps(found)
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchenv import BLAS_ENV, describe_machine, machine, reexec_without_blas_env  # noqa: E402
 
 if __name__ == "__main__":  # before numpy and faiss load OpenBLAS; never when imported (tests)
-    _reexec_without_blas_env()
+    reexec_without_blas_env(__file__)
 
 import argparse  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import faiss  # noqa: E402
@@ -92,14 +72,6 @@ from indexer import ann  # noqa: E402
 TARGET_RECALL = 0.95
 #: Queries sent one call each for the ``qps 1`` column (the store searches one query at a time).
 SINGLE_QUERIES = 100
-#: CPU flags (/proc/cpuinfo names) that decide which kernels BLAS, FAISS and PyTorch can use.
-CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma")
-#: OpenBLAS kernels (threadpoolctl's ``architecture``) without AVX2: on a CPU with AVX2 one of
-#: them means OpenBLAS did not recognise the CPU (or was told otherwise) and sgemm runs far
-#: below the CPU's speed (OpenBLAS's TargetList.txt).
-PRE_AVX2_KERNELS = {"prescott", "core2", "penryn", "dunnington", "nehalem", "sandybridge", "atom", "katmai",
-                    "coppermine", "northwood", "banias", "opteron", "opteron_sse3", "barcelona", "bobcat",
-                    "bulldozer", "piledriver", "generic"}
 #: ``--types`` names, the row label of each and how to make its spec for ``n`` ``dim``-d vectors.
 TYPES = {
     "flat": ("Flat", lambda n, dim: ann.IndexSpec(ann.FLAT)),
@@ -267,95 +239,6 @@ def _format(row: dict) -> str:
     return (f"{row['index']:<11} {knob + mark:<14} {row['n']:>9,} {row['recall_at_10']:>9.3f} {row['qps']:>9,.0f} "
             f"{row['flat_qps']:>9,.0f} {row['speedup']:>7.1f}x {row['qps_1']:>8,.0f} {row['speedup_1']:>9.1f}x "
             f"{row['bytes_per_vector']:>9,.0f} {row['build_s']:>8.1f}")
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def blas_libraries() -> list[dict]:
-    """The BLAS libraries loaded in this process, with the kernel each runs (threadpoolctl), each
-    named by who loaded it ("numpy", "faiss" or the file name)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"library": "unknown", "error": "threadpoolctl is not installed (pip install threadpoolctl)"}]
-    found = []
-    for lib in threadpool_info():
-        if lib.get("user_api") != "blas":
-            continue
-        path = lib.get("filepath", "")
-        owner = "faiss" if "faiss" in path else "numpy" if "numpy" in path else Path(path).name
-        found.append({"library": owner, "internal_api": lib.get("internal_api"), "version": lib.get("version"),
-                      "architecture": lib.get("architecture"), "threads": lib.get("num_threads"), "path": path})
-    return found
-
-
-def faiss_simd_level() -> str:
-    config = getattr(faiss, "SIMDConfig", None)
-    if config is not None and hasattr(config, "get_level_name"):
-        return config.get_level_name()
-    return faiss.get_compile_options()
-
-
-def blas_environment() -> dict:
-    """Per :data:`BLAS_ENV` variable: ``{"was": value or None, "now": value or None}``."""
-    unset = json.loads(os.environ.get(_UNSET_MARK, "{}"))
-    return {k: {"was": unset.get(k, os.environ.get(k)), "now": os.environ.get(k)} for k in BLAS_ENV}
-
-
-def machine() -> dict:
-    model, flags = _cpuinfo()
-    blas, env = blas_libraries(), blas_environment()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    warnings = []
-    for lib in blas:
-        arch = (lib.get("architecture") or "").lower()
-        if "avx2" in flags and arch in PRE_AVX2_KERNELS:
-            warnings.append(f"{lib['library']}'s {lib['internal_api']} {lib['version']} runs its {lib['architecture']} "
-                            f"kernel (no AVX2) on this CPU, which has {'AVX-512' if 'avx512f' in flags else 'AVX2'}: "
-                            f"{'batched Flat search (sgemm) is slower than the CPU allows, so speed-ups over Flat are overstated' if lib['library'] == 'faiss' else 'its matrix products are slower than the CPU allows'}"
-                            + (" (set by OPENBLAS_CORETYPE)" if env["OPENBLAS_CORETYPE"]["now"] else ""))
-    cores = os.cpu_count() or 1
-    if load is not None and load > 0.5 * cores:
-        warnings.append(f"load average {load:.1f} on {cores} cores: other processes share the CPU, so timings are "
-                        "noisy; ratios measured in the same run are the figures to compare")
-    return {"cpu_model": model, "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "cores": cores,
-            "faiss_threads": faiss.omp_get_max_threads(), "faiss_simd": faiss_simd_level(), "blas": blas,
-            "blas_env": env, "load_average": load, "warnings": warnings,
-            "faiss_version": faiss.__version__, "numpy_version": np.__version__, "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def describe_machine(info: dict) -> list[str]:
-    flags = ", ".join(f"{f}={'yes' if v else 'no'}" for f, v in info["cpu_flags"].items())
-    lines = [f"CPU: {info['cpu_model']}, {info['cores']} cores; {flags}",
-             f"FAISS {info['faiss_version']}: SIMD level {info['faiss_simd']}, {info['faiss_threads']} OpenMP threads"]
-    for lib in info["blas"]:
-        if "error" in lib:
-            lines.append(f"BLAS: {lib['error']}")
-        else:
-            lines.append(f"BLAS ({lib['library']}): {lib['internal_api']} {lib['version']}, kernel "
-                         f"{lib['architecture']}, {lib['threads']} threads")
-    for name, v in info["blas_env"].items():
-        if v["was"] is None:
-            state = "not set"
-        elif v["now"] is None:
-            state = f"was {v['was']!r}, unset for this run (the script re-executed itself without it)"
-        else:
-            state = f"set to {v['now']!r} and kept (--keep-blas-env)"
-        lines.append(f"{name}: {state}")
-    lines += [f"WARNING: {w}" for w in info["warnings"]]
-    return lines
 
 
 def main(argv=None) -> int:
