@@ -12,9 +12,10 @@ cosine of 0.9999 (docs/PERFORMANCE.md; scripts/bench_backends.py, bench_index.py
 
 The converted model is cached as OpenVINO IR under ``$LOOKALIKE_CACHE_DIR`` (default
 ``~/.cache/lookalike``), keyed by the weights' SHA-256 and input size, so later starts
-read it instead of converting again. ``int8`` quantises the converted tower with NNCF on the
-first photos it embeds and keeps it only if it agrees with fp32 (:mod:`indexer.quantize`); the
-int8 model and the check's verdict are cached beside the float one.
+read it instead of converting again. ``int8`` quantises the converted tower with NNCF on
+photos it is given (:meth:`OpenVINOImageEncoder.calibrate`) and keeps it only if it agrees with
+fp32 (:mod:`indexer.quantize`); the int8 model and the check's verdict are cached beside the
+float one.
 """
 from __future__ import annotations
 
@@ -57,10 +58,10 @@ class OpenVINOImageEncoder:
     request is not), and inference releases the GIL.
 
     precision: ``fp32``, ``bf16`` (OpenVINO's ``INFERENCE_PRECISION_HINT``) or ``int8``. An int8
-    tower is quantised by NNCF (:mod:`indexer.quantize`) on the first
-    :data:`~indexer.quantize.CALIBRATION_PHOTOS` photos it embeds, checked against fp32 on them,
-    and cached; until then (and for good if the check fails) it runs in fp32. ``self.precision``
-    is the precision actually in use.
+    tower is read from the cache when one was calibrated for these weights; otherwise it runs fp32
+    until :meth:`calibrate` is called with photos (the indexing pipeline and the server call it before
+    they embed anything, so one run never mixes precisions), and for good if the check against fp32
+    fails. ``self.precision`` is the precision in use.
     """
 
     def __init__(self, visual: torch.nn.Module, image_size: int, precision: str, cache_key: str):
@@ -78,7 +79,6 @@ class OpenVINOImageEncoder:
         # ViTs get NNCF's transformer recipe (SmoothQuant); convolutional towers the default one
         self._transformer = any("attention" in type(m).__name__.lower() for m in visual.modules())
         self._lock = threading.Lock()
-        self._samples: list[np.ndarray] = []
         self._pending = False
         # Idle infer requests, each with the compiled model it belongs to, owned by this object and
         # set before the compiled model, so they are released before it (not in thread-local
@@ -99,15 +99,18 @@ class OpenVINOImageEncoder:
         if verdict.get("accepted") is False:
             log.info("int8 image tower rejected earlier for this model (%s); running fp32", verdict.get("reason"))
         else:
-            self._pending = True  # quantise once CALIBRATION_PHOTOS photos have been seen
+            self._pending = True  # until calibrate() is called
 
     def _compile(self, model, hint: str):
         return self._core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this is an int8 tower waiting for :meth:`calibrate` (running fp32 meanwhile)."""
+        return self._pending
+
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
-        if self._pending:
-            self._calibrate(x)
         compiled = self.compiled
         try:
             owner, request = self._idle.get_nowait()
@@ -121,18 +124,21 @@ class OpenVINOImageEncoder:
         finally:
             self._idle.put((compiled, request))
 
-    def _calibrate(self, x: np.ndarray) -> None:
-        """Collect calibration pixels; once there are enough, quantise, check and switch (or reject)."""
+    def calibrate(self, pixels: torch.Tensor) -> str:
+        """Quantise the tower on these photos, check it against fp32 on them, and switch to it (or reject it).
+
+        pixels: float ``(n, 3, S, S)``, preprocessed photos; the first
+        :data:`~indexer.quantize.CALIBRATION_PHOTOS` are used, and fewer than
+        :data:`~indexer.quantize.MIN_CALIBRATION_PHOTOS` leave the tower in fp32 for now. Does nothing
+        unless :attr:`needs_calibration`. Returns the precision in use afterwards.
+        """
         from . import quantize as q
 
         with self._lock:
-            if not self._pending:
-                return
-            self._samples.append(x[: q.CALIBRATION_PHOTOS - sum(len(s) for s in self._samples)])
-            if sum(len(s) for s in self._samples) < q.CALIBRATION_PHOTOS:
-                return
-            samples = np.concatenate(self._samples)
-            self._samples, self._pending = [], False
+            if not self._pending or len(pixels) < q.MIN_CALIBRATION_PHOTOS:
+                return self.precision
+            samples = np.ascontiguousarray(pixels[: q.CALIBRATION_PHOTOS].detach().to("cpu", torch.float32).numpy())
+            self._pending = False
             log.info("calibrating the int8 image tower on %d photos (once per model on this machine)", len(samples))
             try:
                 int8 = q.quantize(self._float_model, samples, self._transformer)
@@ -142,7 +148,7 @@ class OpenVINOImageEncoder:
                 log.warning("int8 quantisation failed (%s); the image tower runs in fp32", e)
                 if not isinstance(e, ImportError):  # a missing NNCF can be installed: try again next start
                     _write_verdict(self._verdict_path, {"accepted": False, "reason": f"quantisation failed: {e}"})
-                return
+                return self.precision
             verdict = {"accepted": q.acceptable(mean_cos, min_cos), "mean_cosine": round(mean_cos, 5),
                        "min_cosine": round(min_cos, 5), "photos": len(samples)}
             if not verdict["accepted"]:
@@ -150,13 +156,14 @@ class OpenVINOImageEncoder:
                                      f">= {q.MIN_MEAN_COSINE} / {q.MIN_COSINE}")
                 log.warning("int8 image tower rejected: %s; running fp32", verdict["reason"])
                 _write_verdict(self._verdict_path, verdict)
-                return
+                return self.precision
             import openvino as ov
 
             _save(ov, int8, self._int8_path)
             _write_verdict(self._verdict_path, verdict)
             log.info("int8 image tower in use: mean cosine %.4f, lowest %.4f to fp32", mean_cos, min_cos)
             self.compiled, self.precision = compiled, "int8"
+            return self.precision
 
 
 def _int8_hint() -> str:

@@ -251,6 +251,11 @@ class Database:
         rows = self.conn().execute("SELECT product_id, source, photo_id, sha256, size, mtime_ns FROM photos")
         return {(r[0], r[1]): KnownPhoto(r[2], r[3], r[4], r[5]) for r in rows}
 
+    def first_sources(self, n: int) -> list[str]:
+        """The sources of the ``n`` oldest photos (lowest photo ids)."""
+        rows = self.conn().execute("SELECT source FROM photos ORDER BY photo_id LIMIT ?", (int(n),))
+        return [r[0] for r in rows]
+
     def photo_ids(self) -> np.ndarray:
         """int64 ``(n,)`` ascending: every photo id."""
         cur = self.conn().execute("SELECT photo_id FROM photos ORDER BY photo_id")

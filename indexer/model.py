@@ -222,6 +222,18 @@ class ClipModel:
         return getattr(self.image_encoder, "precision", None) or self._precision
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether the image tower is an int8 one waiting for :meth:`calibrate` (it runs fp32 meanwhile)."""
+        return bool(getattr(self.image_encoder, "needs_calibration", False))
+
+    def calibrate(self, pixels: torch.Tensor) -> str:
+        """Calibrate an int8 image tower on preprocessed photos ``(n, 3, S, S)`` (see
+        :meth:`indexer.backends.OpenVINOImageEncoder.calibrate`); returns the precision in use after."""
+        if not self.needs_calibration:
+            return self.precision
+        return self.image_encoder.calibrate(pixels)
+
+    @property
     def draft_size(self) -> int:
         """Shorter side (px) to decode JPEGs at with Pillow's draft mode: twice the model's input size,
         at least 224, so decoding at 1/2, 1/4 or 1/8 scale never costs quality the model can see."""
@@ -296,8 +308,8 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
       None or ``"none"`` builds the architecture with random weights (for speed benchmarks).
     device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     precision: ``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8`` (see :func:`resolve_precision`); training
-      needs ``fp32``. ``int8`` quantises the image tower on the first photos it embeds; the text tower
-      stays fp32.
+      needs ``fp32``. ``int8`` reads the tower calibrated earlier for these weights, else runs fp32 until
+      :meth:`ClipModel.calibrate`; the text tower stays fp32.
     backend: runtime of the image tower: ``torch``, ``openvino`` (CPU only; see :mod:`indexer.backends`),
       or ``auto`` = openvino on CPU when it is installed, else torch. A model OpenVINO cannot convert
       falls back to torch under ``auto`` (logged) and raises ModelLoadError under ``openvino``.

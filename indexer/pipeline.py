@@ -386,7 +386,8 @@ def index_catalogue(
         prefetch_factor=4 if workers and len(tasks) > batch_size else None,
     )
     bar = progress_bar(len(tasks)) if progress else None
-    for batch in loader:
+    batches = _calibrating(model, iter(loader)) if model.needs_calibration else loader
+    for batch in batches:
         run.add(batch.items, model.embed_image_tensors(batch.pixels) if batch.ok else [])
         if bar is not None:
             bar.update(len(batch.items))
@@ -394,6 +395,24 @@ def index_catalogue(
     if bar is not None:
         bar.close()
     return run.finish(prune)
+
+
+def _calibrating(model: ClipModel, batches):
+    """The batches, after an int8 image tower is calibrated on the first
+    :data:`~indexer.quantize.CALIBRATION_PHOTOS` decoded photos (the batches that hold them are decoded
+    first and kept), so every photo of the run is embedded by the same tower."""
+    from .quantize import CALIBRATION_PHOTOS
+
+    held, decoded = [], 0
+    for batch in batches:
+        held.append(batch)
+        decoded += len(batch.ok)
+        if decoded >= CALIBRATION_PHOTOS:
+            break
+    if decoded:
+        model.calibrate(torch.cat([b.pixels for b in held if b.ok]))
+    yield from held
+    yield from batches
 
 
 def progress_bar(total: int):

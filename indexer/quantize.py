@@ -5,8 +5,9 @@
 The quantisation is NNCF's post-training recipe (``nncf.quantize``: min-max statistics of
 the activations on calibration photos, fast bias correction, and SmoothQuant for
 transformers; NNCF docs, "Post-training Quantization"); its calibration photos are the first
-:data:`CALIBRATION_PHOTOS` photos the tower is asked to embed, so it is calibrated on the
-catalogue it indexes.
+:data:`CALIBRATION_PHOTOS` photos of the catalogue being indexed (``indexer.pipeline`` decodes
+them before embedding anything) or, in the server, of the index being served, so every vector of a
+run comes from one tower.
 
 Quantising changes the embeddings, so every quantised model is checked against the float
 model on its own calibration photos before it is used: the mean cosine between the two
@@ -31,9 +32,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: photos the int8 model is calibrated on (the first ones embedded); NNCF's default subset is 300,
-#: 64 keeps the one-off calibration short and was enough for ViT-B-32 (mean cosine 0.9998 to fp32)
+#: photos the int8 model is calibrated on; NNCF's default subset is 300, 64 keeps the one-off
+#: calibration short and was enough for ViT-B-32 (mean cosine 0.9998 to fp32)
 CALIBRATION_PHOTOS = 64
+#: with fewer photos than this (a tiny catalogue) the tower stays fp32 and is calibrated another time
+MIN_CALIBRATION_PHOTOS = 16
 #: a quantised tower is used only if, on its calibration photos, its embeddings' mean cosine to the
 #: float tower's reaches this (the issue's agreement bar for fast paths: 0.995)...
 MIN_MEAN_COSINE = 0.995

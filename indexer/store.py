@@ -258,6 +258,10 @@ class Store:
     def product_ids(self) -> list[str]:
         return self.db.product_ids()
 
+    def first_sources(self, n: int) -> list[str]:
+        """The sources of the ``n`` oldest photos, as stored (see :meth:`resolve_source`)."""
+        return self.db.first_sources(n)
+
     def categories(self) -> list[tuple[str, int]]:
         """Every category with its number of products, most common first."""
         return self.db.categories()

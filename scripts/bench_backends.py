@@ -4,9 +4,12 @@
     python scripts/bench_backends.py [--model ViT-B-32] [--batch 64] [--repeats 5] [--json]
 
 Runtimes: torch fp32 (the reference), torch bf16 weights, torch int8 dynamic quantisation of
-the Linear layers (``torch.ao.quantization.quantize_dynamic``), OpenVINO fp32 and bf16, and,
+the Linear layers (``torch.ao.quantization.quantize_dynamic``), OpenVINO fp32, bf16 and int8
+(NNCF post-training quantisation calibrated on the batch itself, as ``--precision int8`` does on
+the first photos it embeds; indexer/quantize.py), and,
 when the ``onnxruntime`` package is installed (it is not a dependency), ONNX Runtime fp32 and
-int8 (``onnxruntime.quantization.quantize_dynamic``). Each runs the same random pixel batch;
+int8 (``onnxruntime.quantization.quantize_dynamic``). Each runs the same batch: Magento photos
+(``$LOOKALIKE_DATASETS``, default ``../shared/datasets``), random pixels where there are none;
 the figure is the median images/s over ``--repeats`` timed runs after one warm-up, with the
 runs of all runtimes interleaved so background load hits them alike. Agreement: the lowest
 cosine between a runtime's embedding and the torch fp32 one, over the batch.
@@ -16,17 +19,36 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchenv  # noqa: E402
+
+if __name__ == "__main__":  # before numpy loads OpenBLAS; never when imported
+    benchenv.reexec_without_blas_env(__file__)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+def _batch(preprocess, n: int, size: int) -> tuple[torch.Tensor, str]:
+    """``n`` preprocessed Magento photos, or random pixels where the datasets are missing."""
+    from indexer.images import open_image
+
+    files = sorted((DATASETS / "magento" / "images").rglob("*.jpg"))[:n]
+    if len(files) < n:
+        torch.manual_seed(1)
+        return torch.randn(n, 3, size, size), "random pixels"
+    return torch.stack([preprocess(open_image(f, draft_size=2 * size)) for f in files]), f"{n} Magento photos"
 
 
 def _onnx_runtimes(visual, x: torch.Tensor, tmp: Path) -> dict:
@@ -55,26 +77,34 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep-blas-env", action="store_true",
+                    help=f"keep {' / '.join(benchenv.BLAS_ENV)} if set (default: re-run without them)")
     args = ap.parse_args(argv)
+    for line in benchenv.describe_machine(benchenv.machine(with_model_runtime=True)):
+        print(line, file=sys.stderr)
     import open_clip
 
     from indexer.backends import OpenVINOImageEncoder
 
     torch.manual_seed(0)
-    model = open_clip.create_model(args.model, pretrained=None).eval()
+    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)
+    model.eval()
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
-    x = torch.randn(args.batch, 3, size, size)
+    x, source = _batch(preprocess, args.batch, size)
+    print(f"batch: {source}", file=sys.stderr)
     bf16 = copy.deepcopy(model.visual).to(torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model.visual), {torch.nn.Linear}, dtype=torch.qint8)
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LOOKALIKE_CACHE_DIR"] = tmp  # convert and calibrate afresh, never reuse another run's
         runtimes = {
             "torch fp32": model.visual,
             "torch bf16": lambda t: bf16(t.to(torch.bfloat16)),
             "torch int8 dynamic": int8,
             "openvino fp32": OpenVINOImageEncoder(model.visual, size, "fp32", f"bench-{args.model}"),
             "openvino bf16": OpenVINOImageEncoder(model.visual, size, "bf16", f"bench-{args.model}"),
+            "openvino int8 (NNCF)": OpenVINOImageEncoder(model.visual, size, "int8", f"bench-{args.model}"),
             **_onnx_runtimes(model.visual, x, Path(tmp)),
         }
         times: dict[str, list[float]] = {k: [] for k in runtimes}
@@ -97,7 +127,8 @@ def main(argv=None) -> int:
         rows.append({"runtime": name, "images_per_s": round(ips, 2), "ratio": round(ips / base, 2), "min_cosine": round(cos, 5)})
         print(f"{name:<28}{ips:>10.1f}{ips / base:>15.2f}{cos:>12.5f}")
     if args.json:
-        print(json.dumps({"model": args.model, "batch": args.batch, "threads": torch.get_num_threads(), "rows": rows}))
+        print(json.dumps({"model": args.model, "batch": args.batch, "batch_source": source,
+                          "threads": torch.get_num_threads(), "rows": rows}))
     return 0
 
 

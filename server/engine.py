@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 
+import torch
 from PIL import Image
 
 from indexer.batching import MicroBatcher
@@ -194,6 +195,24 @@ class Engine:
         return data
 
 
+def calibrate_from_index(model: ClipModel, store: Store, max_pixels: int) -> str:
+    """Calibrate an int8 image tower (:mod:`indexer.quantize`) on photos of the index being served,
+    before the first query, so all answers come from one tower. Photos that cannot be read are skipped;
+    with too few (an empty index, photos moved) the tower stays fp32. Returns the precision in use."""
+    from indexer.quantize import CALIBRATION_PHOTOS
+
+    pixels = []
+    for source in store.first_sources(4 * CALIBRATION_PHOTOS):
+        try:
+            raw = read_source_bytes(store.resolve_source(source), 64 * 1024 * 1024)
+            pixels.append(model.preprocess(image_from_bytes(raw, max_pixels=max_pixels, draft_size=model.draft_size)))
+        except (LookalikeError, OSError, ValueError) as e:
+            log.debug("calibration skips %s: %s", source, e)
+        if len(pixels) >= CALIBRATION_PHOTOS:
+            break
+    return model.calibrate(torch.stack(pixels)) if pixels else model.precision
+
+
 class NotReady(LookalikeError):
     code = "not_ready"
     http_status = 503
@@ -225,6 +244,8 @@ def load_engine(cfg: ServerSettings, metrics: Metrics, model: ClipModel | None =
             model = cfg.model_spec().load_for(store)  # the CLI's rule for which model serves an index
         else:
             check_model(store, model.identity)
+        if model.needs_calibration:
+            calibrate_from_index(model, store, cfg.max_pixels)
         engine = Engine(store, model, default_label_set(cfg, store), cfg, metrics)
     except BaseException:
         store.close()  # and its write lock: a server that failed to load must not block 'lookalike index'

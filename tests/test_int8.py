@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 
 import numpy as np
 import pytest
@@ -28,16 +29,22 @@ def _verdict(cache):
     return json.loads(path.read_text())
 
 
+def _pixels(model, photos):
+    return torch.stack([model.preprocess(im) for im in photos])
+
+
 def test_int8_tower_is_calibrated_checked_against_fp32_and_cached(datasets_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
     photos = _photos(datasets_dir, quantize.CALIBRATION_PHOTOS + 16)
     fp32 = load_model("ViT-B-32", None, "cpu", precision="fp32", backend="torch")
-    ref = fp32.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
+    ref = fp32.embed_images(photos, batch_size=16)
 
     int8 = load_model("ViT-B-32", None, "cpu", precision="int8")
-    assert int8.precision == "fp32"  # not calibrated yet
-    got = int8.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
-    assert int8.precision == "int8"  # the first batch calibrated it, and every photo ran int8
+    assert int8.precision == "fp32" and int8.needs_calibration  # nothing calibrated for these weights yet
+    np.testing.assert_allclose(int8.embed_images(photos[:4]), ref[:4], atol=1e-4)  # meanwhile: fp32
+    assert int8.calibrate(_pixels(int8, photos[:quantize.CALIBRATION_PHOTOS])) == "int8"
+    assert int8.precision == "int8" and not int8.needs_calibration
+    got = int8.embed_images(photos, batch_size=16)
     cos = np.sum(ref * got, axis=1)
     assert cos.mean() >= 0.995 and cos.min() >= 0.98, (cos.mean(), cos.min())
     assert not np.allclose(ref, got, atol=1e-4)  # it really is another (quantised) model
@@ -48,7 +55,7 @@ def test_int8_tower_is_calibrated_checked_against_fp32_and_cached(datasets_dir, 
     # the next load reads the cached int8 model: no calibration, the same embeddings from the first photo on
     monkeypatch.setattr(quantize, "quantize", lambda *a, **k: pytest.fail("calibrated again"))
     again = load_model("ViT-B-32", None, "cpu", precision="int8")
-    assert again.precision == "int8"
+    assert again.precision == "int8" and not again.needs_calibration
     np.testing.assert_allclose(again.embed_images(photos[:3]), got[:3], atol=1e-5)
 
 
@@ -71,34 +78,71 @@ def test_int8_tower_that_disagrees_with_fp32_is_rejected_and_runs_fp32(datasets_
     records, logger = _Records(), logging.getLogger("indexer.backends")
     logger.addHandler(records)
     try:
-        got = int8.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
+        assert int8.calibrate(_pixels(int8, photos)) == "fp32"
     finally:
         logger.removeHandler(records)
     assert any("int8 image tower rejected" in m for m in records.messages), records.messages
-    assert int8.precision == "fp32"
-    np.testing.assert_allclose(got, fp32.embed_images(photos, batch_size=16), atol=1e-5)
+    assert int8.precision == "fp32" and not int8.needs_calibration
+    np.testing.assert_allclose(int8.embed_images(photos), fp32.embed_images(photos, batch_size=16), atol=1e-5)
     verdict = _verdict(tmp_path)
     assert verdict["accepted"] is False and "needs >= 1.01" in verdict["reason"]
     assert not list((tmp_path / "openvino").glob("*-int8.xml"))  # a rejected model is not kept
-    # remembered: later loads run fp32 at once, without calibrating again
+    # remembered: later loads run fp32 at once and never calibrate again
     monkeypatch.setattr(quantize, "quantize", lambda *a, **k: pytest.fail("calibrated again"))
     later = load_model("test-tiny", None, "cpu", precision="int8")
-    assert later.precision == "fp32"
-    later.embed_images(photos, batch_size=quantize.CALIBRATION_PHOTOS)
+    assert later.precision == "fp32" and not later.needs_calibration
+    assert later.calibrate(_pixels(later, photos)) == "fp32"
 
 
-def test_int8_calibration_collects_photos_across_small_batches(datasets_dir, tmp_path, monkeypatch):
-    """A server embeds one photo at a time: the tower answers in fp32 until it has seen enough photos."""
+def test_too_few_photos_leave_the_tower_uncalibrated(datasets_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
-    photos = _photos(datasets_dir, quantize.CALIBRATION_PHOTOS)
+    photos = _photos(datasets_dir, quantize.MIN_CALIBRATION_PHOTOS - 1)
     int8 = load_model("test-tiny", None, "cpu", precision="int8")
-    for i in range(0, len(photos) - 8, 8):
-        int8.embed_images(photos[i:i + 8])
-        assert int8.precision == "fp32"
-    int8.embed_images(photos[-8:])
-    verdict = _verdict(tmp_path)
-    assert verdict["photos"] == quantize.CALIBRATION_PHOTOS
-    assert int8.precision == ("int8" if verdict["accepted"] else "fp32")
+    assert int8.calibrate(_pixels(int8, photos)) == "fp32" and int8.needs_calibration
+    assert not list((tmp_path / "openvino").glob("*-int8.json"))  # nothing decided yet
+
+
+def test_indexing_calibrates_before_embedding_so_every_vector_comes_from_one_tower(fixture_catalogue, tmp_path,
+                                                                                    monkeypatch):
+    """Small batches (8 photos): the pipeline decodes the first 64 photos, calibrates, then embeds them all, so
+    every stored vector is what the int8 tower gives for its photo (a mixed fp32/int8 index would not be)."""
+    from indexer.catalogue import read_catalogue
+    from indexer.pipeline import embed_paths, index_catalogue
+    from indexer.store import Store
+
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "cache"))
+    model = load_model("test-tiny", None, "cpu", precision="int8")
+    catalogue = read_catalogue(fixture_catalogue)
+    with Store.create(tmp_path / "idx", model.identity) as store:
+        report = index_catalogue(catalogue, store, model, workers=0, batch_size=8, progress=False)
+    assert report.indexed == len(catalogue.rows) >= quantize.CALIBRATION_PHOTOS
+    assert model.precision == "int8" and not model.needs_calibration
+    paths = [r.source for r in catalogue.rows]
+    ok, vecs, errors = embed_paths(model, paths)
+    assert not errors
+    db = sqlite3.connect(tmp_path / "idx" / "catalogue.sqlite")
+    stored = {src: np.frombuffer(blob, np.float32) for src, blob in db.execute("SELECT source, vector FROM photos")}
+    db.close()
+    for path, vec in zip(ok, vecs):
+        np.testing.assert_allclose(stored[path], vec, atol=1e-5, err_msg=path)
+
+
+def test_server_calibrates_on_the_index_photos_before_serving(fixture_index, tmp_path, monkeypatch):
+    """A server whose int8 tower is not calibrated yet calibrates it on the served index's photos while
+    loading, so its first answer already comes from the int8 tower."""
+    from server.engine import load_engine
+    from server.observability import Metrics
+    from server.settings import ServerSettings
+
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "cache"))
+    model = load_model("test-tiny", None, "cpu", precision="int8")
+    assert model.needs_calibration
+    engine = load_engine(ServerSettings(index=fixture_index), Metrics(), model)
+    try:
+        assert not model.needs_calibration and model.precision == "int8"
+        assert _verdict(tmp_path / "cache")["photos"] == quantize.CALIBRATION_PHOTOS
+    finally:
+        engine.close()
 
 
 def test_precision_auto_follows_the_cpu(monkeypatch):
