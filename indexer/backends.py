@@ -64,7 +64,8 @@ class OpenVINOImageEncoder:
     fails. ``self.precision`` is the precision in use.
     """
 
-    def __init__(self, visual: torch.nn.Module, image_size: int, precision: str, cache_key: str):
+    def __init__(self, visual: torch.nn.Module, image_size: int, precision: str, cache_key: str,
+                 choose_fastest: bool = False):
         import openvino as ov
 
         self._core = core = ov.Core()
@@ -80,6 +81,9 @@ class OpenVINOImageEncoder:
         self._transformer = any("attention" in type(m).__name__.lower() for m in visual.modules())
         self._lock = threading.Lock()
         self._pending = False
+        # precision "auto" chose int8: calibration also times fp32, bf16 and int8 on its photos and keeps
+        # the fastest that passed the check (on CPUs without AMX, which of them wins differs by CPU)
+        self._choose_fastest = choose_fastest
         # Idle infer requests, each with the compiled model it belongs to, owned by this object and
         # set before the compiled model, so they are released before it (not in thread-local
         # storage, which could outlive the compiled model and free its requests from whichever
@@ -91,8 +95,13 @@ class OpenVINOImageEncoder:
             return
         int8 = _read(core, self._int8_path) if self._int8_path.is_file() else None
         verdict = _read_verdict(self._verdict_path)
-        if int8 is not None and verdict.get("accepted"):
+        chosen = verdict.get("fastest", "int8") if choose_fastest else "int8"
+        if int8 is not None and verdict.get("accepted") and chosen == "int8":
             self.compiled = self._compile(int8, _int8_hint())
+            return
+        if "accepted" in verdict and choose_fastest and chosen in ("bf16", "fp32"):
+            self.precision = chosen
+            self.compiled = self._compile(model, "bf16" if chosen == "bf16" else "f32")
             return
         self.precision = "fp32"
         self.compiled = self._compile(model, "f32")
@@ -151,19 +160,49 @@ class OpenVINOImageEncoder:
                 return self.precision
             verdict = {"accepted": q.acceptable(mean_cos, min_cos), "mean_cosine": round(mean_cos, 5),
                        "min_cosine": round(min_cos, 5), "photos": len(samples)}
+            candidates = {"fp32": self.compiled}
+            if verdict["accepted"]:
+                candidates["int8"] = compiled
+            if self._choose_fastest:
+                from .model import cpu_has_fast_bf16
+
+                if cpu_has_fast_bf16():
+                    candidates["bf16"] = self._compile(self._float_model, "bf16")
+                speeds = {name: _images_per_s(c, samples) for name, c in candidates.items()}
+                verdict["images_per_s"] = {k: round(v, 1) for k, v in speeds.items()}
+                verdict["fastest"] = max(speeds, key=speeds.get)
+                log.info("image tower images/s on %d photos: %s", len(samples), verdict["images_per_s"])
             if not verdict["accepted"]:
                 verdict["reason"] = (f"mean cosine {mean_cos:.4f} / lowest {min_cos:.4f} to fp32, needs "
                                      f">= {q.MIN_MEAN_COSINE} / {q.MIN_COSINE}")
-                log.warning("int8 image tower rejected: %s; running fp32", verdict["reason"])
+                log.warning("int8 image tower rejected: %s; running %s", verdict["reason"],
+                            verdict.get("fastest", "fp32"))
                 _write_verdict(self._verdict_path, verdict)
+                self.precision = verdict.get("fastest", "fp32")
+                self.compiled = candidates[self.precision]
                 return self.precision
             import openvino as ov
 
             _save(ov, int8, self._int8_path)
             _write_verdict(self._verdict_path, verdict)
-            log.info("int8 image tower in use: mean cosine %.4f, lowest %.4f to fp32", mean_cos, min_cos)
-            self.compiled, self.precision = compiled, "int8"
+            self.precision = verdict.get("fastest", "int8")
+            self.compiled = candidates[self.precision]
+            log.info("int8 image tower passed (mean cosine %.4f, lowest %.4f to fp32); running %s",
+                     mean_cos, min_cos, self.precision)
             return self.precision
+
+
+def _images_per_s(compiled, samples: np.ndarray, runs: int = 2) -> float:
+    """Best of ``runs`` timed passes of ``compiled`` over ``samples`` (after one warm-up), images/s."""
+    import time
+
+    compiled(samples)
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        compiled(samples)
+        best = min(best, time.perf_counter() - t0)
+    return len(samples) / best
 
 
 def _int8_hint() -> str:

@@ -146,7 +146,10 @@ def resolve_precision(precision: str | None, device: torch.device, backend: str 
     * CPU with AMX: bf16 (AMX tiles; ViT-B-32's tower 4.7x fp32 in torch, 3.1x in OpenVINO).
     * CPU with VNNI but no AMX, an OpenVINO back-end (``backend`` ``auto`` or ``openvino``) and NNCF
       installed: int8 (:mod:`indexer.quantize`; with oneDNN capped to AVX512-BF16/VNNI, ViT-B-32's int8
-      tower ran 3.0x fp32, where bf16 ran 0.58x fp32 without AMX; docs/PERFORMANCE.md).
+      tower ran 3.0x fp32, where bf16 ran 0.58x fp32 without AMX; docs/PERFORMANCE.md). Chosen this
+      way, the calibration also times fp32, bf16 and int8 on its photos and keeps the fastest that
+      passed the check against fp32 (remembered with the calibration), because without AMX which
+      one wins depends on the CPU.
     * other CPUs with AVX512-BF16: bf16; else fp32.
 
     Raises ModelLoadError for an unknown name, fp16 on CPU (PyTorch's CPU fp16 kernels are slow), or
@@ -320,7 +323,9 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     import open_clip
 
     dev = resolve_device(device)
+    auto_int8 = (precision or "auto").lower() == "auto"
     precision = resolve_precision(precision, dev, backend)
+    auto_int8 = auto_int8 and precision == "int8"
     ident, extra = open_clip_name(name)
     if ident.startswith("hf-hub:") or local_dir(ident) is not None:
         pretrained = None
@@ -357,7 +362,7 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     identity = ModelIdentity(
         name=name, pretrained=pretrained or None, weights_sha256=_weights_sha256(model), dim=dim, image_size=image_size
     )
-    encoder = _image_backend(backend, model, dev, precision, identity)
+    encoder = _image_backend(backend, model, dev, precision, identity, choose_fastest=auto_int8)
     if encoder is None and precision == "int8":  # OpenVINO could not convert this tower (logged): torch fp32
         precision = "fp32"
     if dev.type == "cpu" and precision == "bf16":
@@ -378,8 +383,10 @@ def _load_base(name: str, folder: Path):
         raise ModelLoadError(f"cannot load model {name!r} from {folder}: {detail}") from e
 
 
-def _image_backend(backend: str | None, model, dev: torch.device, precision: str, identity: ModelIdentity):
-    """The image tower's runtime back-end (:mod:`indexer.backends`), or None for plain torch."""
+def _image_backend(backend: str | None, model, dev: torch.device, precision: str, identity: ModelIdentity,
+                   choose_fastest: bool = False):
+    """The image tower's runtime back-end (:mod:`indexer.backends`), or None for plain torch.
+    choose_fastest: ``auto`` chose int8; the calibration then keeps the fastest of fp32, bf16 and int8."""
     from .backends import OpenVINOImageEncoder, openvino_available
 
     backend = (backend or "auto").lower()
@@ -392,7 +399,8 @@ def _image_backend(backend: str | None, model, dev: torch.device, precision: str
     if not openvino_available():
         raise ModelLoadError("the openvino back-end needs the openvino package: pip install openvino")
     try:
-        return OpenVINOImageEncoder(model.visual, identity.image_size, precision, identity.weights_sha256[:24])
+        return OpenVINOImageEncoder(model.visual, identity.image_size, precision, identity.weights_sha256[:24],
+                                    choose_fastest=choose_fastest)
     except Exception as e:  # TorchScript tracing or OpenVINO conversion of an unusual architecture
         if backend == "openvino":
             raise ModelLoadError(f"OpenVINO cannot run the image tower of {identity.name}: {e}") from e

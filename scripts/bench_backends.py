@@ -40,6 +40,14 @@ sys.path.insert(0, str(ROOT))
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 
+def _calibrated(encoder, x: torch.Tensor):
+    """An int8 encoder calibrated on ``x`` (as ``lookalike index`` does on its first photos); says so if it
+    stayed fp32 (too few photos, or rejected by the check against fp32)."""
+    if encoder.calibrate(x) != "int8":
+        print(f"the int8 tower runs {encoder.precision}: see the warning above", file=sys.stderr)
+    return encoder
+
+
 def _batch(preprocess, n: int, size: int) -> tuple[torch.Tensor, str]:
     """``n`` preprocessed Magento photos, or random pixels where the datasets are missing."""
     from indexer.images import open_image
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
             "torch int8 dynamic": int8,
             "openvino fp32": OpenVINOImageEncoder(model.visual, size, "fp32", f"bench-{args.model}"),
             "openvino bf16": OpenVINOImageEncoder(model.visual, size, "bf16", f"bench-{args.model}"),
-            "openvino int8 (NNCF)": OpenVINOImageEncoder(model.visual, size, "int8", f"bench-{args.model}"),
+            "openvino int8 (NNCF)": _calibrated(OpenVINOImageEncoder(model.visual, size, "int8", f"bench-{args.model}"), x),
             **_onnx_runtimes(model.visual, x, Path(tmp)),
         }
         times: dict[str, list[float]] = {k: [] for k in runtimes}

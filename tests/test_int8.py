@@ -94,6 +94,27 @@ def test_int8_tower_that_disagrees_with_fp32_is_rejected_and_runs_fp32(datasets_
     assert later.calibrate(_pixels(later, photos)) == "fp32"
 
 
+def test_auto_int8_keeps_the_fastest_tower_that_passed(datasets_dir, tmp_path, monkeypatch):
+    """``auto`` on a CPU without AMX (simulated): the calibration times fp32, bf16 and int8 on its photos and
+    keeps the fastest that passed the check; the choice is remembered with the calibration."""
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(model_mod, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(model_mod, "cpu_has_vnni", lambda: True)
+    photos = _photos(datasets_dir, quantize.CALIBRATION_PHOTOS)
+    model = load_model("test-tiny", None, "cpu")  # precision auto
+    assert model.needs_calibration
+    chosen = model.calibrate(_pixels(model, photos))
+    verdict = _verdict(tmp_path)
+    speeds = verdict["images_per_s"]
+    assert {"fp32", "int8"} <= set(speeds) and all(v > 0 for v in speeds.values())
+    assert chosen == model.precision == verdict["fastest"] == max(speeds, key=speeds.get)
+    monkeypatch.setattr(quantize, "quantize", lambda *a, **k: pytest.fail("calibrated again"))
+    again = load_model("test-tiny", None, "cpu")
+    assert again.precision == chosen and not again.needs_calibration
+    # an explicit int8 runs int8 whatever was fastest
+    assert load_model("test-tiny", None, "cpu", precision="int8").precision == "int8"
+
+
 def test_too_few_photos_leave_the_tower_uncalibrated(datasets_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path))
     photos = _photos(datasets_dir, quantize.MIN_CALIBRATION_PHOTOS - 1)
