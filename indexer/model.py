@@ -146,7 +146,7 @@ def resolve_precision(precision: str | None, device: torch.device, backend: str 
     * CPU with AMX: bf16 (AMX tiles; ViT-B-32's tower 4.7x fp32 in torch, 3.1x in OpenVINO).
     * CPU with VNNI but no AMX, an OpenVINO back-end (``backend`` ``auto`` or ``openvino``) and NNCF
       installed: int8 (:mod:`indexer.quantize`; with oneDNN capped to AVX512-BF16/VNNI, ViT-B-32's int8
-      tower ran 3.0x fp32, where bf16 ran 0.58x fp32 without AMX; docs/PERFORMANCE.md). Chosen this
+      tower ran 3.3x torch fp32, where bf16 ran 0.6x without AMX; docs/PERFORMANCE.md). Chosen this
       way, the calibration also times fp32, bf16 and int8 on its photos and keeps the fastest that
       passed the check against fp32 (remembered with the calibration), because without AMX which
       one wins depends on the CPU.

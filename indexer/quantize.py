@@ -16,10 +16,11 @@ embeddings of each photo must reach :data:`MIN_MEAN_COSINE` and the lowest
 in fp32. Either outcome is cached next to the OpenVINO model (``indexer.backends``), so the
 calibration (10-30 s for ViT-B-32 on 2 cores) happens once per model and machine.
 
-Measured on a 2-core Xeon (docs/PERFORMANCE.md, "Without AMX"): with oneDNN capped to
-AVX512-BF16/VNNI (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, no AMX), ViT-B-32's int8 tower
-ran 85 images/s against 28.6 for fp32 and 16.5 for bf16, at a mean cosine of 0.9998 to fp32
-(random weights); lookalike-base's int8 tower reached only 0.977 and is rejected by the check.
+Measured on a 2-core Xeon (docs/PERFORMANCE.md, "Per CPU kind"; ``scripts/bench_backends.py``):
+with oneDNN capped to AVX512-BF16/VNNI (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, no AMX),
+ViT-B-32's int8 tower ran 91.0 images/s against 27.7 for torch fp32 and 17.0 for OpenVINO bf16,
+lowest cosine 0.99983 to fp32 (random weights); with AMX, 195.7 against 143.9 for bf16.
+lookalike-base's int8 tower reached a mean cosine of only 0.977 and is rejected by the check.
 """
 from __future__ import annotations
 
