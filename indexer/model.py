@@ -95,13 +95,7 @@ def cpu_has_amx() -> bool:
     cap = _onednn_isa_cap()
     if cap and "AMX" not in cap:
         return False
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        if probe is not None and probe():
-            return True
-    except RuntimeError:
-        pass
-    return "amx_bf16" in _cpu_flags()
+    return _cpu_feature("_is_amx_tile_supported", "amx_bf16")
 
 
 def cpu_has_vnni() -> bool:
@@ -122,13 +116,18 @@ def cpu_has_fast_bf16() -> bool:
     cap = _onednn_isa_cap()
     if cap and "BF16" not in cap and "FP16" not in cap:
         return False
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return _cpu_feature("_is_avx512_bf16_supported", "avx512_bf16")
+
+
+def _cpu_feature(probe: str, flag: str) -> bool:
+    """torch's CPU feature probe ``torch.cpu.<probe>()``, else ``flag`` among ``/proc/cpuinfo``'s flags."""
+    fn = getattr(torch.cpu, probe, None)
     try:
-        if probe is not None and probe():
+        if fn is not None and fn():
             return True
     except RuntimeError:
         pass
-    return "avx512_bf16" in _cpu_flags()
+    return flag in _cpu_flags()
 
 
 def int8_available() -> bool:
