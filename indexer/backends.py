@@ -95,11 +95,13 @@ class OpenVINOImageEncoder:
             return
         int8 = _read(core, self._int8_path) if self._int8_path.is_file() else None
         verdict = _read_verdict(self._verdict_path)
-        chosen = verdict.get("fastest", "int8") if choose_fastest else "int8"
+        # which precision is fastest was measured on one CPU: a cache shared with another CPU re-decides
+        same_cpu = verdict.get("cpu") == _cpu_model()
+        chosen = verdict.get("fastest", "int8") if choose_fastest and same_cpu else "int8"
         if int8 is not None and verdict.get("accepted") and chosen == "int8":
             self.compiled = self._compile(int8, _int8_hint())
             return
-        if "accepted" in verdict and choose_fastest and chosen in ("bf16", "fp32"):
+        if "accepted" in verdict and choose_fastest and same_cpu and chosen in ("bf16", "fp32"):
             self.precision = chosen
             self.compiled = self._compile(model, "bf16" if chosen == "bf16" else "f32")
             return
@@ -159,7 +161,7 @@ class OpenVINOImageEncoder:
                     _write_verdict(self._verdict_path, {"accepted": False, "reason": f"quantisation failed: {e}"})
                 return self.precision
             verdict = {"accepted": q.acceptable(mean_cos, min_cos), "mean_cosine": round(mean_cos, 5),
-                       "min_cosine": round(min_cos, 5), "photos": len(samples)}
+                       "min_cosine": round(min_cos, 5), "photos": len(samples), "cpu": _cpu_model()}
             candidates = {"fp32": self.compiled}
             if verdict["accepted"]:
                 candidates["int8"] = compiled
@@ -203,6 +205,17 @@ def _images_per_s(compiled, samples: np.ndarray, runs: int = 2) -> float:
         compiled(samples)
         best = min(best, time.perf_counter() - t0)
     return len(samples) / best
+
+
+def _cpu_model() -> str:
+    """The CPU's ``model name`` (``/proc/cpuinfo``) and the oneDNN ISA cap, which change which precision is fastest."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{name}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
 
 
 def _int8_hint() -> str:

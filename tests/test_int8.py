@@ -113,6 +113,10 @@ def test_auto_int8_keeps_the_fastest_tower_that_passed(datasets_dir, tmp_path, m
     assert again.precision == chosen and not again.needs_calibration
     # an explicit int8 runs int8 whatever was fastest
     assert load_model("test-tiny", None, "cpu", precision="int8").precision == "int8"
+    # a cache shared with another CPU: that CPU's timings do not apply here, the checked int8 tower does
+    (path,) = (tmp_path / "openvino").glob("*-int8.json")
+    path.write_text(json.dumps({**verdict, "cpu": "another CPU", "fastest": "fp32"}))
+    assert load_model("test-tiny", None, "cpu").precision == "int8"
 
 
 def test_too_few_photos_leave_the_tower_uncalibrated(datasets_dir, tmp_path, monkeypatch):
