@@ -197,12 +197,15 @@ class Engine:
 
 def calibrate_from_index(model: ClipModel, store: Store, max_pixels: int) -> str:
     """Calibrate an int8 image tower (:mod:`indexer.quantize`) on photos of the index being served,
-    before the first query, so all answers come from one tower. Photos that cannot be read are skipped;
-    with too few (an empty index, photos moved) the tower stays fp32. Returns the precision in use."""
+    before the first query, so all answers come from one tower. Photos that cannot be read are skipped, and
+    photo URLs are (no downloads while the server starts); with too few (an empty index, photos moved, a
+    catalogue of URLs) the tower stays fp32. Returns the precision in use."""
     from indexer.quantize import CALIBRATION_PHOTOS
 
     pixels = []
     for source in store.first_sources(4 * CALIBRATION_PHOTOS):
+        if source.lower().startswith(("http://", "https://")):
+            continue
         try:
             raw = read_source_bytes(store.resolve_source(source), 64 * 1024 * 1024)
             pixels.append(model.preprocess(image_from_bytes(raw, max_pixels=max_pixels, draft_size=model.draft_size)))
