@@ -197,20 +197,23 @@ class Engine:
 
 def calibrate_from_index(model: ClipModel, store: Store, max_pixels: int) -> str:
     """Calibrate an int8 image tower (:mod:`indexer.quantize`) on photos of the index being served,
-    before the first query, so all answers come from one tower. Photos that cannot be read are skipped, and
-    photo URLs are (no downloads while the server starts); with too few (an empty index, photos moved, a
-    catalogue of URLs) the tower stays fp32. Returns the precision in use."""
+    before the first query, so all answers come from one tower. The photos are read as indexing reads
+    them (:class:`indexer.pipeline.PhotoReader`, its file-size limit, ``max_pixels``); those that cannot
+    be read are skipped, and photo URLs are (no downloads while the server starts). With too few (an
+    empty index, photos moved, a catalogue of URLs) the tower stays fp32. Returns the precision in use."""
+    from indexer.pipeline import DEFAULT_MAX_FILE_BYTES, PhotoReader
     from indexer.quantize import CALIBRATION_PHOTOS
 
+    reader = PhotoReader(model.preprocess, max_pixels, DEFAULT_MAX_FILE_BYTES, model.draft_size)
     pixels = []
     for source in store.first_sources(4 * CALIBRATION_PHOTOS):
         if source.lower().startswith(("http://", "https://")):
             continue
-        try:
-            raw = read_source_bytes(store.resolve_source(source), 64 * 1024 * 1024)
-            pixels.append(model.preprocess(image_from_bytes(raw, max_pixels=max_pixels, draft_size=model.draft_size)))
-        except (LookalikeError, OSError, ValueError) as e:
-            log.debug("calibration skips %s: %s", source, e)
+        item = reader.read(store.resolve_source(source), None)
+        if item.pixels is None:
+            log.debug("calibration skips %s: %s", source, item.message)
+            continue
+        pixels.append(item.pixels)
         if len(pixels) >= CALIBRATION_PHOTOS:
             break
     return model.calibrate(torch.stack(pixels)) if pixels else model.precision
