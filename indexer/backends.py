@@ -93,7 +93,7 @@ class OpenVINOImageEncoder:
         if precision != "int8":
             self.compiled = self._compile(model, "bf16" if precision == "bf16" else "f32")
             return
-        int8 = _read(core, self._int8_path) if self._int8_path.is_file() else None
+        int8 = _read(core, self._int8_path)
         verdict = _read_verdict(self._verdict_path)
         # which precision is fastest was measured on one CPU: a cache shared with another CPU re-decides
         same_cpu = verdict.get("cpu") == _cpu_model()
@@ -210,14 +210,10 @@ def _images_per_s(compiled, samples: np.ndarray, runs: int = 1) -> float:
 
 
 def _cpu_model() -> str:
-    """The CPU's ``model name`` (``/proc/cpuinfo``) and the oneDNN ISA cap, which change which precision is fastest."""
-    name = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{name}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
+    """The CPU (``model name``) and the oneDNN ISA cap: what decides which precision is fastest."""
+    from .model import cpu_model
+
+    return f"{cpu_model()}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
 
 
 def _int8_hint() -> str:

@@ -29,6 +29,7 @@ checks >= 0.999); an index made in one precision can be queried in another.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -73,13 +74,24 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def _cpu_flags() -> set[str]:
-    """The ``flags`` of ``/proc/cpuinfo`` (empty where there is none)."""
+@functools.cache
+def _cpuinfo(field: str) -> str:
+    """The value of the first ``field`` line of ``/proc/cpuinfo`` (``""`` where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
-        return set()
+        return ""
+
+
+def _cpu_flags() -> set[str]:
+    """The ``flags`` of ``/proc/cpuinfo`` (empty where there is none)."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from ``/proc/cpuinfo`` (``""`` where there is none)."""
+    return _cpuinfo("model name")
 
 
 def _onednn_isa_cap() -> str:
@@ -322,9 +334,8 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     import open_clip
 
     dev = resolve_device(device)
-    auto_int8 = (precision or "auto").lower() == "auto"
+    requested = (precision or "auto").lower()
     precision = resolve_precision(precision, dev, backend)
-    auto_int8 = auto_int8 and precision == "int8"
     ident, extra = open_clip_name(name)
     if ident.startswith("hf-hub:") or local_dir(ident) is not None:
         pretrained = None
@@ -361,7 +372,8 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     identity = ModelIdentity(
         name=name, pretrained=pretrained or None, weights_sha256=_weights_sha256(model), dim=dim, image_size=image_size
     )
-    encoder = _image_backend(backend, model, dev, precision, identity, choose_fastest=auto_int8)
+    encoder = _image_backend(backend, model, dev, precision, identity,
+                             choose_fastest=requested == "auto" and precision == "int8")
     if encoder is None and precision == "int8":  # OpenVINO could not convert this tower (logged): torch fp32
         precision = "fp32"
     if dev.type == "cpu" and precision == "bf16":
