@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--duplicates", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    # absolute: the manifests written under --out name the planted photos by path, and a catalogue
+    # resolves relative paths against the manifest's own folder
+    args.out = args.out.resolve()
 
     from indexer.magento import build_manifest
     from indexer.model import load_model

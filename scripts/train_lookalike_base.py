@@ -22,7 +22,11 @@ most of it in step 1.
      al. 2015; the class names of ``timm.data.ImageNetInfo``), which teaches the text layers a
      thousand more words than the captions hold;
    * *instance*: InfoNCE between each photo and a transformed copy of it (SimCLR, Chen et al.
-     2020), so that copies of a photo find it;
+     2020), so that copies of a photo find it. Three quarters of each instance batch are product
+     photos (``--instance-magento-share``), so that the hardest negatives are other products
+     shot the same way; the other photos of the same product (colour variants, back views) are
+     left out of the negatives (``--instance-ignore-same-product``), since "find similar" should
+     still rank them high;
    * *structure*: single words keep GloVe's pairwise cosines (256 random words of the 50,000
      most frequent per step), so that a trained word's neighbours move with it.
 
@@ -302,6 +306,12 @@ def train_heads(model, tokenizer, data, args, log=print) -> dict:
         item_views.setdefault(o, []).append(v)
     clean_view = {o: vs[0] for o, vs in item_views.items()}
     copied = [o for o, vs in item_views.items() if len(vs) > 1]
+    copied_magento = [o for o in copied if data["sources"][o] == "magento"]
+    copied_other = [o for o in copied if data["sources"][o] != "magento"]
+    # one id per Magento product; every other item is its own product
+    product_ids = {p: i for i, p in enumerate(sorted(set(data["product_of"].values())))}
+    product_index = torch.tensor([product_ids[data["product_of"][o]] if o in data["product_of"] else len(product_ids) + o
+                                  for o in range(len(captions))])
     weights = torch.tensor([args.magento_weight if data["sources"][i] == "magento" else 1.0 for i in view_items])
 
     def tokens_of(texts):  # trimmed to the longest text: the padding columns cost time and change nothing
@@ -336,10 +346,19 @@ def train_heads(model, tokenizer, data, args, log=print) -> dict:
         scale = model.logit_scale.exp().clamp(max=100)
         loss_cap = multi_positive_clip_loss(img, txt, ids, scale)
         # instance: clean photo vs one of its copies
-        pairs = rng.sample(copied, min(args.batch, len(copied)))
+        if args.instance_magento_share < 0:
+            pairs = rng.sample(copied, min(args.batch, len(copied)))
+        else:
+            n_mag = min(len(copied_magento), round(args.instance_magento_share * args.batch))
+            pairs = rng.sample(copied_magento, n_mag) + rng.sample(copied_other, args.batch - n_mag)
         a = F.normalize(model.visual.project(feats[[clean_view[o] for o in pairs]]), dim=-1)
         b = F.normalize(model.visual.project(feats[[rng.choice(item_views[o][1:]) for o in pairs]]), dim=-1)
         logits = a @ b.t() / args.instance_temperature
+        if args.instance_ignore_same_product:
+            # other photos of the same product (its colour variants, its back view) are not negatives
+            prod = product_index[pairs]
+            same = (prod[:, None] == prod[None, :]) & ~torch.eye(len(pairs), dtype=torch.bool)
+            logits = logits.masked_fill(same, float("-inf"))
         target = torch.arange(len(pairs))
         loss_inst = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
         # ImageNet distillation on both batches
@@ -413,6 +432,12 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--instance-weight", type=float, default=1.0)
     ap.add_argument("--instance-temperature", type=float, default=0.05)
+    ap.add_argument("--instance-magento-share", type=float, default=0.75,
+                    help="share of each instance batch drawn from the Magento product photos (the rest: CIFAR-10 "
+                         "and Fashion-MNIST); a negative value samples uniformly over all photos (2 %% Magento)")
+    ap.add_argument("--instance-ignore-same-product", action=argparse.BooleanOptionalAction, default=True,
+                    help="leave the other photos of a Magento product (its colour variants, other views) out of the "
+                         "instance loss's negatives")
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--magento-weight", type=float, default=8.0,
                     help="sampling weight of a Magento photo in the caption batches (others: 1)")
@@ -456,6 +481,7 @@ def main(argv=None) -> int:
     items = training_items(datasets, args.per_cifar_class, args.per_fashion_class, rng, args.class_captions)
     for r in mag_rows:
         items.append((lambda p=r["image"]: open_image(p, draft_size=448), magento_captions(r), "magento"))
+    product_of = {i: r["id"] for i, r in enumerate(mag_rows, start=len(items) - len(mag_rows))}
     if cache_file.is_file() and str(np.load(cache_file)["key"]) == key:
         d = np.load(cache_file)
         feats, owner, is_copy = d["feats"], d["owner"], d["is_copy"]
@@ -471,7 +497,7 @@ def main(argv=None) -> int:
     widths = [model.visual.trunk.blocks[i][-1].conv_pwl.out_channels for i in model.visual.taps]
     head_start = sum(widths)
     data = {"feats": feats, "owner": owner, "is_copy": is_copy, "captions": [c for _, c, _ in items],
-            "sources": [s for _, _, s in items], "classifier": (w_cls.float(), b_cls.float()),
+            "sources": [s for _, _, s in items], "product_of": product_of, "classifier": (w_cls.float(), b_cls.float()),
             "head_slice": slice(head_start, head_start + model.visual.trunk.num_features),
             "class_texts": imagenet_class_texts()}
     result = train_heads(model, tokenizer, data, args)
