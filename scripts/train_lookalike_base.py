@@ -36,8 +36,9 @@ most of it in step 1.
    class name. ``lookalike eval`` reports zero-shot accuracy on exactly those classes.
 3. **Output.** The model folder: config, safetensors (fp16 projection, int8 GloVe, fp16 trunk),
    vocabulary, the Magento split, ``training.json`` (settings, losses, times),
-   ``training_words.txt`` (every word the text tower saw) and the calibrated thresholds
-   (:func:`write_calibration`). ``MODEL_CARD.md`` is written by hand from ``lookalike eval``.
+   ``training_words.txt`` (every word the text tower saw) and the calibrated thresholds,
+   the catalogue audit's near-duplicate threshold included (:func:`write_calibration`).
+   ``MODEL_CARD.md`` is written by hand from ``lookalike eval``.
 """
 from __future__ import annotations
 
@@ -403,16 +404,31 @@ def save_folder(model, vocab, out: Path, summary: dict, split: dict) -> None:
 
 
 def write_calibration(out: Path, datasets: Path, rows: list[dict]) -> dict:
-    """Measure the model's thresholds on the Magento training products (:func:`indexer.evaluate.calibrate`)
-    and record them as ``lookalike.calibration`` in its config (the weights, and so the model's
-    identity, stay as they are)."""
+    """Measure the model's thresholds on the Magento training products and record them as
+    ``lookalike.calibration`` in its config (the weights, and so the model's identity, stay as
+    they are): ``min_score`` and ``label_min_cosine`` (:func:`indexer.evaluate.calibrate`), and
+    the catalogue audit's ``near_duplicate_min_cosine`` (``near_duplicate_calibration`` of
+    ``scripts/eval_audit.py``, on a temporary index of those products' photos)."""
+    import tempfile
+
     from indexer.evaluate import calibrate
     from indexer.model import load_model
 
-    calibration = calibrate(load_model(str(out), None, "cpu"), datasets, rows)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from eval_audit import index_rows, near_duplicate_calibration
+
+    model = load_model(str(out), None, "cpu")
+    calibration = calibrate(model, datasets, rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        index = index_rows(rows, Path(tmp) / "index", model)
+        calibration["near_duplicate_calibration"] = near_duplicate_calibration(
+            index, model, {r["id"] for r in rows}, Path(tmp) / "copies")
     path = out / bm.CONFIG_FILE
     config = json.loads(path.read_text())
-    config["lookalike"]["calibration"] = {k: calibration[k] for k in ("min_score", "label_min_cosine", "measured_on")}
+    config["lookalike"]["calibration"] = {
+        "min_score": calibration["min_score"],
+        "near_duplicate_min_cosine": calibration["near_duplicate_calibration"]["recommended"],
+        "label_min_cosine": calibration["label_min_cosine"], "measured_on": calibration["measured_on"]}
     path.write_text(json.dumps(config, indent=2))
     return calibration
 
