@@ -464,6 +464,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-noise", type=float, default=0.2, help="std of the noise added to word vectors")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.instance_magento_share > 1:
+        ap.error("--instance-magento-share is a share of the batch: at most 1 (negative: uniform sampling)")
     t_start = time.time()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
