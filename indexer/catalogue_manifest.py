@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .catalogue_rows import Catalogue, CatalogueError, ColumnMap, RowProblem, clean_text, printable, text_problem
+from .photo_sources import is_url
 
 #: File name extensions read as JSON lines; any other manifest is read as CSV.
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -139,9 +140,8 @@ def json_scalar(v):
 
 def _resolve_source(image: str, root: Path, explicit_root: bool, allow_outside_root: bool):
     """Returns (source, None) or (None, (reason, message))."""
-    lower = image.lower()
     if "://" in image:
-        if lower.startswith(("http://", "https://")):
+        if is_url(image):
             return image, None
         return None, ("bad_url", f"{image!r}: only http and https URLs are read")
     if explicit_root and image.startswith("/"):

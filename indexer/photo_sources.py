@@ -14,10 +14,15 @@ import zlib
 TAR_SEPARATOR = "::"
 
 
+def is_url(source: str) -> bool:
+    """Whether a photo source is an ``http(s)://`` URL (any case), which is fetched, not opened."""
+    return source.lower().startswith(("http://", "https://"))
+
+
 def tar_member(source: str) -> tuple[str, str] | None:
     """Split ``shard.tar::member`` into (shard path, member name); None for other sources (a file
     whose own name holds ``::`` is a file: the part before ``::`` must name a ``.tar``)."""
-    if TAR_SEPARATOR in source and not source.lower().startswith(("http://", "https://")):
+    if TAR_SEPARATOR in source and not is_url(source):
         shard, member = source.split(TAR_SEPARATOR, 1)
         if shard.lower().endswith(".tar"):
             return shard, member
@@ -33,7 +38,7 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
     from .fetch import fetch_url
     from .images import ImageError, PhotoUnavailable
 
-    if source.lower().startswith(("http://", "https://")):
+    if is_url(source):
         return fetch_url(source, max_bytes=max_bytes, allow_private=allow_private_urls)
     member = tar_member(source)
     if member:

@@ -201,13 +201,14 @@ def calibrate_from_index(model: ClipModel, store: Store, max_pixels: int) -> str
     them (:class:`indexer.pipeline.PhotoReader`, its file-size limit, ``max_pixels``); those that cannot
     be read are skipped, and photo URLs are (no downloads while the server starts). With too few (an
     empty index, photos moved, a catalogue of URLs) the tower stays fp32. Returns the precision in use."""
+    from indexer.photo_sources import is_url
     from indexer.pipeline import DEFAULT_MAX_FILE_BYTES, PhotoReader
     from indexer.quantize import CALIBRATION_PHOTOS
 
     reader = PhotoReader(model.preprocess, max_pixels, DEFAULT_MAX_FILE_BYTES, model.draft_size)
     pixels = []
     for source in store.first_sources(4 * CALIBRATION_PHOTOS):
-        if source.lower().startswith(("http://", "https://")):
+        if is_url(source):
             continue
         item = reader.read(store.resolve_source(source), None)
         if item.pixels is None:

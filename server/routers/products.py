@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from indexer.compose import composer
 from indexer.errors import LookalikeError, NotFound
 from indexer.images import ImageError
+from indexer.photo_sources import is_url
 from indexer.search import PHOTO_QUERY_MIN_SCORE
 from indexer.store import Product
 from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
@@ -82,7 +83,7 @@ def product_image(
     if not photos:
         raise NotFound(f"product {product_id!r} has no photo {photo_id}")
     photo = photos[0]
-    if photo["image"].lower().startswith(("http://", "https://")):
+    if is_url(photo["image"]):
         return RedirectResponse(photo["image"])
     etag = f'"{photo["sha256"][:32]}-{size or 0}"'
     headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
