@@ -32,6 +32,7 @@ from .catalogue_folder import read_folder
 from .catalogue_manifest import JSON_SUFFIXES, read_manifest
 from .catalogue_rows import (
     RESERVED_ID_SUFFIXES,
+    RESERVED_IDS,
     Catalogue,
     CatalogueError,
     CatalogueRow,
@@ -46,6 +47,7 @@ from .photo_sources import TAR_SEPARATOR, read_source_bytes, tar_member
 
 __all__ = [
     "RESERVED_ID_SUFFIXES",
+    "RESERVED_IDS",
     "TAR_SEPARATOR",
     "Catalogue",
     "CatalogueError",

@@ -8,7 +8,7 @@ import stat
 import warnings
 from pathlib import Path, PurePosixPath
 
-from .catalogue_rows import Catalogue, RowProblem, image_suffixes, text_problem
+from .catalogue_rows import RESERVED_ID_SUFFIXES, Catalogue, RowProblem, image_suffixes, text_problem
 
 
 def _sniff(path: Path) -> tuple[str, str] | None:
@@ -49,8 +49,18 @@ def _folder_title(rel: PurePosixPath) -> str:
     return str(rel.with_suffix(""))
 
 
+def folder_product_id(rel: PurePosixPath) -> str:
+    """A folder photo's product id: its path relative to the folder without the extension
+    (``tops/hoodie-gray``), or with it where the path without it would end like an API route
+    (``SKU1/image.jpg``, not ``SKU1/image``: :data:`indexer.catalogue_rows.RESERVED_ID_SUFFIXES`), the
+    common folder-per-product layout of ``SKU/image.jpg``."""
+    pid = str(rel.with_suffix(""))
+    return str(rel) if pid.strip().endswith(RESERVED_ID_SUFFIXES) else pid
+
+
 def read_folder(root: Path, allow_outside_root: bool = False) -> Catalogue:
-    """Every image below ``root``; product id = relative path without extension, category = its folder.
+    """Every image below ``root``; product id = relative path without extension
+    (:func:`folder_product_id`), category = its folder.
 
     Whether a file is an image is decided by its content (:func:`_sniff`), not its extension.
     Every entry that is not read is reported with a reason: ``hidden`` (a name starting with a
@@ -117,7 +127,7 @@ def read_folder(root: Path, allow_outside_root: bool = False) -> Catalogue:
             skip(rel, *sniffed)
             continue
         parent = str(rel.parent) if str(rel.parent) != "." else None
-        cat.add(str(rel.with_suffix("")), str(path), str(rel), title=_folder_title(rel), category=parent,
+        cat.add(folder_product_id(rel), str(path), str(rel), title=_folder_title(rel), category=parent,
                 reason="bad_name")
     cat.problems.sort(key=lambda p: p.where)
     return cat

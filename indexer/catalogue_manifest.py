@@ -113,6 +113,11 @@ def _read_records(path: Path) -> Iterable[tuple[str, dict | RowProblem]]:
             except csv.Error:
                 delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
             reader = csv.DictReader(f, dialect=csv.excel, delimiter=delimiter)
+            header = reader.fieldnames or []
+            twice = sorted({h for h in header if h and h.strip() and header.count(h) > 1})  # not blank ones
+            if twice:  # DictReader would keep the last column of each name, silently
+                raise CatalogueError(f"{printable(str(path))}: the header names {', '.join(map(repr, twice))} more "
+                                     "than once; rename the columns so each name is used once")
             while True:
                 try:
                     record = next(reader)

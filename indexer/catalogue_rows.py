@@ -15,6 +15,19 @@ from .errors import LookalikeError
 #: Product ids may not end with these: ``GET /v1/products/{id}/image`` and ``.../similar`` would
 #: read another route, and the product could never be read back over HTTP.
 RESERVED_ID_SUFFIXES = ("/image", "/similar")
+#: Nor be one of these: a browser (and httpx) resolves ``/v1/products/../image`` to ``/v1/image``, even
+#: with the dots percent-encoded (WHATWG URL standard, "single-dot / double-dot path segment").
+RESERVED_IDS = (".", "..")
+
+
+def reserved_id_problem(product_id: str) -> str | None:
+    """Why ``product_id`` cannot be a product id because of the HTTP routes, or None."""
+    pid = product_id.strip()
+    if pid.endswith(RESERVED_ID_SUFFIXES):
+        return f"product id {printable(pid)!r} ends with {' or '.join(RESERVED_ID_SUFFIXES)}, which are API routes"
+    if pid in RESERVED_IDS:
+        return f"product id {pid!r} is a path segment that browsers resolve away; it could never be read over HTTP"
+    return None
 
 # Pillow registers these extensions for formats it can only write.
 _WRITE_ONLY_FORMATS = frozenset({"PDF", "PALM"})
@@ -81,9 +94,8 @@ class Catalogue:
         A row with text that cannot be stored (see the module docstring) is not added but
         reported with ``reason``; returns whether the row was added."""
         problem = _row_text_problem(product_id, source, title, category, metadata)
-        if not problem and product_id.strip().endswith(RESERVED_ID_SUFFIXES):
-            problem, reason = (f"product id {printable(product_id)!r} ends with "
-                               f"{' or '.join(RESERVED_ID_SUFFIXES)}, which are API routes"), "bad_id"
+        if not problem and (routed := reserved_id_problem(product_id)):
+            problem, reason = routed, "bad_id"
         if problem:
             self.problems.append(RowProblem(where, reason, problem, product_id))
             return False

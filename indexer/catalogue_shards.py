@@ -12,6 +12,12 @@ from .catalogue_manifest import json_scalar
 from .catalogue_rows import Catalogue, RowProblem, clean_text, image_suffixes
 from .photo_sources import TAR_SEPARATOR
 
+#: A shard with more members than this is refused (``bad_shard``): every member's header is held while
+#: the shard is grouped by key (about 1 KiB each). Webdataset shards hold thousands of samples.
+MAX_SHARD_MEMBERS = 200_000
+#: A key's ``.json`` metadata member larger than this is refused (``bad_json``) without reading it
+MAX_JSON_MEMBER_BYTES = 1 << 20
+
 
 def read_shards(shards: list[Path]) -> Catalogue:
     """Webdataset tar shards: ``KEY.jpg`` (or another image extension) with optional
@@ -25,7 +31,9 @@ def read_shards(shards: list[Path]) -> Catalogue:
         try:
             with tarfile.open(shard) as tar:
                 groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for m in tar.getmembers():
+                for n, m in enumerate(tar, 1):
+                    if n > MAX_SHARD_MEMBERS:
+                        raise tarfile.TarError(f"more than {MAX_SHARD_MEMBERS:,} members: split it into smaller shards")
                     if not m.isfile():
                         continue
                     base = m.name.rsplit("/", 1)[-1]
@@ -41,9 +49,14 @@ def read_shards(shards: list[Path]) -> Catalogue:
                     meta: dict = {}
                     if ".json" in members:
                         try:
-                            loaded = json.loads(tar.extractfile(members[".json"]).read())
+                            raw = tar.extractfile(members[".json"]).read(MAX_JSON_MEMBER_BYTES + 1)
+                            if len(raw) > MAX_JSON_MEMBER_BYTES:
+                                raise ValueError(f"over {MAX_JSON_MEMBER_BYTES:,} bytes of metadata")
+                            loaded = json.loads(raw)
                             if isinstance(loaded, dict):
                                 meta = {str(k): json_scalar(v) for k, v in loaded.items()}
+                        except RecursionError:
+                            cat.problems.append(RowProblem(where, "bad_json", f"{key}.json: nested too deeply"))
                         except ValueError as e:
                             cat.problems.append(RowProblem(where, "bad_json", f"{key}.json: {e}"))
                     title = meta.pop("title", None)

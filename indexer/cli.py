@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -286,11 +287,16 @@ def cmd_add(args) -> int:
 def cmd_delete(args) -> int:
     from .updates import delete_product
 
+    ids = list(dict.fromkeys(args.ids))  # an id named twice is deleted once
     with _open_index(args.index, writable=True) as store:
-        for pid in args.ids:
+        # all or nothing: this process holds the write lock, so what exists now still exists below
+        missing = [pid for pid in ids if not store.has_product(pid)]
+        if missing:
+            raise LookalikeError(f"no product with id {', '.join(map(repr, missing))}; nothing was deleted")
+        for pid in ids:
             delete_product(store, pid)
         store.save()
-    print(f"deleted {len(args.ids)} products")
+    print(f"deleted {len(ids)} product{'' if len(ids) == 1 else 's'}")
     return 0
 
 
@@ -502,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", nargs="?", default=None, help="index directory (default: LOOKALIKE_INDEX)")
     p.add_argument("--config", default=None, help="TOML settings file (also: LOOKALIKE_CONFIG); see README")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (0 to 65535; 0 picks a free one)")
     p.add_argument("--labels", default=None,
                    help="label set .yaml/.json for the labels of query photos (default: the set the index was "
                         "last labelled with by 'lookalike label INDEX', else data/labels/retail.yaml)")
@@ -699,6 +705,16 @@ def _number_between(low: float, high: float, what: str = "a number"):
 
 
 _positive = _int_at_least(1)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (the resolver would silently wrap 99999 to 34463)."""
+    v = _int_at_least(0)(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 0 to 65535, got {text}")
+    return v
+
+
 _fraction = _number_between(0, 1, "a fraction")
 _cosine = _number_between(-1, 1, "a cosine")
 _non_negative = _int_at_least(0)
@@ -714,6 +730,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LookalikeError as e:
         print(f"lookalike: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's, not ours: a full disk, a read-only folder, a file where a folder goes
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lookalike: error: {where}{e.strerror or e}; committed work is kept, re-run when it is fixed",
+              file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as e:  # "database or disk is full", "attempt to write a readonly database"
+        print(f"lookalike: error: the index database: {e}; committed work is kept, re-run when it is fixed",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lookalike: interrupted; committed work is kept, re-run to continue", file=sys.stderr)

@@ -148,7 +148,10 @@ class Database:
             yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # after some errors (SQLITE_FULL, SQLITE_IOERR) SQLite has already rolled back, and a
+            # second ROLLBACK would raise and hide the error that matters
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def create_schema(self, meta: dict[str, str]) -> None:

@@ -22,7 +22,15 @@ from PIL import (
     PngImagePlugin,
 )
 
-__all__ = ["decoder_bytes", "inner_frames"]
+__all__ = ["MAX_JPEG_SCANS", "decoder_bytes", "inner_frames", "jpeg_scans"]
+
+#: A JPEG with more scans (SOS markers) than this is refused before decoding. A progressive JPEG's
+#: decoder runs over all of its coefficients once per scan, so a small file of thousands of tiny
+#: scans costs minutes of CPU at any pixel count (the crafted-JPEG denial of service of the Cure53
+#: audit of libjpeg-turbo, 2019; NVIDIA's nvImageCodec refuses more than 256 scans by default,
+#: NVIMGCODEC_MAX_JPEG_SCANS). Encoders write 1 to 3 scans for a baseline JPEG, about 10 for a
+#: progressive one (libjpeg's default script) and at most a few dozen (mozjpeg's optimised scans).
+MAX_JPEG_SCANS = 100
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JP2_MAGICS = (b"\xff\x4f\xff\x51", b"\x0d\x0a\x87\x0a", b"\x00\x00\x00\x0cjP  \x0d\x0a\x87\x0a")
@@ -200,3 +208,25 @@ def _jpeg_buffers_coefficients(fp: IO[bytes]) -> bool:
                 fp.seek(length - 2, io.SEEK_CUR)
     finally:
         fp.seek(where)
+
+
+def jpeg_scans(fp: IO[bytes], stop_after: int = MAX_JPEG_SCANS) -> int:
+    """The number of SOS markers (``FF DA``) in a JPEG stream, counting stops past ``stop_after``.
+
+    Entropy-coded data never holds ``FF DA`` (a coded ``FF`` byte is followed by ``00``; restart
+    markers are ``FF D0``-``FF D7``), so every match is a scan header, or one of an embedded EXIF
+    thumbnail's few. Reads the stream in 1 MiB chunks from its start and restores its position.
+    """
+    pos = fp.tell()
+    fp.seek(0)
+    count, tail = 0, b""
+    try:
+        while count <= stop_after:
+            chunk = fp.read(1 << 20)
+            if not chunk:
+                break
+            count += (tail + chunk).count(b"\xff\xda")
+            tail = chunk[-1:] if chunk[-1:] == b"\xff" else b""
+    finally:
+        fp.seek(pos)
+    return count

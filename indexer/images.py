@@ -67,6 +67,7 @@ import contextlib
 import hashlib
 import io
 import os
+import stat
 from typing import IO, Any, Union
 
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -88,7 +89,7 @@ from .decode_limits import (
 )
 from .image_colour import BACKGROUND, to_rgb
 from .image_errors import REASONS, SOURCE_REASONS, ImageError, PhotoUnavailable, classify_error, diagnose_unidentified
-from .image_headers import decoder_bytes, inner_frames
+from .image_headers import MAX_JPEG_SCANS, decoder_bytes, inner_frames, jpeg_scans
 
 __all__ = [
     "BACKGROUND",
@@ -182,6 +183,9 @@ def open_image(
         if isinstance(label, bytes):
             label = os.fsdecode(label)
         try:
+            if not stat.S_ISREG(os.stat(source).st_mode) and not os.path.isdir(source):
+                # opening a FIFO waits for a writer, and a device never ends
+                raise ImageError("not_an_image", f"{label}: not a regular file (a FIFO, socket or device)")
             fh = open(source, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError as exc:
             raise PhotoUnavailable("not_found", f"{label}: no such file") from exc
@@ -273,6 +277,9 @@ def _decode(fp: IO[bytes], label: str, limits: DecodeLimits) -> Image.Image:
             with Image.open(fp) as im:
                 if not isinstance(im, JpegImagePlugin.JpegImageFile):  # cannot be reduced
                     check_size(im.size, limits.max_pixels, label)
+                elif (scans := jpeg_scans(fp)) > MAX_JPEG_SCANS:
+                    raise ImageError("decompression_bomb", f"{label}: a JPEG of more than {MAX_JPEG_SCANS} scans "
+                                                           f"({scans} counted so far): decoding it would take minutes")
                 # Animated GIF/APNG/WebP: use the first frame.  Right after open
                 # every plugin already sits on it.  PSD numbers its layers from 1
                 # (seek(0) raises EOFError) and shows the merged composite until

@@ -7,6 +7,7 @@ pipeline and the server report a bad source the same way as a bad image.
 from __future__ import annotations
 
 import os
+import stat
 import tarfile
 import zlib
 
@@ -62,11 +63,18 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
             raise ImageError("too_large", f"{name} is over the {max_bytes}-byte limit")
         return data
     try:
-        size = os.path.getsize(source)
-        if size > max_bytes:
-            raise ImageError("too_large", f"file is {size} bytes, over the {max_bytes}-byte limit")
+        st = os.stat(source)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(source)
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO waits for a writer; a device never ends
+            raise ImageError("not_an_image", f"{source} is not a regular file (a FIFO, socket or device)")
+        if st.st_size > max_bytes:
+            raise ImageError("too_large", f"file is {st.st_size} bytes, over the {max_bytes}-byte limit")
         with open(source, "rb") as f:
-            return f.read()
+            data = f.read(max_bytes + 1)  # the file may have grown since stat
+        if len(data) > max_bytes:
+            raise ImageError("too_large", f"file is over the {max_bytes}-byte limit")
+        return data
     except FileNotFoundError:
         raise PhotoUnavailable("not_found", f"no such file: {source}") from None
     except IsADirectoryError:

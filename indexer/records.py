@@ -28,6 +28,14 @@ class IndexLocked(StoreError):
     http_status = 409
 
 
+class IndexNotWritable(IndexLocked):
+    """The index folder cannot be written at all (a read-only file system or folder): its write
+    lock cannot even be created. A server serves such an index read-only, as a locked one."""
+
+    code = "index_not_writable"
+    http_status = 403
+
+
 class IncompleteIndex(StoreError):
     """The index directory's database exists but its creation never committed."""
 

@@ -58,6 +58,7 @@ from .records import (  # noqa: F401 (re-exported: the store's public names)
     Hit,
     IncompleteIndex,
     IndexLocked,
+    IndexNotWritable,
     KnownPhoto,
     ModelIdentity,
     ModelMismatch,
@@ -208,7 +209,10 @@ class Store:
     def _acquire_lock(self) -> None:
         import fcntl
 
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise IndexNotWritable(f"cannot write in {self.path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -619,8 +623,14 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest.json of an index directory. Raises StoreError."""
     p = Path(path) / MANIFEST_NAME
     try:
-        return json.loads(p.read_text())
+        manifest = json.loads(p.read_text())
     except FileNotFoundError:
         raise StoreError(f"{path} is not a lookalike index (no {MANIFEST_NAME})") from None
     except ValueError as e:
         raise StoreError(f"{p} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise StoreError(f"cannot read {p}: {e.strerror or e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), dict):
+        raise StoreError(f"{p} is not a lookalike index manifest (no \"model\" object); "
+                         "was this folder made by another program?")
+    return manifest

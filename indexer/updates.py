@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .catalogue import RESERVED_ID_SUFFIXES, text_problem
+from .catalogue import RESERVED_ID_SUFFIXES, RESERVED_IDS, text_problem
 from .errors import LookalikeError, NotFound
 from .images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
 from .model import ClipModel
@@ -72,6 +72,8 @@ def validate_product_id(product_id) -> str:
     product_id = product_id.strip()
     if product_id.endswith(RESERVED_ID_SUFFIXES):
         raise _bad(f"product id may not end with {' or '.join(RESERVED_ID_SUFFIXES)} (those are routes)")
+    if product_id in RESERVED_IDS:
+        raise _bad(f"product id may not be {product_id!r}: browsers resolve it away, it could never be read back")
     return product_id
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 
@@ -54,6 +55,9 @@ class Engine:
             self.write_block = LookalikeError(
                 "writes are disabled on this server: configure api_keys (LOOKALIKE_API_KEYS)",
                 code="writes_disabled", http_status=403)
+        elif not store.writable and not os.access(store.path, os.W_OK):
+            self.write_block = LookalikeError(f"the index folder cannot be written ({store.path} is read-only)",
+                                              code="index_not_writable", http_status=403)
         elif not store.writable:
             self.write_block = LookalikeError("the index is being written by another process (lookalike index?); "
                                               "retry when it is done", code="index_locked", http_status=409)

@@ -159,7 +159,7 @@ async def one_file(request: Request, field: str) -> None:
     the last one, and the client would get an answer about a photo it may not have meant."""
     form = await request.form()  # already parsed for the route's parameters: Starlette caches it
     if len(form.getlist(field)) > 1:
-        raise LookalikeError(f"send one '{field}' file, not {len(form.getlist(field))}", code="validation_error",
+        raise LookalikeError(f"send one '{field}' field, not {len(form.getlist(field))}", code="validation_error",
                              http_status=422)
 
 

@@ -7,6 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from indexer.compose import query_text
+from indexer.errors import LookalikeError
+
 from ..deps import READ_AUTH, EngineDep, read_upload
 from ..limits import check_labels, one_file
 from ..schemas import ERRORS, LabelsResponse
@@ -26,7 +29,12 @@ async def labels_route(
 ) -> LabelsResponse:
     await one_file(request, "image")
     names = [n.strip() for value in labels or [] for n in value.split(",") if n.strip()]
+    if labels and not names:  # "labels=,,," asked for a set and named none: not the default set
+        raise LookalikeError("labels names no label (only commas or spaces); leave it out for the default set",
+                             code="bad_labels", http_status=422)
     check_labels(names, request.app.state.settings)
+    for name in names:
+        query_text(name, "a label")  # NUL, control characters, undecodable bytes: 422
     data = await read_upload(image, engine.max_upload_bytes)
 
     def run() -> LabelsResponse:

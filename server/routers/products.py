@@ -22,6 +22,7 @@ from indexer.store import Product
 from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
 
 from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, read_upload, writable
+from ..limits import one_file
 from ..schemas import (
     ERRORS,
     IMAGE_MIN_SCORE_DOC,
@@ -107,12 +108,14 @@ def product(engine: EngineDep, product_id: str) -> ProductResponse:
                         **WRITE_ERRORS, 409: {"model": ErrorResponse}},
              tags=["catalogue updates"], summary="Add or replace a product (upsert by id) with its photos")
 async def add_product(
+    request: Request,
     engine: EngineDep,
     metadata: Annotated[str, Form(description='JSON object: {"id": ..., "title"?, "category"?, any other keys}')],
     images: Annotated[list[UploadFile] | None, File(description="the product's photos; they replace its current "
                                                     "photos (none: only the metadata changes)")] = None,
 ):
     engine = writable(engine)
+    await one_file(request, "metadata")  # two metadata fields: which product did the client mean?
     try:
         meta = json.loads(metadata)
     except ValueError as e:
