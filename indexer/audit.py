@@ -8,7 +8,8 @@ each finding with its evidence (scores, product ids, photo ids and sources):
 * ``exact_duplicates``: photos of different products with the same content hash (the ``sha256``
   of the file's bytes the index stores per photo): one group per hash.
 * ``near_duplicates``: photos of different products whose cosine is at least
-  ``near_duplicate_min_cosine``, grouped into connected components. The pairs come from the
+  ``near_duplicate_min_cosine``, grouped by product (one group per connected component of the
+  products those photo pairs link, with every pair as evidence). The pairs come from the
   index's own FAISS index (:class:`indexer.vectors.VectorIndex`): each photo's ``neighbours``
   nearest photos, fetched again with 4x as many for the photos whose last neighbour still passes the
   threshold, so every pair above it is found (exactly for Flat; as well as the index finds
@@ -432,25 +433,28 @@ def _exact_duplicates(cat: _Catalogue) -> list[dict]:
 
 
 def _near_duplicate_groups(cat: _Catalogue, a, b, s) -> list[dict]:
-    """Connected components of the pairs (a, b, cosine), leaving out pairs of byte-identical photos
-    (the exact duplicates part reports those)."""
+    """The pairs (a, b, cosine) of photo ids grouped by product: one group per connected component of
+    the products they link, so two products with four near-identical photo pairs make one group with
+    four pairs. Pairs of byte-identical photos are left out (the exact duplicates part reports those)."""
     rows_of = {int(i): r for r, i in enumerate(cat.photo_ids.tolist())}
     differ = np.array([cat.sha256[rows_of[x]] != cat.sha256[rows_of[y]] for x, y in zip(a.tolist(), b.tolist())],
                       dtype=bool)
     a, b, s = a[differ], b[differ], s[differ]
-    components = list(connected_components(a, b).values())
+    owner_a = np.array([cat.product_of_photo[rows_of[x]] for x in a.tolist()], dtype=np.int64)
+    owner_b = np.array([cat.product_of_photo[rows_of[y]] for y in b.tolist()], dtype=np.int64)
+    components = list(connected_components(owner_a, owner_b).values())
     group_of = {m: g for g, members in enumerate(components) for m in members}
     edges: list[list[tuple[int, int, float]]] = [[] for _ in components]
-    for x, y, c in zip(a.tolist(), b.tolist(), s.tolist()):
-        edges[group_of[x]].append((x, y, c))
+    for x, y, c, pa in zip(a.tolist(), b.tolist(), s.tolist(), owner_a.tolist()):
+        edges[group_of[pa]].append((x, y, c))
     groups = []
     for members, pairs in zip(components, edges):
         pairs.sort(key=lambda p: -p[2])
-        photos = [cat.photo(rows_of[m]) for m in members]
+        photo_ids = sorted({x for x, _, _ in pairs} | {y for _, y, _ in pairs})
         groups.append({
-            "products": sorted({p["product_id"] for p in photos}),
+            "products": sorted(cat.product_ids[m] for m in members),
             "max_cosine": round(pairs[0][2], 4), "min_cosine": round(pairs[-1][2], 4),
-            "photos": photos,
+            "photos": [cat.photo(rows_of[m]) for m in photo_ids],
             "pairs": [{"a": x, "b": y, "cosine": round(c, 4)} for x, y, c in pairs],
         })
     return sorted(groups, key=lambda g: (-len(g["products"]), -g["max_cosine"], g["products"]))

@@ -164,6 +164,9 @@ def evaluate(model: ClipModel, datasets: Path, magento_rows: list[dict], split_f
     else:
         held_out = set(magento_split(r["id"] for r in magento_rows)[1])
     t0 = time.perf_counter()
+    n_photos = len({r["image"] for r in magento_rows})
+    progress(f"magento: embedding the {n_photos} catalogue photos and {len(NEAR_DUP_TRANSFORMS)} copies of each of "
+             f"{min(n_photos, limit or n_photos)} query photos (a few minutes on a 2-core CPU)")
     mag = eval_magento(model, magento_rows, held_out, limit)
     progress(f"magento done ({time.perf_counter() - t0:.0f} s)")
     for key, value in mag["held_out"].items():

@@ -133,6 +133,7 @@ def test_cli_errors_are_one_line(built, tmp_path):
         ("lookalike", "info", str(tmp_path)),
         ("lookalike", "search", str(index), "--text", "x", "--model", "ViT-B-32", "--pretrained", "none"),
         ("lookalike", "search", str(index), "--image", str(manifest)),
+        ("lookalike", "search", str(index), "--image", str(tmp_path / "missing.jpg")),
         ("lookalike", "label", str(manifest), "--labels", str(manifest), "--model", "test-tiny"),
         ("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-base", "--id-column", "sku_nope"),
         ("lookalike", "index", str(manifest), "--out", str(index), "--model", "test-tiny"),  # not the index's model
