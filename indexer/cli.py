@@ -169,6 +169,7 @@ def cmd_search(args) -> int:
     box = parse_box(args.box) if args.box else None  # bad values fail before the model loads
     weight = check_text_weight(args.text_weight) if args.text_weight is not None else None
     query_text(args.text), query_text(args.negative_text, "--negative-text")
+    _check_photo_path(args.image)  # a typo in the path fails in a second, not after the model loads
     with _open_index(args.index) as store:
         model = _model_for_index(args, store)
         if args.image:
@@ -192,6 +193,20 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _check_photo_path(path: str | None) -> None:
+    """Raise LookalikeError unless ``path`` (when given) is a readable file (an http(s) URL is not checked)."""
+    from .photo_sources import is_url
+
+    if path is None or is_url(path):
+        return
+    p = Path(path)
+    if not p.is_file():
+        reason = "is a directory" if p.is_dir() else "no such file"
+        raise LookalikeError(f"cannot use {path}: not_found: {reason}")
+    if not os.access(p, os.R_OK):
+        raise LookalikeError(f"cannot use {path}: unreadable: permission denied")
+
+
 def _embed_query_photo(model, path: str, box):
     """``(1, dim)`` embedding of the photo at ``path``, or of ``box`` of it (:func:`indexer.compose.crop_box`)."""
     from .compose import crop_box
@@ -206,16 +221,18 @@ def _embed_query_photo(model, path: str, box):
 
 def cmd_label(args) -> int:
     from .labels import LabelSet, ZeroShotClassifier
-    from .pipeline import embed_paths
 
     label_set = LabelSet.load(args.labels)
     first = Path(args.targets[0])
     if len(args.targets) == 1 and first.is_dir() and (first / "catalogue.sqlite").is_file():
         return _label_index(args, label_set)
-    model = _load_model(args)
+    model = _load_model(args)  # missing default weights fail here, before torch loads
+    from .pipeline import embed_paths
+
     clf = ZeroShotClassifier(model, label_set)
     ok, vecs, errors = embed_paths(model, args.targets)
-    rows = [{"image": path, "labels": labels} for path, labels in zip(ok, clf.top_k(vecs, args.top_k))]
+    rows = [{"image": path, "labels": labels, "none_of_these": rejected}
+            for path, labels, rejected in zip(ok, clf.top_k(vecs, args.top_k), clf.none_of_these(vecs))]
     rows += [{"image": path, "error": msg} for path, msg in errors.items()]
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))
@@ -223,8 +240,12 @@ def cmd_label(args) -> int:
         for r in rows:
             if "error" in r:
                 print(f"{r['image']}: error: {r['error']}")
-            else:
-                print(f"{r['image']}: " + ", ".join(f"{lab['label']} {lab['score']:.1%}" for lab in r["labels"]))
+                continue
+            ranked = ", ".join(f"{lab['label']} {lab['score']:.1%}" for lab in r["labels"])
+            if r["none_of_these"]:
+                ranked = (f"none of these (best label's cosine {r['labels'][0]['cosine']:.3f} is under the model's "
+                          f"label_min_cosine {clf.model.calibration['label_min_cosine']}); closest: {ranked}")
+            print(f"{r['image']}: {ranked}")
     return 1 if errors and not ok else 0
 
 
@@ -234,29 +255,38 @@ def _label_index(args, label_set) -> int:
     with _open_index(args.targets[0], writable=True) as store:
         model = _model_for_index(args, store)
         clf = ZeroShotClassifier(model, label_set)
-        results = {}
+        results, rejected = {}, {}
         for pid, vecs in store.iter_products():
             mean = vecs.mean(axis=0, keepdims=True)
             mean /= max(float((mean**2).sum()) ** 0.5, 1e-12)
             results[pid] = clf.top_k(mean, args.top_k)[0]
-        store.set_labels({pid: (labs[0]["label"], labs[0]["score"]) for pid, labs in results.items()},
+            rejected[pid] = clf.none_of_these(mean)[0]
+        # a product no label fits (the reject option) keeps no label rather than a wrong one
+        store.set_labels({pid: (None, None) if rejected[pid] else (labs[0]["label"], labs[0]["score"])
+                          for pid, labs in results.items()},
                          label_set.to_dict())  # the server labels query photos with the same set
         store.save()
         out = Path(args.report) if args.report else store.path / "labels.jsonl"
     if out.suffix.lower() == ".csv":
         with open(out, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["id", "label", "score", "cosine", "labels"])
+            w.writerow(["id", "label", "score", "cosine", "none_of_these", "labels"])
             for pid, labs in results.items():
-                w.writerow([pid, labs[0]["label"], labs[0]["score"], labs[0]["cosine"], json.dumps(labs)])
+                label, score = (None, None) if rejected[pid] else (labs[0]["label"], labs[0]["score"])
+                w.writerow([pid, label, score, labs[0]["cosine"], rejected[pid], json.dumps(labs)])
     else:
         with open(out, "w", encoding="utf-8") as f:
             for pid, labs in results.items():
-                f.write(json.dumps({"id": pid, "labels": labs}, ensure_ascii=False) + "\n")
+                row = {"id": pid, "labels": labs, "none_of_these": rejected[pid]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     if args.json:
-        print(json.dumps([{"id": pid, "labels": labs} for pid, labs in results.items()], ensure_ascii=False))
+        rows = [{"id": pid, "labels": labs, "none_of_these": rejected[pid]} for pid, labs in results.items()]
+        print(json.dumps(rows, ensure_ascii=False))
     else:
-        print(f"labelled {len(results)} products; report: {out}")
+        n_rejected = sum(bool(r) for r in rejected.values())
+        none = (f" ({n_rejected} fit none of the labels: best cosine under the model's label_min_cosine "
+                f"{model.calibration['label_min_cosine']}; they keep no label)" if n_rejected else "")
+        print(f"labelled {len(results)} products{none}; report: {out}")
     return 0
 
 
@@ -280,7 +310,8 @@ def cmd_add(args) -> int:
         model = _model_for_index(args, store)
         product, created = upsert_product(store, model, Product(args.id, args.title, args.category, meta), photos)
         store.save()
-    print(f"{'added' if created else 'updated'} {product['id']} with {len(product['images'])} photos")
+    n = len(product["images"])
+    print(f"{'added' if created else 'updated'} {product['id']} with {n} photo{'' if n == 1 else 's'}")
     return 0
 
 
@@ -583,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
                    help="folder with cifar10/, fashion-mnist/, magento/ (default ../shared/datasets)")
     p.add_argument("--magento", default=None, help="Magento manifest (default: built from DATASETS/magento)")
-    p.add_argument("--limit", type=_positive, default=None, help="at most N images per dataset (evenly spread)")
+    p.add_argument("--limit", type=_positive, default=None,
+                   help="at most N test images of CIFAR-10 and of Fashion-MNIST, and N Magento query photos (evenly "
+                        "spread; the Magento photos are still searched among the whole catalogue)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--speed-baseline", default="ViT-B-32",
                    help="open_clip architecture whose embedding speed (random weights, same device, precision and "

@@ -48,6 +48,7 @@ from .evaluate_retrieval import (
     mean_or_none,
     near_duplicate,
     recommended_min_score,
+    text_close_match,
     unrelated_images,
     unrelated_queries,
 )
@@ -185,11 +186,17 @@ def evaluate(model: ClipModel, datasets: Path, magento_rows: list[dict], split_f
     unrelated = unrelated_queries(model, datasets, mag["gallery"], min_score, classifier)
     result["unrelated_query_hit_rate"] = unrelated["unrelated_query_hit_rate"]
     result["unrelated_query_hit_rate_by_kind"] = unrelated["by_kind"]
-    result["model_calibration"] = {k: model.calibration.get(k) for k in ("min_score", "label_min_cosine")}
+    result["model_calibration"] = {k: model.calibration.get(k)
+                                   for k in ("min_score", "label_min_cosine", "text_min_score")}
     result["unrelated_label_reject_rate"] = unrelated["label_reject_rate"]
+    held = [i for i, f in enumerate(mag["files"]) if f in mag["held_files"]]
     if model.calibration.get("label_min_cosine") is not None:
-        held = [i for i, f in enumerate(mag["files"]) if f in mag["held_files"]]
         result["catalogue_label_reject_rate"] = mean_or_none(classifier.none_of_these(mag["gallery"][held]))
+    if model.calibration.get("text_min_score") is not None:
+        # the held-out products alone stand for a catalogue the threshold was not measured on
+        held_categories = [r.get("category") or "" for r in magento_rows if r["id"] in held_out]
+        result["text_close_match"] = text_close_match(model, mag["gallery"][held], held_categories,
+                                                      model.calibration["text_min_score"])
     sample = sorted({r["image"] for r in magento_rows})[:64]
     result["embed_images_per_s_224px"] = embedding_speed(model, sample)
     if speed_baseline is not None:
@@ -228,6 +235,13 @@ def format_table(result: dict) -> str:
         lines.append(f"cosine percentiles, {kind}: " + ", ".join(f"{q} {v:.3f}" for q, v in pct.items()))
     lines.append(f"recommended min_score: {result.get('recommended_min_score')}; unrelated queries above it: "
                  f"{_fmt(result.get('unrelated_query_hit_rate'))} {result.get('unrelated_query_hit_rate_by_kind')}")
+    if result.get("text_close_match"):
+        t = result["text_close_match"]
+        lines.append(f"text close_match at text_min_score {t['text_min_score']} (held-out products, retail.yaml "
+                     f"prompts): "
+                     f"balanced accuracy {_fmt(t['balanced_accuracy'])}, types sold found {_fmt(t['present_recall'])} "
+                     f"of {t['present_queries']}, types not sold rejected {_fmt(t['absent_rejected'])} of "
+                     f"{t['absent_queries']}")
     speed = f"embedding speed, 224 px photos: {result['embed_images_per_s_224px']} images/s ({result.get('backend')})"
     if "baseline_images_per_s_224px" in result:
         speed += (f"; {result['baseline_model']} ({result['baseline_backend']}) {result['baseline_images_per_s_224px']}"

@@ -184,6 +184,47 @@ def recommended_min_score(percentiles: dict) -> float:
     return round((lo + hi) / 2, 2)
 
 
+#: Magento category leaf -> the labels of ``data/labels/retail.yaml`` that name it correctly
+RETAIL_LABELS_OF_MAGENTO = {
+    "Tees": ("t-shirt",), "Tanks": ("tank top",), "Bras & Tanks": ("tank top",),
+    "Hoodies & Sweatshirts": ("hoodie",), "Jackets": ("jacket",), "Pants": ("trousers",), "Shorts": ("shorts",),
+    "Bags": ("bag", "backpack"), "Watches": ("watch",), "Fitness Equipment": ("sports equipment",)}
+
+
+def text_close_match(model: ClipModel, gallery: np.ndarray, categories: list[str],
+                     threshold: float | None = None) -> dict:
+    """Whether a text query's best cosine tells a product type the catalogue sells from one it does not.
+
+    The queries are the prompts of ``data/labels/retail.yaml`` as a shopper types them ("hoodie",
+    "ankle boots"), each embedded alone. A query is *present* when its label names a type of the
+    catalogue (``categories``, through :data:`RETAIL_LABELS_OF_MAGENTO`) and *absent* otherwise;
+    its score is its best cosine over ``gallery`` (``(n, dim)`` unit rows, the catalogue's photos).
+    With ``threshold`` None, the threshold is chosen here: the one with the highest balanced
+    accuracy (mean of the rates of present queries at or above it and absent ones below it;
+    Youden 1950), at the middle of the best range. Returns {"text_min_score", "balanced_accuracy",
+    "present_recall", "absent_rejected", "present_queries", "absent_queries"}.
+    """
+    present_labels = {lab for c in categories for lab in RETAIL_LABELS_OF_MAGENTO.get(c.split("/")[-1], ())}
+    label_set = LabelSet.load()
+    prompts = [(p, lab.name in present_labels) for lab in label_set.labels for p in lab.prompts]
+    best = (model.embed_texts([p for p, _ in prompts]) @ gallery.T).max(axis=1)
+    present = np.array([ok for _, ok in prompts])
+
+    def rates(t: float) -> tuple[float, float]:
+        return float((best[present] >= t).mean()), float((best[~present] < t).mean())
+
+    if threshold is None:
+        cuts = np.unique(np.round(best, 4))
+        candidates = np.concatenate([[cuts[0] - 1e-3], (cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1e-3]])
+        scores = np.array([sum(rates(t)) / 2 for t in candidates])
+        top = candidates[scores >= scores.max() - 1e-9]
+        threshold = round(float((top.min() + top.max()) / 2), 3)
+    recall, rejected = rates(threshold)
+    return {"text_min_score": threshold, "balanced_accuracy": round((recall + rejected) / 2, 4),
+            "present_recall": round(recall, 4), "absent_rejected": round(rejected, 4),
+            "present_queries": int(present.sum()), "absent_queries": int((~present).sum())}
+
+
 def unrelated_queries(model: ClipModel, datasets: Path, gallery: np.ndarray, min_score: float,
                       classifier: ZeroShotClassifier | None = None) -> dict:
     """How often a query that matches nothing in the catalogue (:func:`unrelated_images`) still gets an
@@ -225,14 +266,18 @@ def calibrate(model: ClipModel, datasets: Path, rows: list[dict]) -> dict:
     * ``label_min_cosine``: halfway between the 5th percentile of the best label's cosine for the
       catalogue photos (default label set, ``data/labels/retail.yaml``) and the 95th percentile of the
       same for :func:`unrelated_images` (seed 1, so that evaluation's seed-0 queries stay unseen).
+    * ``text_min_score``: the text-to-photo cosine that best tells product types the catalogue sells
+      from those it does not (:func:`text_close_match`).
     """
     mag = eval_magento(model, rows, {r["id"] for r in rows})
+    text = text_close_match(model, mag["gallery"], [r.get("category") or "" for r in rows])
     classifier = ZeroShotClassifier(model, LabelSet.load())
     fits = classifier.best_cosines(mag["gallery"])
     unrelated = np.concatenate([model.embed_images(ims) for ims in unrelated_images(datasets, seed=1).values()])
     misfits = classifier.best_cosines(unrelated)
     return {"min_score": recommended_min_score(mag["score_percentiles"]),
             "label_min_cosine": round(float((np.percentile(fits, 5) + np.percentile(misfits, 95)) / 2), 3),
+            "text_min_score": text["text_min_score"], "text_close_match": text,
             "score_percentiles": mag["score_percentiles"],
             "best_label_cosine_catalogue": _percentiles(fits.tolist()),
             "best_label_cosine_unrelated": _percentiles(misfits.tolist()),

@@ -590,13 +590,14 @@ class Store:
         atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False).encode())
         return path
 
-    def set_labels(self, labels: dict[str, tuple[str, float]], label_set: dict | None = None) -> None:
-        """Store each product's top zero-shot label and its probability, and, given ``label_set``
-        (:meth:`indexer.labels.LabelSet.to_dict`), the label set they come from (:meth:`label_set`)."""
+    def set_labels(self, labels: dict[str, tuple[str | None, float | None]], label_set: dict | None = None) -> None:
+        """Store each product's top zero-shot label and its probability ((None, None): no label fits it),
+        and, given ``label_set`` (:meth:`indexer.labels.LabelSet.to_dict`), the label set they come from
+        (:meth:`label_set`)."""
         with self.transaction() as tx:
             tx.db.executemany(
                 "UPDATE products SET label = ?, label_score = ? WHERE id = ?",
-                [(lab, float(score), pid) for pid, (lab, score) in labels.items()],
+                [(lab, None if score is None else float(score), pid) for pid, (lab, score) in labels.items()],
             )
             if label_set is not None:
                 self.db.set_meta("label_set", json.dumps(label_set, ensure_ascii=False))

@@ -85,7 +85,8 @@ def main(argv=None) -> int:
 
     cache = ROOT / "out" / "probe-base-cache.pt"
     cached = torch.load(cache) if cache.is_file() else None
-    if cached is None or cached["limit"] != args.limit:
+    stale = cached is not None and cached["cifar10"].shape[1] != model.visual.descriptor_dim  # another descriptor
+    if cached is None or cached["limit"] != args.limit or stale:
         t0 = time.time()
 
         def descriptors(images):

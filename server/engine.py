@@ -175,9 +175,9 @@ class Engine:
 
     def close_match(self, hits, query: str) -> bool | None:
         """Whether the best hit reaches the model's calibrated threshold for a ``query`` of kind
-        ``"image"`` (image-image cosine, ``min_score``) or ``"text"`` (text-image, ``label_min_cosine``);
-        None when the model has no calibration."""
-        threshold = self.model.calibration.get("min_score" if query == "image" else "label_min_cosine")
+        ``"image"`` (image-image cosine, ``min_score``) or ``"text"`` (text-image, ``text_min_score``);
+        None when the model has no such calibration."""
+        threshold = self.model.calibration.get("min_score" if query == "image" else "text_min_score")
         if threshold is None:
             return None
         return bool(hits) and hits[0].score >= threshold

@@ -99,6 +99,13 @@ def test_no_close_match_for_unrelated_queries(built, server):
     assert body["close_match"] is False and all(r["score"] == 0 for r in body["results"])
     body = httpx.post(server + "/v1/search/text", json={"query": "hooded sweatshirt", "k": 3}, timeout=60).json()
     assert body["close_match"] is True
+    # text: the calibrated text_min_score (0.338) tells a type the shop sells from one it does not, as a hint
+    # (balanced accuracy 0.70 on held-out products). Measured 2026-12-01 over these photos: "backpack" 0.513,
+    # "lipstick" 0.258, "necklace" 0.186, "laptop" 0.233; it errs on others ("red running shoes" 0.342,
+    # "ankle boots" 0.406 pass it), which is why the README calls it a hint.
+    for query, sold in (("backpack", True), ("lipstick", False), ("necklace", False), ("laptop", False)):
+        body = httpx.post(server + "/v1/search/text", json={"query": query, "k": 3}, timeout=60).json()
+        assert body["close_match"] is sold, (query, body["results"][0]["score"])
 
 
 def test_cli_info_search_check_label_and_rerun(built):
@@ -116,10 +123,18 @@ def test_cli_info_search_check_label_and_rerun(built):
 
     r = _run("lookalike", "label", str(index), "--report", str(tmp / "labels.csv"))
     assert r.returncode == 0, r.stderr
-    lines = (tmp / "labels.csv").read_text().splitlines()
-    assert lines[0].startswith("id,label,score") and len(lines) == 192
+    import csv
+
+    with open(tmp / "labels.csv", newline="") as f:
+        report = list(csv.DictReader(f))
+    assert len(report) == 191 and list(report[0])[:5] == ["id", "label", "score", "cosine", "none_of_these"]
+    # the reject option: a product no label fits keeps no label, and says so (never a wrong label)
+    for row in report:
+        assert (row["label"] == "") == (row["none_of_these"] == "True"), row
+    by_id = {row["id"]: row for row in report}
+    assert by_id["MH09"]["label"] == "hoodie" and by_id["24-MB01"]["label"] in ("backpack", "bag")
     p = json.loads(_run("lookalike", "search", str(index), "--text", "bag", "-k", "1", "--json").stdout)["results"][0]
-    assert p["label"] and 0 < p["label_score"] <= 1
+    assert p["label"] in ("bag", "backpack") and 0 < p["label_score"] <= 1
 
     r = _run("lookalike", "index", str(manifest), "--out", str(index), "--model", "lookalike-base", "--json", "-q")
     again = json.loads(r.stdout.strip().splitlines()[-1])

@@ -38,6 +38,8 @@ def test_json_and_bare_names(tmp_path):
         ({"labels": ["a", "b"], "templates": ["no placeholder"]}, "'{}'"),
         ({"nolabels": []}, "'labels' list"),
         ({"labels": ["a", {"name": "b", "prompts": [""]}]}, "non-empty"),
+        ({"labels": ["a", "b"], "templates": ["a photo of {} {x}"]}, "no other braces"),
+        ({"labels": ["a", "b"], "templates": ["{} {}"]}, "no other braces"),
     ],
 )
 def test_bad_label_sets_are_refused_clearly(data, fragment):
@@ -72,13 +74,36 @@ def test_probabilities_sum_to_one_and_follow_cosine(tiny_model):
     assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
 
 
-def test_prompt_ensemble_is_mean_of_template_embeddings(tiny_model):
+def test_prompt_ensemble_is_mean_of_template_embeddings_and_a_label_scores_its_best_prompt(tiny_model):
     ls = LabelSet.from_dict({"labels": [{"name": "bag", "prompts": ["bag", "tote"]}, "shoe"],
                              "templates": ["a photo of a {}.", "a {} for sale."]})
     clf = ZeroShotClassifier(tiny_model, ls)
-    texts = ["a photo of a bag.", "a bag for sale.", "a photo of a tote.", "a tote for sale."]
-    mean = tiny_model.embed_texts(texts).mean(axis=0)
-    np.testing.assert_allclose(clf.weights[0], mean / np.linalg.norm(mean), atol=1e-5)
+    assert clf.weights.shape == (3, tiny_model.dim)  # one row per prompt: bag, tote, shoe
+    assert clf.prompt_label.tolist() == [0, 0, 1]
+    for row, texts in ((0, ["a photo of a bag.", "a bag for sale."]), (1, ["a photo of a tote.", "a tote for sale."])):
+        mean = tiny_model.embed_texts(texts).mean(axis=0)
+        np.testing.assert_allclose(clf.weights[row], mean / np.linalg.norm(mean), atol=1e-5)
+    rng = np.random.default_rng(1)
+    imgs = rng.normal(size=(6, tiny_model.dim)).astype(np.float32)
+    imgs /= np.linalg.norm(imgs, axis=1, keepdims=True)
+    cos = imgs @ clf.weights.T
+    np.testing.assert_allclose(clf.cosines(imgs), np.stack([cos[:, :2].max(1), cos[:, 2]], 1), atol=1e-6)
+    np.testing.assert_allclose(clf.best_cosines(imgs), cos.max(1), atol=1e-6)
+    # a photo that is exactly the "tote" prompt is a bag, with cosine 1
+    top = clf.top_k(clf.weights[1:2], 2)[0]
+    assert top[0]["label"] == "bag" and top[0]["cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mean_pooling_averages_a_labels_prompts(tiny_model):
+    ls = LabelSet.from_dict({"labels": [{"name": "bag", "prompts": ["bag", "tote"]}, "shoe"], "pooling": "mean"})
+    assert ls.to_dict()["pooling"] == "mean" and LabelSet.from_dict(ls.to_dict()) == ls
+    clf = ZeroShotClassifier(tiny_model, ls)
+    mean = clf.weights[0] + clf.weights[1]
+    mean /= np.linalg.norm(mean)
+    img = clf.weights[2:3]
+    np.testing.assert_allclose(clf.cosines(img), [[float(img[0] @ mean), 1.0]], atol=1e-5)
+    with pytest.raises(LabelSetError, match="'pooling' must be one of max, mean"):
+        LabelSet.from_dict({"labels": ["a", "b"], "pooling": "median"})
 
 
 def test_label_embeddings_are_cached_on_disk_by_model_and_prompts(tiny_model, tmp_path, monkeypatch):
