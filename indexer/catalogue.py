@@ -40,6 +40,7 @@ from .catalogue_rows import (
     RowProblem,
     image_suffixes,
     printable,
+    reserved_id_problem,
     text_problem,
 )
 from .catalogue_shards import read_shards
@@ -48,6 +49,7 @@ from .photo_sources import TAR_SEPARATOR, read_source_bytes, tar_member
 __all__ = [
     "RESERVED_ID_SUFFIXES",
     "RESERVED_IDS",
+    "reserved_id_problem",
     "TAR_SEPARATOR",
     "Catalogue",
     "CatalogueError",

@@ -24,9 +24,9 @@ def reserved_id_problem(product_id: str) -> str | None:
     """Why ``product_id`` cannot be a product id because of the HTTP routes, or None."""
     pid = product_id.strip()
     if pid.endswith(RESERVED_ID_SUFFIXES):
-        return f"product id {printable(pid)!r} ends with {' or '.join(RESERVED_ID_SUFFIXES)}, which are API routes"
+        return f"product id {printable(pid)!r} may not end with {' or '.join(RESERVED_ID_SUFFIXES)} (those are routes)"
     if pid in RESERVED_IDS:
-        return f"product id {pid!r} is a path segment that browsers resolve away; it could never be read over HTTP"
+        return f"product id may not be {pid!r}: browsers resolve it away, it could never be read over HTTP"
     return None
 
 # Pillow registers these extensions for formats it can only write.

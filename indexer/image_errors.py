@@ -6,12 +6,14 @@ decoder exceptions onto them.
 """
 from __future__ import annotations
 
+import stat
 import struct
 from typing import IO
 
 from PIL import Image
 
-__all__ = ["REASONS", "SOURCE_REASONS", "ImageError", "PhotoUnavailable", "classify_error", "diagnose_unidentified"]
+__all__ = ["REASONS", "SOURCE_REASONS", "ImageError", "PhotoUnavailable", "check_not_special_file", "classify_error",
+           "diagnose_unidentified"]
 
 #: Every value ``ImageError.reason`` can take.
 REASONS = frozenset(
@@ -65,6 +67,13 @@ class PhotoUnavailable(ImageError):
         if reason not in SOURCE_REASONS:
             raise ValueError(f"PhotoUnavailable is for {sorted(SOURCE_REASONS)}, not {reason!r}")
         super().__init__(reason, message)
+
+
+def check_not_special_file(mode: int, label: str) -> None:
+    """Raise ImageError (``not_an_image``) for an ``os.stat`` mode that is neither a regular file nor a
+    folder: opening a FIFO waits for a writer, and reading a device never ends."""
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ImageError("not_an_image", f"{label} is not a regular file (a FIFO, socket or device)")
 
 
 def classify_error(exc: BaseException, label: str) -> ImageError:

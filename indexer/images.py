@@ -67,7 +67,6 @@ import contextlib
 import hashlib
 import io
 import os
-import stat
 from typing import IO, Any, Union
 
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -88,7 +87,15 @@ from .decode_limits import (
     set_decode_memory_budget,
 )
 from .image_colour import BACKGROUND, to_rgb
-from .image_errors import REASONS, SOURCE_REASONS, ImageError, PhotoUnavailable, classify_error, diagnose_unidentified
+from .image_errors import (
+    REASONS,
+    SOURCE_REASONS,
+    ImageError,
+    PhotoUnavailable,
+    check_not_special_file,
+    classify_error,
+    diagnose_unidentified,
+)
 from .image_headers import MAX_JPEG_SCANS, decoder_bytes, inner_frames, jpeg_scans
 
 __all__ = [
@@ -183,9 +190,7 @@ def open_image(
         if isinstance(label, bytes):
             label = os.fsdecode(label)
         try:
-            if not stat.S_ISREG(os.stat(source).st_mode) and not os.path.isdir(source):
-                # opening a FIFO waits for a writer, and a device never ends
-                raise ImageError("not_an_image", f"{label}: not a regular file (a FIFO, socket or device)")
+            check_not_special_file(os.stat(source).st_mode, label)
             fh = open(source, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError as exc:
             raise PhotoUnavailable("not_found", f"{label}: no such file") from exc

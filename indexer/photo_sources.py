@@ -37,7 +37,7 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
     A URL is fetched only from a public address unless ``allow_private_urls`` (see
     :func:`indexer.fetch.fetch_url`)."""
     from .fetch import fetch_url
-    from .images import ImageError, PhotoUnavailable
+    from .images import ImageError, PhotoUnavailable, check_not_special_file
 
     if is_url(source):
         return fetch_url(source, max_bytes=max_bytes, allow_private=allow_private_urls)
@@ -64,10 +64,9 @@ def read_source_bytes(source: str, max_bytes: int, tar_cache: dict | None = None
         return data
     try:
         st = os.stat(source)
+        check_not_special_file(st.st_mode, source)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(source)
-        if not stat.S_ISREG(st.st_mode):  # opening a FIFO waits for a writer; a device never ends
-            raise ImageError("not_an_image", f"{source} is not a regular file (a FIFO, socket or device)")
         if st.st_size > max_bytes:
             raise ImageError("too_large", f"file is {st.st_size} bytes, over the {max_bytes}-byte limit")
         with open(source, "rb") as f:

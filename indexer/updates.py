@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .catalogue import RESERVED_ID_SUFFIXES, RESERVED_IDS, text_problem
+from .catalogue import reserved_id_problem, text_problem
 from .errors import LookalikeError, NotFound
 from .images import DEFAULT_MAX_PIXELS, ImageError, image_from_bytes
 from .model import ClipModel
@@ -63,17 +63,17 @@ def _check_text(name: str, value: str, identifier: bool = False) -> None:
 
 def validate_product_id(product_id) -> str:
     """The id, stripped. Raises LookalikeError (422) for an empty or overlong id, control
-    characters, invalid text, or an id ending with one of :data:`RESERVED_ID_SUFFIXES`."""
+    characters, invalid text, or an id the HTTP routes cannot address
+    (:func:`indexer.catalogue_rows.reserved_id_problem`)."""
     if not isinstance(product_id, str) or not product_id.strip():
         raise _bad("a product needs a non-empty string 'id'")
     _check_text("product id", product_id, identifier=True)
     if len(product_id) > MAX_ID_LENGTH:
         raise _bad(f"product id must be at most {MAX_ID_LENGTH} characters")
     product_id = product_id.strip()
-    if product_id.endswith(RESERVED_ID_SUFFIXES):
-        raise _bad(f"product id may not end with {' or '.join(RESERVED_ID_SUFFIXES)} (those are routes)")
-    if product_id in RESERVED_IDS:
-        raise _bad(f"product id may not be {product_id!r}: browsers resolve it away, it could never be read back")
+    routed = reserved_id_problem(product_id)
+    if routed:
+        raise _bad(routed)
     return product_id
 
 
