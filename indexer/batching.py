@@ -23,19 +23,21 @@ import torch
 
 
 class MicroBatcher:
-    """Embed image queries in batches on one worker thread.
+    """Embed image queries in batches on ``workers`` worker threads.
 
     embed: the batch function, float ``(n, 3, H, W)`` pixels -> float32 ``(n, dim)``
       (``ClipModel.embed_image_tensors``).
     max_batch: most queries per forward pass. window_ms: longest wait, in milliseconds,
       for more queries once the first has arrived.
     on_batch: called with each batch's size (for metrics).
+    workers: forward passes that may run at once (each worker gathers its own batch); more than
+      one pays only when ``embed`` runs concurrent calls in parallel (``ClipModel.set_streams``).
     """
 
     def __init__(self, embed: Callable[[torch.Tensor], np.ndarray], max_batch: int = 16, window_ms: float = 4.0,
-                 on_batch: Callable[[int], None] | None = None):
-        if max_batch < 1 or window_ms < 0:
-            raise ValueError("max_batch must be >= 1 and window_ms >= 0")
+                 on_batch: Callable[[int], None] | None = None, workers: int = 1):
+        if max_batch < 1 or window_ms < 0 or workers < 1:
+            raise ValueError("max_batch and workers must be >= 1 and window_ms >= 0")
         self._embed = embed
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
@@ -44,8 +46,10 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._preparing = 0
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="lookalike-batcher", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"lookalike-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     def embed(self, prepare: Callable[[], torch.Tensor]) -> np.ndarray:
         """Run ``prepare`` (decode + preprocess, in the calling thread) and embed its pixels
@@ -71,11 +75,14 @@ class MicroBatcher:
         return future.result()
 
     def close(self) -> None:
-        """Stop the worker after the queued queries are answered."""
+        """Stop the workers after the queued queries are answered."""
         with self._lock:
             self._closed = True
-            self._queue.put(None)
-        self._worker.join(timeout=30)
+            for _ in self._workers:
+                self._queue.put(None)
+        deadline = time.monotonic() + 30
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _others_coming(self) -> bool:
         with self._lock:

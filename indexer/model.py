@@ -247,6 +247,16 @@ class ClipModel:
             return self.precision
         return self.image_encoder.calibrate(pixels)
 
+    def set_streams(self, streams: int) -> int:
+        """Let concurrent image embeddings run as parallel forward passes on the CPU (the OpenVINO back-end's
+        streams, :meth:`indexer.backends.OpenVINOImageEncoder.set_streams`; 0 = OpenVINO's choice, 1 = one
+        pass at a time). The torch back-end and CUDA keep one pass at a time. Returns how many passes can
+        run at once. Raises ValueError for ``streams`` < 0."""
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 0:
+            raise ValueError(f"streams must be an int >= 0, got {streams!r}")
+        set_streams = getattr(self.image_encoder, "set_streams", None)
+        return set_streams(streams) if set_streams is not None else 1
+
     @property
     def draft_size(self) -> int:
         """Shorter side (px) to decode JPEGs at with Pillow's draft mode: twice the model's input size,

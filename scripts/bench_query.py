@@ -7,8 +7,10 @@ micro-batching, in one run.
 Without ``--index`` it first indexes the Magento catalogue photos (all 725; 120 with
 ``--quick``) with ``--model`` (ViT-B-32 with seeded random weights by default: the
 architecture of the default model, whose pretrained weights cannot be downloaded here).
-Then, for each mode (micro-batching off: ``LOOKALIKE_BATCH_WINDOW_MS=0``; on: the default
-window), it starts the real server as a subprocess and measures:
+Then, for each mode (one forward pass at a time and no batching: ``LOOKALIKE_INFERENCE_STREAMS=1``
+and ``LOOKALIKE_BATCH_WINDOW_MS=0``, the server as it was before CPU streams; micro-batching off:
+``LOOKALIKE_BATCH_WINDOW_MS=0``; on: the default window, both with the default streams), it starts
+the real server as a subprocess and measures:
 
 - cold start: seconds from spawning ``lookalike serve`` to the first answered image query;
 - latency, one client: p50/p99 of ``--queries`` image searches (Magento photos as uploads,
@@ -24,7 +26,7 @@ from ``--datasets`` or ``$LOOKALIKE_DATASETS`` (default ``../shared/datasets``).
 ``lookalike`` command is installed (a bare checkout on ``PYTHONPATH``), the server is started
 through a shim that runs ``python -m indexer.cli``. The last line with ``--json`` is one JSON object: ``image_p50_ms``,
 ``image_p99_ms``, ``text_p50_ms``, ``text_p99_ms``, ``text_cached_p50_ms``, ``qps``
-(``{"1": {"batched": x, "unbatched": y}, ...}``), ``cold_start_s``, ``machine``, ``ceiling`` (what bounds
+(``{"1": {"batched": x, "unbatched": y, "ratio": x / y, "one_stream": z, "vs_one_stream": max(x, y) / z}, ...}``), ``cold_start_s``, ``machine``, ``ceiling`` (what bounds
 image searches/s on this machine, measured first: :func:`ceiling`), plus per-mode details.
 """
 from __future__ import annotations
@@ -99,7 +101,10 @@ def ceiling(index: Path, uploads: list[bytes], device: str, max_batch: int = 16,
     and preprocessing one upload, one thread. With every core shared by both, a query costs
     ``cores / rate + decode`` core-seconds, so ``bound_qps`` is ``cores / that`` at either batch size, and
     ``max_batching_gain`` = bound at ``max_batch`` / bound at 1: the most micro-batching can give on
-    these uploads, whatever the server does (HTTP, threads and the client's own CPU come on top)."""
+    these uploads, whatever the server does (HTTP, threads and the client's own CPU come on top).
+    ``streams``: the parallel forward passes the server runs concurrent queries on (OpenVINO CPU streams,
+    ``inference_streams`` = 0); when more than one, ``model_images_per_s["1xN"]`` is the tower on batches of
+    1 in N threads at once, the unbatched server's tower rate under load."""
 
     sys.path.insert(0, str(ROOT))
     from indexer.images import image_from_bytes
@@ -124,12 +129,30 @@ def ceiling(index: Path, uploads: list[bytes], device: str, max_batch: int = 16,
             model.embed_image_tensors(x)
             n += bs
         rates[bs] = n / (time.perf_counter() - t0)
+    # the server's default: concurrent queries as parallel forward passes (CPU streams), batch 1 each
+    passes = model.set_streams(0)
+    if passes > 1:
+        x = torch.stack([decoded[0]])
+        n, stop, t0 = [0], time.perf_counter() + seconds, time.perf_counter()
+
+        def one_stream() -> None:
+            model.embed_image_tensors(x)
+            while time.perf_counter() < stop:
+                model.embed_image_tensors(x)
+                n[0] += 1
+
+        threads = [threading.Thread(target=one_stream) for _ in range(passes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rates[f"1x{passes}"] = n[0] / (time.perf_counter() - t0)
     cores = os.cpu_count() or 1
     if model.device.type == "cuda":  # the GPU runs the model; the cores only decode
         bound = {bs: min(r, cores / decode_s) for bs, r in rates.items()}
     else:
         bound = {bs: cores / (cores / r + decode_s) for bs, r in rates.items()}
-    return {"model_precision": model.precision, "model_backend": model.backend,
+    return {"model_precision": model.precision, "model_backend": model.backend, "streams": passes,
             "model_images_per_s": {str(bs): round(r, 1) for bs, r in rates.items()},
             "decode_ms": round(decode_s * 1000, 2), "bound_qps": {str(bs): round(b, 1) for bs, b in bound.items()},
             "max_batching_gain": round(bound[max_batch] / bound[1], 2)}
@@ -213,14 +236,19 @@ def throughput(base: str, uploads: list[bytes], clients: int, seconds: float) ->
             "p99_ms": percentile(lat, 99), "errors": len(errors)}
 
 
-def run_mode(index: Path, work: Path, batched: bool, uploads: list[bytes], args) -> dict:
+def run_mode(index: Path, work: Path, batched: bool, uploads: list[bytes], args, one_stream: bool = False) -> dict:
+    """One server: micro-batching on or off; ``one_stream``: one forward pass at a time
+    (``LOOKALIKE_INFERENCE_STREAMS=1``, the server before CPU streams), else the default streams."""
     env = {"LOOKALIKE_ACCESS_LOG": "false", "LOOKALIKE_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
            "LOOKALIKE_DEVICE": args.device}
     if not batched:
         env["LOOKALIKE_BATCH_WINDOW_MS"] = "0"
+    if one_stream:
+        env["LOOKALIKE_INFERENCE_STREAMS"] = "1"
+    mode = ("batched" if batched else "unbatched") + (", one stream" if one_stream else "")
     port = serverproc.free_port()
     base = f"http://127.0.0.1:{port}"
-    log_path = work / f"server-{'batched' if batched else 'unbatched'}.log"
+    log_path = work / f"server-{mode.replace(', ', '-').replace(' ', '-')}.log"
     t0 = time.perf_counter()
     proc = serverproc.spawn(index, port, env, log_path)
     try:
@@ -249,7 +277,6 @@ def run_mode(index: Path, work: Path, batched: bool, uploads: list[bytes], args)
         levels = [throughput(base, uploads, n, args.seconds) for n in args.clients]
     finally:
         serverproc.stop(proc)
-    mode = "batched" if batched else "unbatched"
     log(f"{mode}: cold start {cold:.2f} s; image p50/p99 {percentile(image, 50)}/{percentile(image, 99)} ms; "
         f"text p50/p99 {percentile(text, 50)}/{percentile(text, 99)} ms (cached p50 {percentile(cached, 50)} ms); "
         + ", ".join(f"{lv['clients']} clients {lv['qps']} q/s" for lv in levels))
@@ -299,11 +326,13 @@ def main(argv=None) -> int:
             + f"; decode + preprocess {limit['decode_ms']} ms per upload; bound "
             + ", ".join(f"batch {bs}: {r} q/s" for bs, r in limit["bound_qps"].items())
             + f"; the most micro-batching can give here: {limit['max_batching_gain']}x")
-        modes = {"unbatched": run_mode(index, work, False, uploads, args),
+        modes = {"one_stream": run_mode(index, work, False, uploads, args, one_stream=True),
+                 "unbatched": run_mode(index, work, False, uploads, args),
                  "batched": run_mode(index, work, True, uploads, args)}
-    u, b = modes["unbatched"], modes["batched"]
-    qps = {str(lu["clients"]): {"batched": lb["qps"], "unbatched": lu["qps"], "ratio": round(lb["qps"] / lu["qps"], 2)}
-           for lu, lb in zip(u["levels"], b["levels"])}
+    o, u, b = modes["one_stream"], modes["unbatched"], modes["batched"]
+    qps = {str(lu["clients"]): {"batched": lb["qps"], "unbatched": lu["qps"], "ratio": round(lb["qps"] / lu["qps"], 2),
+                                "one_stream": lo["qps"], "vs_one_stream": round(max(lb["qps"], lu["qps"]) / lo["qps"], 2)}
+           for lo, lu, lb in zip(o["levels"], u["levels"], b["levels"])}
     result = {"model": args.model, "index": str(args.index or f"{len(chosen)} Magento photos"),
               "device": args.device, "machine": info, "ceiling": limit,
               "image_p50_ms": b["image_p50_ms"], "image_p99_ms": b["image_p99_ms"],
@@ -313,10 +342,12 @@ def main(argv=None) -> int:
     print(f"\nlatency, one client (batching on): image p50 {result['image_p50_ms']} ms, p99 {result['image_p99_ms']} ms; "
           f"text p50 {result['text_p50_ms']} ms, p99 {result['text_p99_ms']} ms, cached p50 {result['text_cached_p50_ms']} ms")
     print(f"cold start (spawn -> first answered image query): {u['cold_start_s']} s, {b['cold_start_s']} s")
-    print(f"{'clients':>8}{'q/s unbatched':>15}{'q/s batched':>13}{'ratio':>8}{'p50 ms unb.':>13}{'p50 ms bat.':>13}")
-    for lu, lb in zip(u["levels"], b["levels"]):
-        print(f"{lu['clients']:>8}{lu['qps']:>15.1f}{lb['qps']:>13.1f}{lb['qps'] / lu['qps']:>8.2f}"
-              f"{lu['p50_ms']:>13.1f}{lb['p50_ms']:>13.1f}")
+    print(f"{'clients':>8}{'q/s 1 stream':>14}{'q/s unbatched':>15}{'q/s batched':>13}{'ratio':>8}{'best/1 str.':>13}"
+          f"{'p50 ms unb.':>13}{'p50 ms bat.':>13}")
+    for lo, lu, lb in zip(o["levels"], u["levels"], b["levels"]):
+        q = qps[str(lu["clients"])]
+        print(f"{lu['clients']:>8}{lo['qps']:>14.1f}{lu['qps']:>15.1f}{lb['qps']:>13.1f}{q['ratio']:>8.2f}"
+              f"{q['vs_one_stream']:>13.2f}{lu['p50_ms']:>13.1f}{lb['p50_ms']:>13.1f}")
     errors = sum(lv["errors"] for m in modes.values() for lv in m["levels"])
     if errors:
         print(f"{errors} queries failed during the throughput runs")

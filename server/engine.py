@@ -64,7 +64,8 @@ class Engine:
         self.batcher = None
         if settings.batch_window_ms > 0 and settings.max_batch > 1:
             self.batcher = MicroBatcher(model.embed_image_tensors, settings.max_batch, settings.batch_window_ms,
-                                        on_batch=metrics.batch_size.labels("image").observe)
+                                        on_batch=metrics.batch_size.labels("image").observe,
+                                        workers=getattr(model.image_encoder, "parallel_passes", 1))
         self._stop = threading.Event()
         self._saver = None
         self._follower = None
@@ -257,6 +258,7 @@ def load_engine(cfg: ServerSettings, metrics: Metrics, model: ClipModel | None =
             check_model(store, model.identity)
         if model.needs_calibration:
             calibrate_from_index(model, store, cfg.max_pixels)
+        model.set_streams(cfg.inference_streams)  # after calibration: the streams run the precision it chose
         engine = Engine(store, model, default_label_set(cfg, store), cfg, metrics)
     except BaseException:
         store.close()  # and its write lock: a server that failed to load must not block 'lookalike index'

@@ -75,6 +75,10 @@ class ServerSettings(BaseSettings):
                                    description="micro-batching: longest wait, ms, for concurrent image queries to "
                                                "share a forward pass (0 = embed each query alone)")
     max_batch: int = Field(16, ge=1, le=256, description="micro-batching: most image queries per forward pass")
+    inference_streams: int = Field(0, ge=0, le=64,
+                                   description="CPU streams for concurrent image queries (OpenVINO back-end): 0 = "
+                                               "OpenVINO's choice for this CPU, 1 = one forward pass at a time on "
+                                               "every core; a lone query always runs on every core")
     audit_max_photos: int = Field(100_000, ge=1,
                                   description="GET /v1/audit refuses (413) an index with more photos than this: an "
                                               "audit reads every embedding and queries the index once per photo "

@@ -1,5 +1,7 @@
 """Micro-batching of image queries: batched embeddings agree with one-at-a-time ones, errors reach
-their own request, a lone query does not wait, and the server answers the same with it on or off."""
+their own request, a lone query does not wait, and the server answers the same with it on or off.
+Parallel forward passes (OpenVINO streams, ``ClipModel.set_streams``) give the same vectors as one
+pass at a time, with or without several batcher workers."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +12,9 @@ from fastapi.testclient import TestClient
 
 from indexer.batching import MicroBatcher
 from indexer.images import ImageError, open_image
+from indexer.model import load_model
 from server.app import create_app
+from server.settings import ServerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +102,63 @@ def test_server_answers_the_same_with_and_without_batching(fixture_index, tiny_m
             if window == 0:
                 assert 'lookalike_embed_batch_size_count{kind="image"} 8.0' in metrics
     assert [[pid for pid, _ in q] for q in results[0]] == [[pid for pid, _ in q] for q in results[1]]
+
+
+def _embed_at_once(embed_one, items):
+    """``embed_one(item)`` for every item, each in its own thread, all released at the same moment."""
+    start = threading.Barrier(len(items))
+
+    def run(item):
+        start.wait()
+        return embed_one(item)
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        return np.stack(list(pool.map(run, items)))
+
+
+def test_parallel_streams_give_the_same_vectors_as_one_pass_at_a_time(photos):
+    model = load_model("test-tiny", None, "cpu", precision="fp32", backend="openvino")  # not the shared fixture
+    pixels = [model.preprocess(open_image(p, draft_size=model.draft_size)) for p in photos]
+    single = np.concatenate([model.embed_image_tensors(x[None]) for x in pixels])
+    encoder = model.image_encoder
+    assert encoder.parallel is None and encoder.parallel_passes == 1  # one pass at a time until asked
+
+    assert model.set_streams(2) == 2 and encoder.parallel is not None
+    concurrent = _embed_at_once(lambda x: model.embed_image_tensors(x[None])[0], pixels)
+    assert not encoder._idle_parallel.empty()  # concurrent calls really ran on the multi-stream model
+    np.testing.assert_allclose(concurrent, single, atol=1e-5)  # each call got its own photo's vector
+    np.testing.assert_allclose(model.embed_image_tensors(pixels[0][None]), single[:1], atol=1e-5)  # a lone call
+
+    # several batcher workers, each gathering its own batches for the streams
+    sizes: list[int] = []
+    batcher = MicroBatcher(model.embed_image_tensors, max_batch=4, window_ms=200, on_batch=sizes.append, workers=2)
+    try:
+        batched = _embed_at_once(lambda x: batcher.embed(lambda: x), pixels)
+    finally:
+        batcher.close()
+    assert sum(sizes) == len(pixels) and max(sizes) <= 4, sizes
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    assert all(not w.is_alive() for w in batcher._workers)  # close() stops every worker
+
+    assert model.set_streams(1) == 1 and encoder.parallel is None
+    assert model.set_streams(0) >= 1  # OpenVINO's own choice for this CPU
+    with pytest.raises(ValueError, match="streams"):
+        model.set_streams(-1)
+    torch_model = load_model("test-tiny", None, "cpu", precision="fp32", backend="torch")
+    assert torch_model.set_streams(0) == 1  # the torch back-end runs one pass at a time
+
+
+def test_server_runs_concurrent_queries_on_the_streams_it_was_given(fixture_index, photos):
+    model = load_model("test-tiny", None, "cpu", precision="fp32", backend="openvino")
+    for streams, passes in ((1, 1), (2, 2)):
+        app = create_app(fixture_index, model=model, inference_streams=streams)
+        with TestClient(app) as client:
+            assert len(app.state.engine.batcher._workers) == passes
+            with ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(
+                    lambda p: client.post("/v1/search/image?k=3",
+                                          files={"image": ("q.jpg", p.read_bytes(), "image/jpeg")}),
+                    photos[:8]))
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    with pytest.raises(ValueError, match="inference_streams"):
+        ServerSettings(inference_streams=-1)

@@ -45,6 +45,8 @@ def test_bench_query_serves_with_and_without_micro_batching(fixture_data, tmp_pa
     assert r["image_p99_ms"] >= r["image_p50_ms"]
     assert set(r["qps"]) == {"1", "4", "16"}
     for level in r["qps"].values():
-        assert level["batched"] > 0 and level["unbatched"] > 0
+        assert level["batched"] > 0 and level["unbatched"] > 0 and level["one_stream"] > 0
+    assert set(r["modes"]) == {"one_stream", "unbatched", "batched"}
+    assert r["ceiling"]["streams"] >= 1
     for mode in r["modes"].values():
         assert all(lv["errors"] == 0 for lv in mode["levels"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -41,6 +43,7 @@ def test_int8_tower_is_calibrated_checked_against_fp32_and_cached(datasets_dir, 
 
     int8 = load_model("ViT-B-32", None, "cpu", precision="int8")
     assert int8.precision == "fp32" and int8.needs_calibration  # nothing calibrated for these weights yet
+    assert int8.set_streams(2) == 2  # a server's multi-stream twin, made before calibration: it must follow it
     np.testing.assert_allclose(int8.embed_images(photos[:4]), ref[:4], atol=1e-4)  # meanwhile: fp32
     assert int8.calibrate(_pixels(int8, photos[:quantize.CALIBRATION_PHOTOS])) == "int8"
     assert int8.precision == "int8" and not int8.needs_calibration
@@ -48,6 +51,19 @@ def test_int8_tower_is_calibrated_checked_against_fp32_and_cached(datasets_dir, 
     cos = np.sum(ref * got, axis=1)
     assert cos.mean() >= 0.995 and cos.min() >= 0.98, (cos.mean(), cos.min())
     assert not np.allclose(ref, got, atol=1e-4)  # it really is another (quantised) model
+    # concurrent calls run on the multi-stream twin, now the int8 tower too
+    pixels = _pixels(int8, photos[:4])
+    start = threading.Barrier(len(pixels))
+
+    def embed_one(x):
+        start.wait()
+        return int8.embed_image_tensors(x[None])[0]
+
+    with ThreadPoolExecutor(len(pixels)) as pool:
+        concurrent = np.stack(list(pool.map(embed_one, pixels)))
+    assert not int8.image_encoder._idle_parallel.empty()
+    assert np.sum(concurrent * got[:4], axis=1).min() >= 0.999
+    assert not np.allclose(concurrent, ref[:4], atol=1e-4)
     verdict = _verdict(tmp_path)
     assert verdict["accepted"] and verdict["mean_cosine"] >= quantize.MIN_MEAN_COSINE
     assert verdict["photos"] == quantize.CALIBRATION_PHOTOS
