@@ -16,7 +16,8 @@
   ``data/labels/retail.yaml`` labels 0.59 -> 0.66, greyscale copies 0.70 -> 0.72, 60 % centre
   crops 0.85 -> 0.83, Fashion-MNIST 0.737 -> 0.721 (MODEL_CARD.md).
 * **The joint space** has two parts: the learned part (``embed_dim - glove_dim`` = 462 of 512
-  dimensions, unit norm) and GloVe's own 50-d space (weight ``conse_weight``). An image's GloVe
+  dimensions, unit norm) and GloVe's own 50-d space (weight ``conse_weight``), which the shipped
+  model gives to a **luma signature** instead (``luma_signature_weight`` w = 0.5; see below). An image's GloVe
   part is ConSE (Norouzi et al. 2014, "Zero-Shot Learning by Convex Combination of Semantic
   Embeddings"): the pretrained ImageNet classifier's top-10 class probabilities weighting the
   GloVe vectors of the class names (timm's ``ImageNetInfo``). A text's GloVe part is the
@@ -27,6 +28,16 @@
   near-duplicate recall@1 (0.91 -> 0.84) and category accuracy (0.79 -> 0.74): the ImageNet top-10
   of a rotated or cropped copy moves, so photo-to-photo search, the first thing a shop tries, got
   worse (data/models/lookalike-base/MODEL_CARD.md).
+* **Luma signature.** With ``conse_weight`` 0 a text's last ``glove_dim`` dimensions are zero, so
+  a photo's are free for a part only photos compare: :func:`luma_signature` (the square-rooted,
+  unit-norm luma histogram without its white bin), scaled by ``sqrt(w)``. Two photos' cosine is
+  then ``(learned . learned' + w * signature . signature') / (1 + w)``. A greyscale copy has its
+  photo's signature, while the same product in another colour usually does not, and that is the
+  copy the learned part confused it with: held-out greyscale copies found their photo 0.73 of the
+  time without it. Every text-photo cosine is divided by ``sqrt(1 + w)`` (a constant, so no text
+  ranking moves), and ``logit_scale`` is multiplied by it, so label probabilities are unchanged;
+  the thresholds are measured again for it. It is not trained (set afterwards:
+  ``train_lookalike_base.py --set-luma-signature W``).
 * **Text tower** (:class:`GloveTextTower`): GloVe 6B 50-d word vectors (Pennington, Socher &
   Manning 2014; 400,000 lower-case words; PDDL-1.0; shipped int8-quantised, one scale per
   word) with trained layers on top: attention pooling over the word vectors (additive
@@ -181,6 +192,22 @@ def luma_histogram(pixels: torch.Tensor, mean: float = 0.5, std: float = 0.5, bi
     return w.mean(dim=(-2, -1))
 
 
+def luma_signature(histogram: torch.Tensor) -> torch.Tensor:
+    """Unit-norm luma signature ``(n, bins - 1)`` of luma histograms ``(n, bins)`` (:func:`luma_histogram`).
+
+    The square root of each bin but the last, L2-normalised: the dot product of two signatures is
+    the Bhattacharyya coefficient of the histograms (the Hellinger kernel; the square root is the
+    same step as RootSIFT's, Arandjelovic & Zisserman 2012), computed over the non-white pixels.
+    The last bin (white) is left out because it counts the white square padding of
+    ``resize_mode: longest`` and the studio background, not the product. A greyscale copy of a photo
+    has the same signature as the photo; another colour of the same product usually does not, which
+    is what the signature adds to the learned part (``luma_signature_weight`` in the model config).
+    A photo with no non-white pixel gets the zero vector.
+    """
+    root = histogram.float()[:, :-1].clamp(min=0).sqrt()
+    return F.normalize(root, dim=-1)
+
+
 def gem(x: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
     """Generalised-mean pooling of non-negative feature maps ``(n, c, h, w)`` -> ``(n, c)``:
     ``mean(x^p)^(1/p)`` (Radenovic, Tolias & Chum 2018, "Fine-tuning CNN Image Retrieval with No
@@ -213,7 +240,7 @@ class EfficientNetLiteTower(nn.Module):
     def __init__(self, arch: str = "tf_efficientnet_lite0", image_size: int = 224, embed_dim: int = 512,
                  hidden: int = 1024, taps: tuple[int, ...] = DEFAULT_TAPS, glove_dim: int = 50,
                  conse_weight: float = 1.0, conse_top_k: int = 10, n_classes: int = 1000,
-                 gem_power: float = 0.0, luma_bins: int = 0):
+                 gem_power: float = 0.0, luma_bins: int = 0, luma_signature_weight: float = 0.0):
         super().__init__()
         import timm
 
@@ -235,6 +262,19 @@ class EfficientNetLiteTower(nn.Module):
         self.register_buffer("classifier_weight", torch.zeros(n_classes, self.trunk.num_features))
         self.register_buffer("classifier_bias", torch.zeros(n_classes))
         self.register_buffer("class_vectors", torch.zeros(n_classes, glove_dim))
+        # the luma signature (luma_signature) in the GloVe dimensions, which only ConSE uses: so only
+        # with conse_weight 0, and a text's part there is then zero (text scores change by a constant)
+        self.luma_signature_weight = float(luma_signature_weight)
+        if self.luma_signature_weight < 0:
+            raise ValueError("luma_signature_weight must be >= 0")
+        if self.luma_signature_weight > 0:
+            if not 2 <= self.luma_bins <= glove_dim + 1:
+                raise ValueError(f"luma_signature_weight needs luma_bins between 2 and {glove_dim + 1}")
+            if float(conse_weight) != 0:
+                raise ValueError("luma_signature_weight and conse_weight share the GloVe dimensions: "
+                                 "set one of them to 0")
+            # a buffer (only when used, so that older model folders load as they are): in the weights' identity
+            self.register_buffer("luma_signature_scale", torch.tensor(float(np.sqrt(self.luma_signature_weight))))
         embed_dim = embed_dim - glove_dim  # the learned part
         # standardisation of the descriptor, measured on the training images (set by training)
         self.register_buffer("feature_mean", torch.zeros(self.descriptor_dim))
@@ -279,8 +319,15 @@ class EfficientNetLiteTower(nn.Module):
         return F.normalize(v, dim=-1)
 
     def joint(self, descriptor: torch.Tensor) -> torch.Tensor:
-        """The embedding from a descriptor: the unit learned part beside ``conse_weight`` x the ConSE part."""
+        """The embedding from a descriptor ``(n, descriptor_dim) -> (n, embed_dim)``: the unit learned
+        part beside ``conse_weight`` x the ConSE part or, with ``luma_signature_weight`` w > 0, beside
+        ``sqrt(w)`` x the unit luma signature (zero-padded to ``glove_dim``). Its norm is then
+        ``sqrt(1 + w)``: the cosine of two photos is ``(learned . learned' + w * signature . signature') / (1 + w)``."""
         learned = F.normalize(self.project(descriptor), dim=-1)
+        if self.luma_signature_weight > 0:
+            sig = luma_signature(descriptor[:, -self.luma_bins:])
+            extra = F.pad(sig, (0, self.class_vectors.shape[1] - sig.shape[1]))
+            return torch.cat([learned, (self.luma_signature_scale * extra).to(learned.dtype)], dim=1)
         return torch.cat([learned, self.conse_weight * self.conse(descriptor).to(learned.dtype)], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -305,7 +352,8 @@ class LookalikeBase(nn.Module):
                                             int(cfg.get("vision_hidden", 1024)), tuple(cfg.get("taps", DEFAULT_TAPS)),
                                             glove_dim, conse, int(cfg.get("conse_top_k", 10)),
                                             gem_power=float(cfg.get("gem_power", 0.0)),
-                                            luma_bins=int(cfg.get("luma_bins", 0)))
+                                            luma_bins=int(cfg.get("luma_bins", 0)),
+                                            luma_signature_weight=float(cfg.get("luma_signature_weight", 0.0)))
         self.text = GloveTextTower(n_words, glove_dim, int(cfg.get("text_width", 256)), embed_dim, conse)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
         self.context_length = int(cfg.get("context_length", 32))
@@ -336,7 +384,8 @@ def save_base_model(model: LookalikeBase, vocab: list[str], out: Path, preproces
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
         if v.is_floating_point():
-            keep = k.startswith(("visual.feature_", "text.glove_scale")) or k.endswith("conse_weight")
+            keep = (k.startswith(("visual.feature_", "text.glove_scale"))
+                    or k.endswith(("conse_weight", "luma_signature_scale")))
             v = v.to(torch.float32 if keep else torch.float16)
         state[k] = v.contiguous()
     config = {"model_cfg": model.cfg, "preprocess_cfg": preprocess_cfg,

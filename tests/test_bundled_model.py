@@ -1,6 +1,7 @@
 """The bundled offline model lookalike-base loads with no network and no extra package, and keeps its
 measured quality on fixed slices, so a broken model file or a preprocessing regression fails CI
 (full figures: data/models/lookalike-base/MODEL_CARD.md, `lookalike eval --model lookalike-base`)."""
+import copy
 import json
 import subprocess
 import sys
@@ -163,3 +164,57 @@ def test_another_shops_label_words_on_held_out_products(base, magento):
     odd = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(20)]
     rejected = clf.none_of_these(base.embed_images(odd + [Image.new("RGB", (224, 224))]))
     assert np.mean(rejected) >= 0.9, rejected
+
+
+def test_the_luma_signature_finds_greyscale_copies_and_leaves_text_scores_in_rank(base, magento):
+    """The shipped model adds a luma signature (indexer.base_model.luma_signature, weight 0.5) to a
+    photo's embedding. On held-out products' photos: a greyscale copy finds its own photo among all
+    of them more often than with the same weights and no signature (most misses were the same
+    product in another colour), the copy's signature is the photo's own, and text scores are the
+    signature-free ones divided by a constant, with labels' probabilities unchanged (logit_scale is
+    multiplied by the same constant)."""
+    import torch
+    from PIL import ImageOps
+    from train_lookalike_base import set_luma_signature
+
+    from indexer.base_model import luma_signature
+    from indexer.images import open_image
+
+    rows, held, _ = magento
+    files = sorted({r["image"] for r in rows if r["id"] in held})[::2][:60]
+    model = copy.deepcopy(base.model).float().eval()
+    weight = float(model.cfg["luma_signature_weight"])
+    assert weight > 0
+    plain = set_luma_signature(model, 0.0)
+    photos = [open_image(f, draft_size=448) for f in files]
+    with torch.no_grad():
+        pix = torch.stack([base.preprocess(im) for im in photos])
+        grey = torch.stack([base.preprocess(ImageOps.grayscale(im).convert("RGB")) for im in photos])
+        d_pix, d_grey = model.visual.descriptor(pix), model.visual.descriptor(grey)
+        bins = model.visual.luma_bins
+        assert torch.allclose(luma_signature(d_pix[:, -bins:]), luma_signature(d_grey[:, -bins:]), atol=0.02)
+        recall = {}
+        for name, m in (("signature", model), ("none", plain)):
+            a = torch.nn.functional.normalize(m.visual.joint(d_pix), dim=-1)
+            b = torch.nn.functional.normalize(m.visual.joint(d_grey), dim=-1)
+            recall[name] = float(((b @ a.t()).argmax(dim=1) == torch.arange(len(files))).float().mean())
+        assert recall["signature"] > recall["none"], recall
+        assert recall["signature"] >= 0.85, recall
+        text = torch.nn.functional.normalize(model.encode_text(base.tokenizer(["a red t-shirt", "a black bag",
+                                                                              "a grey hoodie"])), dim=-1)
+        with_sig = torch.nn.functional.normalize(model.visual.joint(d_pix), dim=-1) @ text.t()
+        without = torch.nn.functional.normalize(plain.visual.joint(d_pix), dim=-1) @ text.t()
+        assert torch.allclose(with_sig * (1 + weight) ** 0.5, without, atol=1e-5)
+        probs = [torch.softmax(m.logit_scale.exp() * c, dim=1) for m, c in ((model, with_sig), (plain, without))]
+        assert torch.allclose(probs[0], probs[1], atol=1e-5)
+
+
+def test_the_luma_signature_refuses_a_config_it_cannot_serve():
+    from indexer.base_model import EfficientNetLiteTower
+
+    for bad in ({"conse_weight": 1.0, "luma_bins": 16}, {"conse_weight": 0.0, "luma_bins": 0},
+                {"conse_weight": 0.0, "luma_bins": 60}):
+        with pytest.raises(ValueError, match="luma_signature_weight"):
+            EfficientNetLiteTower(luma_signature_weight=0.5, **bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        EfficientNetLiteTower(conse_weight=0.0, luma_bins=16, luma_signature_weight=-1)
