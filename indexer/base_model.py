@@ -358,6 +358,14 @@ class LookalikeBase(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
         self.context_length = int(cfg.get("context_length", 32))
 
+    def photo_only_dims(self) -> slice | None:
+        """The dimensions of an image embedding that no text embedding uses (the luma signature's,
+        which sit where a text's ConSE part is zero), or None when there are none."""
+        if self.visual.luma_signature_weight <= 0:
+            return None
+        glove_dim = self.visual.class_vectors.shape[1]
+        return slice(self.visual.linear.out_features, self.visual.linear.out_features + glove_dim)
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.visual(pixels)
         return F.normalize(x, dim=-1) if normalize else x

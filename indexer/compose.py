@@ -98,17 +98,29 @@ def embed_query_text(model, text: str, name: str = "text") -> np.ndarray:
 
 
 def compose(photos: np.ndarray, text: np.ndarray | None = None, negative: np.ndarray | None = None,
-            text_weight: float = DEFAULT_TEXT_WEIGHT) -> np.ndarray:
+            text_weight: float = DEFAULT_TEXT_WEIGHT, photo_only: slice | None = None) -> np.ndarray:
     """Composed query vectors: ``normalise((1 - w) * photos + w * text - w * negative)``.
 
     photos: float32 ``(n, dim)`` unit rows (one query per row; a product's photos for similar);
     text, negative: float32 ``(1, dim)`` unit rows or None (left out of the sum);
-    text_weight: ``w`` in [0, 1] (QueryError otherwise). Returns float32 ``(n, dim)`` unit rows; a row
-    that sums to (almost) zero falls back to the photo's own vector.
+    text_weight: ``w`` in [0, 1] (QueryError otherwise);
+    photo_only: the dimensions no text uses (:attr:`indexer.model.ClipModel.photo_only_dims`, e.g.
+    lookalike-base's luma signature) or None. With a text, they are zeroed in the photos and the
+    rows renormalised first: the words ask for another look ("in red"), and a part that only photos
+    carry would pin the query to the photo's own colours, which no words can move (on Magento colour
+    queries, ``scripts/eval_composed.py``: 0.57 with them, 0.70 without, 2026-12-02).
+    Returns float32 ``(n, dim)`` unit rows; a row that sums to (almost) zero falls back to the
+    photo's own vector.
     """
     w = check_text_weight(text_weight)
     photos = np.asarray(photos, dtype=np.float32)
-    q = (1.0 - w) * photos
+    base = photos
+    if photo_only is not None and (text is not None or negative is not None):
+        base = photos.copy()
+        base[:, photo_only] = 0
+        norms = np.linalg.norm(base, axis=1, keepdims=True)
+        base = np.where(norms > 1e-6, base / np.maximum(norms, 1e-12), photos)
+    q = (1.0 - w) * base
     if text is not None:
         q = q + w * np.asarray(text, np.float32)
     if negative is not None:
@@ -133,7 +145,8 @@ def composer(model, text: str | None, negative_text: str | None,
         return None
     pos = embed_query_text(model, text, "text") if text is not None else None
     neg = embed_query_text(model, negative_text, "negative_text") if negative_text is not None else None
-    return lambda photos: compose(photos, pos, neg, w)
+    photo_only = getattr(model, "photo_only_dims", None)
+    return lambda photos: compose(photos, pos, neg, w, photo_only)
 
 
 # ------------------------------------------------------------------ region search

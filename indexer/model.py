@@ -264,6 +264,14 @@ class ClipModel:
         return max(2 * self.identity.image_size, 224)
 
     @property
+    def photo_only_dims(self) -> slice | None:
+        """The embedding dimensions that only photos use (texts are zero there), or None: lookalike-base's
+        luma signature (:meth:`indexer.base_model.LookalikeBase.photo_only_dims`). A composed query
+        leaves them out of its photo (:func:`indexer.compose.compose`)."""
+        dims = getattr(self.model, "photo_only_dims", None)
+        return dims() if callable(dims) else None
+
+    @property
     def logit_scale(self) -> float:
         """exp of the learned temperature (CLIP paper, Radford et al. 2021, sec. 2.5); 100 for trained CLIP."""
         return float(self.model.logit_scale.detach().exp().clamp(max=100).item())

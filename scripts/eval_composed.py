@@ -108,9 +108,10 @@ def main(argv=None) -> int:
         text_only = rate(search(texts, None), queries, colour_of)
         composed = {}
         for w in args.weights:
-            vecs = np.concatenate([compose(p[None], t[None], None, w) for p, t in zip(photos, texts)])
+            vecs = np.concatenate([compose(p[None], t[None], None, w, model.photo_only_dims)
+                                   for p, t in zip(photos, texts)])
             composed[f"{w:g}"] = rate(search(vecs, PHOTO_QUERY_MIN_SCORE), queries, colour_of)
-        vecs = np.concatenate([compose(p[None], t[None], n[None], DEFAULT_TEXT_WEIGHT)
+        vecs = np.concatenate([compose(p[None], t[None], n[None], DEFAULT_TEXT_WEIGHT, model.photo_only_dims)
                                for p, t, n in zip(photos, texts, negatives)])
         composed_negative = rate(search(vecs, PHOTO_QUERY_MIN_SCORE), queries, colour_of)
 

@@ -59,6 +59,26 @@ def test_weight_0_is_the_photo_alone_and_weight_1_the_text_alone():
 
 
 @pytest.mark.unit
+def test_the_photo_only_dimensions_leave_a_composed_query_but_not_a_photo_search():
+    """With a text, the dimensions no text uses are zeroed in the photo (and the photo renormalised)
+    before the weighted sum; without one, nothing changes."""
+    rng = np.random.default_rng(2)
+    photos, text = _unit(rng.normal(size=(3, 16))), _unit(rng.normal(size=(1, 16)))
+    text[:, 12:] = 0
+    text = _unit(text)
+    only = slice(12, 16)
+    mixed = compose(photos, text, None, 0.7, only)
+    learned = photos.copy()
+    learned[:, only] = 0
+    np.testing.assert_allclose(mixed, compose(_unit(learned), text, None, 0.7), atol=1e-6)
+    assert np.abs(mixed[:, only]).max() == 0
+    np.testing.assert_allclose(compose(photos, None, None, 0.7, only), photos, atol=1e-6)
+    only_signature = np.zeros((1, 16), np.float32)
+    only_signature[0, 14] = 1  # a photo that is nothing but its photo-only part keeps it
+    np.testing.assert_allclose(compose(only_signature, text, None, 0.7, only), compose(only_signature, text, None, 0.7))
+
+
+@pytest.mark.unit
 def test_negative_text_moves_the_ranking_away_from_it():
     """A catalogue of vectors: the photo's nearest neighbour is the one nearest the negative words too;
     with the negative words subtracted it drops, and every vector's score moves against its cosine
@@ -188,6 +208,31 @@ def test_photo_plus_a_colour_finds_the_product_in_that_colour(base, magento_smal
                 found[name] += any(h.product_id == product and colour_of[h.source] == colour for h in hits)
     assert found["photo"] == 0
     assert found["composed"] >= 0.6 * len(queries), found
+
+
+@pytest.mark.integration
+def test_lookalike_bases_luma_signature_is_photo_only_and_stays_out_of_composed_queries(base, magento_small):
+    """lookalike-base's luma signature sits in dimensions where every text embedding is zero; a composed
+    query that kept it would stay pinned to the query photo's own colours (fewer colour queries found)."""
+    from indexer.pipeline import embed_paths
+    from indexer.store import Store
+
+    only = base.photo_only_dims
+    assert only is not None and only.stop == base.dim
+    texts = base.embed_texts(["in red", "a black bag", "hoodie"])
+    assert np.abs(texts[:, only]).max() == 0
+    index, rows = magento_small
+    colour_of = {r["image"]: r["color"] for r in rows}
+    found = {"without": 0, "with": 0}
+    with Store.open(index) as store:
+        for product, path, colour in _colour_queries(rows):
+            _, photo, _ = embed_paths(base, [path])
+            assert np.linalg.norm(photo[0, only]) > 0.3  # the photo does carry it
+            text = base.embed_texts([f"in {colour.lower()}"])
+            for name, dims in (("without", only), ("with", None)):
+                hits = store.search(compose(photo, text, None, DEFAULT_TEXT_WEIGHT, dims), 5, min_score=0.0)[0]
+                found[name] += any(h.product_id == product and colour_of[h.source] == colour for h in hits)
+    assert found["without"] > found["with"], found
 
 
 @pytest.mark.integration
