@@ -190,7 +190,7 @@ class OpenVINOImageEncoder:
             except queue.Empty:
                 request = compiled.create_infer_request()
             try:
-                out = request.infer({0: x})[0]
+                out = request.infer({0: x}, share_inputs=True)[0]
                 return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
             finally:
                 idle.put((compiled, request))
