@@ -262,6 +262,7 @@ class EfficientNetLiteTower(nn.Module):
         self.register_buffer("classifier_weight", torch.zeros(n_classes, self.trunk.num_features))
         self.register_buffer("classifier_bias", torch.zeros(n_classes))
         self.register_buffer("class_vectors", torch.zeros(n_classes, glove_dim))
+        self.glove_dim = glove_dim  # the last glove_dim dimensions of the embedding: ConSE's or the luma signature's
         # the luma signature (luma_signature) in the GloVe dimensions, which only ConSE uses: so only
         # with conse_weight 0, and a text's part there is then zero (text scores change by a constant)
         self.luma_signature_weight = float(luma_signature_weight)
@@ -326,7 +327,7 @@ class EfficientNetLiteTower(nn.Module):
         learned = F.normalize(self.project(descriptor), dim=-1)
         if self.luma_signature_weight > 0:
             sig = luma_signature(descriptor[:, -self.luma_bins:])
-            extra = F.pad(sig, (0, self.class_vectors.shape[1] - sig.shape[1]))
+            extra = F.pad(sig, (0, self.glove_dim - sig.shape[1]))
             return torch.cat([learned, (self.luma_signature_scale * extra).to(learned.dtype)], dim=1)
         return torch.cat([learned, self.conse_weight * self.conse(descriptor).to(learned.dtype)], dim=1)
 
@@ -363,8 +364,8 @@ class LookalikeBase(nn.Module):
         which sit where a text's ConSE part is zero), or None when there are none."""
         if self.visual.luma_signature_weight <= 0:
             return None
-        glove_dim = self.visual.class_vectors.shape[1]
-        return slice(self.visual.linear.out_features, self.visual.linear.out_features + glove_dim)
+        learned = self.visual.linear.out_features
+        return slice(learned, learned + self.visual.glove_dim)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.visual(pixels)

@@ -107,11 +107,11 @@ def main(argv=None) -> int:
         photo_only = rate(search(photos, PHOTO_QUERY_MIN_SCORE), queries, colour_of)
         text_only = rate(search(texts, None), queries, colour_of)
         composed = {}
+        signature_dims = model.photo_only_dims  # left out of the photo in a composed query (compose)
         for w in args.weights:
-            vecs = np.concatenate([compose(p[None], t[None], None, w, model.photo_only_dims)
-                                   for p, t in zip(photos, texts)])
+            vecs = np.concatenate([compose(p[None], t[None], None, w, signature_dims) for p, t in zip(photos, texts)])
             composed[f"{w:g}"] = rate(search(vecs, PHOTO_QUERY_MIN_SCORE), queries, colour_of)
-        vecs = np.concatenate([compose(p[None], t[None], n[None], DEFAULT_TEXT_WEIGHT, model.photo_only_dims)
+        vecs = np.concatenate([compose(p[None], t[None], n[None], DEFAULT_TEXT_WEIGHT, signature_dims)
                                for p, t, n in zip(photos, texts, negatives)])
         composed_negative = rate(search(vecs, PHOTO_QUERY_MIN_SCORE), queries, colour_of)
 
