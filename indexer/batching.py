@@ -12,9 +12,9 @@ preprocessing their photos; a lone query is embedded at once.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
@@ -42,8 +42,14 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
         self._on_batch = on_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        # One condition guards the queue, the count of requests still preparing and the closed flag, and is
+        # notified whenever any of them changes. A worker gathering a batch waits on it with the window's
+        # timeout, but never needs that timeout to fire to make progress: the event it waits for (a query
+        # queued, or the last preparing request done) wakes it. On our 2-core VMs a sub-millisecond timed
+        # wait sometimes never returned (1 in ~100 runs of 8 concurrent uploads, seen in CI); the batcher used
+        # to poll a queue with 1 ms timeouts, so one lost timer stranded a request for good.
+        self._cond = threading.Condition()
+        self._pending: deque[tuple[torch.Tensor, Future]] = deque()
         self._preparing = 0
         self._closed = False
         self._workers = [threading.Thread(target=self._run, name=f"lookalike-batcher-{i}", daemon=True)
@@ -58,59 +64,55 @@ class MicroBatcher:
         Returns float32 ``(dim,)`` of unit norm. Exceptions of ``prepare`` and of the model
         propagate to the caller; RuntimeError after :meth:`close`.
         """
-        with self._lock:
+        with self._cond:
             self._preparing += 1
         try:
             pixels = prepare()
         except BaseException:
-            with self._lock:
+            with self._cond:
                 self._preparing -= 1
+                self._cond.notify_all()  # a worker waiting for this request stops waiting
             raise
         future: Future = Future()
-        with self._lock:
+        with self._cond:
             self._preparing -= 1
+            self._cond.notify_all()
             if self._closed:
                 raise RuntimeError("the query batcher is closed")
-            self._queue.put((pixels, future))
+            self._pending.append((pixels, future))
         return future.result()
 
     def close(self) -> None:
         """Stop the workers after the queued queries are answered."""
-        with self._lock:
+        with self._cond:
             self._closed = True
-            for _ in self._workers:
-                self._queue.put(None)
+            self._cond.notify_all()
         deadline = time.monotonic() + 30
         for worker in self._workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def _others_coming(self) -> bool:
-        with self._lock:
-            return self._preparing > 0 or not self._queue.empty()
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
+    def _next_batch(self) -> list[tuple[torch.Tensor, Future]] | None:
+        """Wait for a query, then gather up to ``max_batch`` while others are still preparing and the window
+        lasts. None once closed and drained."""
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            batch = [self._pending.popleft()]
             deadline = time.monotonic() + self.window_s
             while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0 or not self._others_coming():
-                        break
-                    try:
-                        item = self._queue.get(timeout=min(wait, 0.001))
-                    except queue.Empty:
-                        continue
-                if item is None:
-                    stop = True
+                if self._pending:
+                    batch.append(self._pending.popleft())
+                    continue
+                wait = deadline - time.monotonic()
+                if wait <= 0 or self._preparing == 0 or self._closed:
                     break
-                batch.append(item)
+                self._cond.wait(wait)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[tuple[torch.Tensor, Future]]) -> None:

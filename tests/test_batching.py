@@ -5,9 +5,11 @@ pass at a time, with or without several batcher workers."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from indexer.batching import MicroBatcher
@@ -81,6 +83,79 @@ def test_a_lone_query_is_embedded_without_waiting_for_the_window(tiny_model, pho
         assert time.monotonic() - t0 < 2.5  # far below the 5 s window: nothing else was coming
     finally:
         batcher.close()
+
+
+class _TimersNeverFire(threading.Condition):
+    """A condition whose timed waits only end when notified: the fault our 2-core VMs showed, where a
+    1 ms timed wait in the batcher's worker sometimes never returned and stranded a request."""
+
+    def wait(self, timeout=None):
+        return super().wait()
+
+
+def test_every_query_is_answered_even_when_no_timed_wait_ever_times_out(tiny_model, photos, monkeypatch):
+    import indexer.batching
+
+    # only the batcher's own condition loses its timers (threading.Condition is shared by the whole process)
+    monkeypatch.setattr(indexer.batching, "threading", SimpleNamespace(Condition=_TimersNeverFire,
+                                                                       Thread=threading.Thread))
+    pixels = [tiny_model.preprocess(open_image(p, draft_size=tiny_model.draft_size)) for p in photos]
+    single = tiny_model.embed_image_tensors(torch.stack(pixels))
+    batcher = MicroBatcher(tiny_model.embed_image_tensors, max_batch=4, window_ms=60_000, workers=2)
+    assert isinstance(batcher._cond, _TimersNeverFire)
+    try:
+        with ThreadPoolExecutor(len(pixels) + 1) as pool:
+            assert np.allclose(pool.submit(batcher.embed, lambda: pixels[0]).result(timeout=30), single[0],
+                               atol=1e-5)  # a lone query
+
+            def slow_failure():
+                time.sleep(0.3)
+                return open_image(b"not an image")
+
+            # a query is gathered while another still decodes and then fails: the failure ends the wait
+            ok = pool.submit(batcher.embed, lambda: pixels[1])
+            bad = pool.submit(batcher.embed, slow_failure)
+            np.testing.assert_allclose(ok.result(timeout=30), single[1], atol=1e-5)
+            with pytest.raises(ImageError):
+                bad.result(timeout=30)
+
+            # many at once, in batches of at most 4 on two workers
+            start = threading.Barrier(len(pixels))
+
+            def query(x):
+                start.wait()
+                return batcher.embed(lambda: x)
+
+            futures = [pool.submit(query, x) for x in pixels]
+            np.testing.assert_allclose(np.stack([f.result(timeout=30) for f in futures]), single, atol=1e-5)
+    finally:
+        batcher.close()
+    assert all(not w.is_alive() for w in batcher._workers)
+
+
+def test_close_answers_queued_queries_and_refuses_new_ones(tiny_model, photos):
+    release = threading.Event()
+    started = threading.Event()
+
+    def held(pixels):
+        started.set()
+        release.wait(30)
+        return tiny_model.embed_image_tensors(pixels)
+
+    batcher = MicroBatcher(held, max_batch=1, window_ms=0)
+    x = tiny_model.preprocess(open_image(photos[0], draft_size=tiny_model.draft_size))
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.embed, lambda: x)
+        assert started.wait(30)
+        queued = pool.submit(batcher.embed, lambda: x)  # waits behind the first, in the queue
+        while not batcher._pending:
+            time.sleep(0.01)
+        closing = pool.submit(batcher.close)
+        release.set()
+        closing.result(timeout=30)
+        assert first.result(timeout=30).shape == queued.result(timeout=30).shape == (tiny_model.dim,)
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.embed(lambda: x)
 
 
 def test_server_answers_the_same_with_and_without_batching(fixture_index, tiny_model, photos):
