@@ -52,6 +52,7 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._pending: deque[tuple[torch.Tensor, Future]] = deque()
         self._preparing = 0
+        self._gathering = False
         self._closed = False
         self._workers = [threading.Thread(target=self._run, name=f"lookalike-batcher-{i}", daemon=True)
                          for i in range(workers)]
@@ -96,20 +97,27 @@ class MicroBatcher:
         """Wait for a query, then gather up to ``max_batch`` while others are still preparing and the window
         lasts. None once closed and drained."""
         with self._cond:
-            while not self._pending:
-                if self._closed:
+            # one worker gathers at a time: queries that arrive meanwhile join its batch rather than start
+            # batches of one on the other workers
+            while not self._pending or self._gathering:
+                if self._closed and not self._pending:
                     return None
                 self._cond.wait()
-            batch = [self._pending.popleft()]
-            deadline = time.monotonic() + self.window_s
-            while len(batch) < self.max_batch:
-                if self._pending:
-                    batch.append(self._pending.popleft())
-                    continue
-                wait = deadline - time.monotonic()
-                if wait <= 0 or self._preparing == 0 or self._closed:
-                    break
-                self._cond.wait(wait)
+            self._gathering = True
+            try:
+                batch = [self._pending.popleft()]
+                deadline = time.monotonic() + self.window_s
+                while len(batch) < self.max_batch:
+                    if self._pending:
+                        batch.append(self._pending.popleft())
+                        continue
+                    wait = deadline - time.monotonic()
+                    if wait <= 0 or self._preparing == 0 or self._closed:
+                        break
+                    self._cond.wait(wait)
+            finally:
+                self._gathering = False
+                self._cond.notify_all()  # the next worker may gather what is left
             return batch
 
     def _run(self) -> None:
