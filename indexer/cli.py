@@ -231,6 +231,8 @@ def cmd_label(args) -> int:
 
     clf = ZeroShotClassifier(model, label_set)
     ok, vecs, errors = embed_paths(model, args.targets)
+    if args.closed_set:
+        _closed_set(clf, vecs)
     rows = [{"image": path, "labels": labels, "none_of_these": rejected}
             for path, labels, rejected in zip(ok, clf.top_k(vecs, args.top_k), clf.none_of_these(vecs))]
     rows += [{"image": path, "error": msg} for path, msg in errors.items()]
@@ -249,18 +251,35 @@ def cmd_label(args) -> int:
     return 1 if errors and not ok else 0
 
 
+def _closed_set(clf, reference) -> None:
+    """Rank labels relative to ``reference`` photos (indexer.labels' hubness correction), or say why not."""
+    from .labels import MIN_REFERENCE
+
+    if not clf.set_reference(reference):
+        print(f"--closed-set: {len(reference)} photos, fewer than the {MIN_REFERENCE} it needs; labels are "
+              "ranked by plain cosine", file=sys.stderr)
+
+
 def _label_index(args, label_set) -> int:
+    import numpy as np
+
     from .labels import ZeroShotClassifier
 
     with _open_index(args.targets[0], writable=True) as store:
         model = _model_for_index(args, store)
         clf = ZeroShotClassifier(model, label_set)
-        results, rejected = {}, {}
+        if args.closed_set:
+            _closed_set(clf, store.reference_vectors())
+        pids, means = [], []
         for pid, vecs in store.iter_products():
-            mean = vecs.mean(axis=0, keepdims=True)
-            mean /= max(float((mean**2).sum()) ** 0.5, 1e-12)
-            results[pid] = clf.top_k(mean, args.top_k)[0]
-            rejected[pid] = clf.none_of_these(mean)[0]
+            mean = vecs.mean(axis=0)
+            pids.append(pid)
+            means.append(mean / max(float((mean**2).sum()) ** 0.5, 1e-12))
+        results, rejected = {}, {}
+        for i in range(0, len(pids), 4096):
+            chunk = np.asarray(means[i:i + 4096], np.float32)
+            for pid, labs, rej in zip(pids[i:i + 4096], clf.top_k(chunk, args.top_k), clf.none_of_these(chunk)):
+                results[pid], rejected[pid] = labs, rej
         # a product no label fits (the reject option) keeps no label rather than a wrong one
         store.set_labels({pid: (None, None) if rejected[pid] else (labs[0]["label"], labs[0]["score"])
                           for pid, labs in results.items()},
@@ -583,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None,
                    help="for an index: report file, .jsonl or .csv (default INDEX_DIR/labels.jsonl)")
     p.add_argument("--json", action="store_true", help="print the labels as JSON")
+    p.add_argument("--closed-set", action="store_true",
+                   help="every label names something these photos hold (e.g. the catalogue's own categories): rank "
+                        "labels relative to the photos they fit best (hubness correction; needs >= 100 photos). "
+                        "Lifts labels whose words the model never trained on; harmful when labels name things "
+                        "the photos do not hold")
     _model_args(p, ms.LABEL_MODEL_HELP, ms.LABEL_PRETRAINED_HELP)
     p.set_defaults(func=cmd_label)
 

@@ -3,8 +3,14 @@
 Metrics (all computed with :class:`indexer.model.ClipModel`, so any open_clip model works):
 
 * ``cifar10_top1``: zero-shot top-1 on CIFAR-10 ``test.tar.gz`` (10,000 images), prompt-template
-  ensemble as in Radford et al. 2021 (sec. 3.1.4); no training on the test set.
+  ensemble as in Radford et al. 2021 (sec. 3.1.4); no training on the test set; each photo on its
+  own. ``cifar10_top1_closed_set``: the test images labelled together as a closed set (every
+  label names a class the set holds), the set being the reference of the hubness correction
+  (:meth:`indexer.labels.ZeroShotClassifier.set_reference`; no label is used), as
+  ``lookalike label INDEX --closed-set`` labels a catalogue.
 * ``fashion_mnist_top1``: the same on the Fashion-MNIST test split (10,000 images).
+* ``cifar10_unseen_top1``, ``fashion_mnist_unseen_top1`` (and ``_closed_set``): top-1 over all ten
+  labels on the test images of the classes whose names lookalike-base never saw in training.
 * ``magento_near_dup_recall_at_1``: each Magento photo is queried with each transformed copy of
   :data:`indexer.evaluate_retrieval.NEAR_DUP_TRANSFORMS` (mirrored, rotated, cropped, resized,
   recompressed, re-lit, stored rotated with an EXIF orientation tag...) against every catalogue
@@ -12,7 +18,9 @@ Metrics (all computed with :class:`indexer.model.ClipModel`, so any open_clip mo
 * ``magento_same_product_recall_at_5``: a photo finds another photo of the same product among
   its 5 nearest other photos (itself excluded); over products with at least 2 photos.
 * ``magento_category_accuracy``: zero-shot label of each photo among the catalogue's leaf
-  categories (prompts from :func:`indexer.datasets.category_phrase`) equals its category.
+  categories (prompts from :func:`indexer.datasets.category_phrase`) equals its category;
+  ``magento_category_accuracy_closed_set``: the same with the catalogue as the hubness reference
+  (its own categories are a closed set).
 
 Magento metrics are given for the products held out of the bundled model's training (the seeded
 split of :func:`indexer.datasets.magento_split`, or the split saved in the model folder) and,
@@ -90,38 +98,40 @@ FASHION_MNIST_UNSEEN = ("sandal", "bag")
 
 
 def _classify(model: ClipModel, images, labels: np.ndarray, names, templates, batch_size: int = 256):
-    """Zero-shot top-1 over ``names``: (accuracy, images, {class name: accuracy})."""
+    """Zero-shot top-1 over ``names``, photo by photo and as a closed set (the images are the
+    reference of the hubness correction, :meth:`ZeroShotClassifier.set_reference`, as
+    ``lookalike label INDEX --closed-set`` does): ``{"per_photo": (accuracy, {class: accuracy}),
+    "closed_set": ...}`` and the number of images."""
     clf = ZeroShotClassifier(model, LabelSet.from_names(list(names), tuple(templates)))
-    predicted, truth = [], []
-    batch, batch_labels = [], []
-
-    def flush():
-        if batch:
-            probs, _ = clf.scores(model.embed_images(batch, batch_size))
-            predicted.extend(probs.argmax(axis=1).tolist())
-            truth.extend(batch_labels)
-            batch.clear()
-            batch_labels.clear()
-
+    vecs, truth, batch = [], [], []
     for img, lab in zip(images, labels):
         batch.append(img)
-        batch_labels.append(int(lab))
+        truth.append(int(lab))
         if len(batch) == batch_size:
-            flush()
-    flush()
-    predicted, truth = np.asarray(predicted), np.asarray(truth)
-    per_class = {name: mean_or_none(predicted[truth == i] == i) for i, name in enumerate(names) if (truth == i).any()}
-    return float((predicted == truth).mean()) if len(truth) else 0.0, len(truth), per_class
+            vecs.append(model.embed_images(batch, batch_size))
+            batch.clear()
+    if batch:
+        vecs.append(model.embed_images(batch, batch_size))
+    truth = np.asarray(truth)
+    x = np.concatenate(vecs) if vecs else np.zeros((0, model.dim), np.float32)
+    out = {}
+    for mode, reference in (("per_photo", None), ("closed_set", x)):
+        clf.set_reference(reference)
+        predicted = clf.scores(x)[0].argmax(axis=1) if len(x) else np.zeros(0, np.intp)
+        per_class = {name: mean_or_none(predicted[truth == i] == i)
+                     for i, name in enumerate(names) if (truth == i).any()}
+        out[mode] = (float((predicted == truth).mean()) if len(truth) else 0.0, per_class)
+    return out, len(truth)
 
 
 def eval_cifar10(model: ClipModel, datasets: Path, limit: int | None = None):
-    """CIFAR-10 test zero-shot: (top-1, images, per-class top-1)."""
+    """CIFAR-10 test zero-shot: see :func:`_classify`."""
     items = list(iter_cifar10(datasets / "cifar10" / "test.tar.gz", limit))
     return _classify(model, (i[0] for i in items), np.array([i[1] for i in items]), CIFAR10_CLASSES, CIFAR_TEMPLATES)
 
 
 def eval_fashion_mnist(model: ClipModel, datasets: Path, limit: int | None = None):
-    """Fashion-MNIST test zero-shot: (top-1, images, per-class top-1 keyed by prompt name)."""
+    """Fashion-MNIST test zero-shot (classes keyed by prompt name): see :func:`_classify`."""
     images, labels = fashion_mnist(datasets / "fashion-mnist", "test", limit)
     pil = (Image.fromarray(x, "L").convert("RGB") for x in images)
     return _classify(model, pil, labels, FASHION_MNIST_PROMPT_NAMES, FASHION_TEMPLATES)
@@ -147,19 +157,19 @@ def evaluate(model: ClipModel, datasets: Path, magento_rows: list[dict], split_f
     """
     result: dict = {"model": model.identity.to_dict()}
     t0 = time.perf_counter()
-    acc, n, per_class = eval_cifar10(model, datasets, limit)
-    result.update(cifar10_top1=round(acc, 4), cifar10_images=n,
-                  cifar10_unseen_top1=mean_or_none([per_class[c] for c in CIFAR10_UNSEEN
-                                                    if per_class.get(c) is not None]),
-                  cifar10_per_class=per_class)
-    progress(f"cifar10 top-1 {acc:.4f} on {n} images ({time.perf_counter() - t0:.0f} s)")
-    t0 = time.perf_counter()
-    acc, n, per_class = eval_fashion_mnist(model, datasets, limit)
-    result.update(fashion_mnist_top1=round(acc, 4), fashion_mnist_images=n,
-                  fashion_mnist_unseen_top1=mean_or_none([per_class[c] for c in FASHION_MNIST_UNSEEN
-                                                          if per_class.get(c) is not None]),
-                  fashion_mnist_per_class=per_class)
-    progress(f"fashion-mnist top-1 {acc:.4f} on {n} images ({time.perf_counter() - t0:.0f} s)")
+    for key, run, unseen in (("cifar10", eval_cifar10, CIFAR10_UNSEEN),
+                             ("fashion_mnist", eval_fashion_mnist, FASHION_MNIST_UNSEEN)):
+        t0 = time.perf_counter()
+        modes, n = run(model, datasets, limit)
+        for mode, suffix in (("per_photo", ""), ("closed_set", "_closed_set")):
+            acc, per_class = modes[mode]
+            result[f"{key}_top1{suffix}"] = round(acc, 4)
+            result[f"{key}_unseen_top1{suffix}"] = mean_or_none([per_class[c] for c in unseen
+                                                                  if per_class.get(c) is not None])
+            result[f"{key}_per_class{suffix}"] = per_class
+        result[f"{key}_images"] = n
+        progress(f"{key} top-1 {result[key + '_top1']:.4f} photo by photo, {result[key + '_top1_closed_set']:.4f} "
+                 f"as a closed set, on {n} images ({time.perf_counter() - t0:.0f} s)")
     if split_file is not None and split_file.is_file():
         held_out = set(json.loads(split_file.read_text())["held_out"])
     else:
@@ -229,6 +239,12 @@ def format_table(result: dict) -> str:
                  f"({', '.join(CIFAR10_UNSEEN)})")
     lines.append(f"{'Fashion-MNIST unseen classes top-1':<34} {_fmt(result.get('fashion_mnist_unseen_top1')):>13}  "
                  f"({', '.join(FASHION_MNIST_UNSEEN)})")
+    lines.append("as a closed set (lookalike label --closed-set): CIFAR-10 top-1 "
+                 f"{_fmt(result.get('cifar10_top1_closed_set'))}, unseen "
+                 f"{_fmt(result.get('cifar10_unseen_top1_closed_set'))}; "
+                 f"Fashion-MNIST {_fmt(result.get('fashion_mnist_top1_closed_set'))}, unseen "
+                 f"{_fmt(result.get('fashion_mnist_unseen_top1_closed_set'))}; Magento category accuracy "
+                 f"{_fmt(result.get('magento_category_accuracy_closed_set'))}")
     lines.append("near-duplicate recall@1 by copy (held-out photos): " + ", ".join(
         f"{k} {_fmt(v)}" for k, v in (result.get("magento_near_dup_by_transform") or {}).items()))
     for kind, pct in (result.get("score_percentiles") or {}).items():

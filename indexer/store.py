@@ -285,6 +285,15 @@ class Store:
         """Yield (product_id, photo vectors ``(n, dim)``) for every product with photos."""
         return self.db.iter_products()
 
+    def reference_vectors(self, max_rows: int = 20000, seed: int = 0) -> np.ndarray:
+        """float32 ``(m, dim)``: the stored photo embeddings, or a seeded random sample of ``max_rows``
+        of them: the reference of zero-shot labels' hubness correction
+        (:meth:`indexer.labels.ZeroShotClassifier.set_reference`). Reads ids, then only the sample's vectors."""
+        ids = self.db.photo_ids()
+        if len(ids) > max_rows:
+            ids = np.sort(np.random.default_rng(seed).choice(ids, max_rows, replace=False))
+        return self._vectors(ids)[1] if len(ids) else np.zeros((0, self.identity.dim), np.float32)
+
     def _vectors(self, photo_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.db.vectors(photo_ids, self.identity.dim)
 

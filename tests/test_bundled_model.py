@@ -84,13 +84,20 @@ def test_the_folder_is_small_and_names_its_sources():
 
 
 def test_zero_shot_on_1000_test_images(base, datasets_dir):
-    cifar, n, per_class = eval_cifar10(base, datasets_dir, limit=1000)
-    assert n == 1000 and cifar >= CIFAR10_FLOOR, cifar
-    fashion, n, fashion_per_class = eval_fashion_mnist(base, datasets_dir, limit=1000)
-    assert n == 1000 and fashion >= FASHION_FLOOR, fashion
-    # classes whose names never reached the text tower in training (HELD_OUT_WORDS) are reported, and
-    # missed: against 8 trained class names an unseen one is almost never the top label (MODEL_CARD.md)
-    assert set(CIFAR10_UNSEEN) <= set(per_class) and set(FASHION_MNIST_UNSEEN) <= set(fashion_per_class)
+    """Photo by photo, a class whose name never reached the text tower in training (HELD_OUT_WORDS) is
+    almost never the top label against 8 trained class names. Labelled as a closed set (the 1,000
+    images are the hubness correction's reference, indexer.labels), those classes come out right more
+    often than not, and overall top-1 stays (measured on these slices, 2026-12-02: CIFAR-10 unseen
+    0.00 -> 0.59, top-1 0.666 -> 0.664; Fashion-MNIST unseen 0.01 -> 0.71, top-1 0.714 -> 0.793)."""
+    for run, floor, unseen, unseen_floor in ((eval_cifar10, CIFAR10_FLOOR, CIFAR10_UNSEEN, 0.45),
+                                            (eval_fashion_mnist, FASHION_FLOOR, FASHION_MNIST_UNSEEN, 0.55)):
+        modes, n = run(base, datasets_dir, limit=1000)
+        (acc, per_class), (closed, closed_per_class) = modes["per_photo"], modes["closed_set"]
+        assert n == 1000 and acc >= floor, (run.__name__, acc)
+        assert max(per_class[c] for c in unseen) <= 0.1, per_class
+        assert min(closed_per_class[c] for c in unseen) >= 0.4, closed_per_class
+        assert np.mean([closed_per_class[c] for c in unseen]) >= unseen_floor, closed_per_class
+        assert closed >= acc - 0.02, (run.__name__, acc, closed)
 
 
 def test_held_out_words_never_reached_training():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import served
@@ -158,6 +159,34 @@ def test_cli_errors_are_one_line(built, tmp_path):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr
         assert r.stderr.startswith("lookalike: error: "), r.stderr
+
+
+def test_label_closed_set_with_the_catalogues_own_categories(built):
+    """`lookalike label INDEX --closed-set` with a label set made of the catalogue's own leaf categories
+    (a closed set: every label names products it holds) ranks labels relative to the catalogue's
+    photos (indexer.labels' hubness correction); on this catalogue it labels products as well as
+    plain cosines do (it lifts words the model never trained on, tests/test_bundled_model.py)."""
+    import csv
+
+    from indexer.datasets import category_phrase
+
+    tmp, manifest, index, _ = built
+    copy = tmp / "closed-set-index"
+    shutil.copytree(index, copy, ignore=shutil.ignore_patterns(".lock"))
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    category = {r["id"]: r["category"] for r in rows if r.get("category")}
+    leaves = sorted(set(category.values()))
+    (tmp / "categories.json").write_text(json.dumps(
+        {"labels": [{"name": c, "prompts": [category_phrase(c)]} for c in leaves]}))
+    accuracy = {}
+    for flag in ((), ("--closed-set",)):
+        out = tmp / f"categories{len(flag)}.csv"
+        r = _run("lookalike", "label", str(copy), "--labels", str(tmp / "categories.json"), "--report", str(out), *flag)
+        assert r.returncode == 0 and "fewer than" not in r.stderr, r.stderr
+        with open(out, newline="") as f:
+            scored = [(row["id"], json.loads(row["labels"])[0]["label"]) for row in csv.DictReader(f)]
+        accuracy[flag] = np.mean([label == category[pid] for pid, label in scored if pid in category])
+    assert accuracy[()] >= 0.85 and accuracy[("--closed-set",)] >= accuracy[()] - 0.03, accuracy
 
 
 def test_a_hoodie_photo_finds_hoodies_and_is_labelled_hoodie(built, server):

@@ -150,3 +150,51 @@ def test_tokenizer_word_cache_is_bounded(tiny_model):
     tokenizer([" ".join(f"word{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}q" for i in range(200))])
     assert len(tokenizer.cache) == start + 10
     assert tokenizer(["a photo of a hoodie"]).shape[0] == 1
+
+
+def test_a_reference_ranks_each_label_against_the_photos_it_fits_best(tiny_model, fixture_catalogue):
+    """set_reference: each prompt's term is the mean of its k best cosines over the reference photos
+    (k = min(50, n // 10)), subtracted before the best prompt is taken; cosines, the reject option
+    and the plain ranking are untouched; too small a reference turns the correction off."""
+    from indexer.images import open_image
+    from indexer.labels import MIN_REFERENCE
+
+    rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()]
+    photos = sorted({r["image"] for r in rows})
+    vecs = tiny_model.embed_images([open_image(p) for p in photos])
+    reference = np.concatenate([vecs, vecs[::-1]] * (MIN_REFERENCE // (2 * len(vecs)) + 1))[:150]
+    ls = LabelSet.from_dict({"labels": [{"name": "bag", "prompts": ["bag", "tote"]}, "shoe", "hoodie"]})
+    clf = ZeroShotClassifier(tiny_model, ls)
+    plain_probs, plain_cos = clf.scores(vecs)
+    assert not clf.set_reference(reference[: MIN_REFERENCE - 1]) and clf.reference_term is None
+    assert clf.set_reference(reference) and clf.reference_size == 150
+    k = 150 // 10
+    sims = reference @ clf.weights.T
+    term = np.sort(sims, axis=0)[-k:].mean(axis=0)
+    np.testing.assert_allclose(clf.reference_term, term, atol=1e-5)
+    adjusted = vecs @ clf.weights.T - term
+    expected = np.stack([adjusted[:, :2].max(1), adjusted[:, 2], adjusted[:, 3]], 1)
+    np.testing.assert_allclose(clf.label_scores(vecs), expected, atol=1e-5)
+    probs, cos = clf.scores(vecs)
+    logits = tiny_model.logit_scale * expected
+    soft = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, soft / soft.sum(1, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(cos, plain_cos, atol=1e-6)  # the cosines stay plain
+    assert not np.allclose(probs, plain_probs, atol=1e-3)
+    clf.set_reference(None)
+    np.testing.assert_allclose(clf.scores(vecs)[0], plain_probs, atol=1e-6)
+
+
+def test_closed_set_on_too_few_photos_says_so_and_labels_by_plain_cosine(index_copy, tmp_path, capsys):
+    """The fixture index holds fewer photos than the correction needs: the CLI says so on stderr and
+    writes the same labels as without --closed-set."""
+    from indexer.cli import main
+
+    reports = []
+    for flag in ((), ("--closed-set",)):
+        out = tmp_path / f"labels{len(flag)}.jsonl"
+        assert main(["label", str(index_copy), "--report", str(out), *flag]) == 0
+        reports.append([json.loads(x) for x in out.read_text().splitlines()])
+    err = capsys.readouterr().err
+    assert "--closed-set:" in err and "fewer than the 100 it needs" in err
+    assert reports[0] == reports[1] and len(reports[0]) > 10
