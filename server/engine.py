@@ -30,6 +30,9 @@ log = logging.getLogger("lookalike.server")
 
 REFRESH_INTERVAL_S = 2.0
 CLASSIFIER_CACHE_ITEMS = 64  # per-request label sets kept with their prompt embeddings
+# how often, at most, the catalogue is sampled again for closed-set labels' reference photos
+# (indexer.labels.ZeroShotClassifier.set_reference)
+LABEL_REFERENCE_REFRESH_S = 600.0
 
 
 class Engine:
@@ -44,7 +47,12 @@ class Engine:
         self.default_labels = ZeroShotClassifier(model, label_set)
         self.max_upload_bytes = settings.max_upload_bytes
         self.max_pixels = settings.max_pixels
-        self._classifiers: LRUCache[tuple[str, ...], ZeroShotClassifier] = LRUCache(CLASSIFIER_CACHE_ITEMS)
+        self._classifiers: LRUCache[tuple, ZeroShotClassifier] = LRUCache(CLASSIFIER_CACHE_ITEMS)
+        # closed-set labels: sampled catalogue photos, when they were sampled, and a version for cache keys
+        self._label_reference = None
+        self._label_reference_at: float | None = None
+        self._label_reference_version = 0
+        self._label_reference_lock = threading.Lock()
         self._thumbnails: LRUCache[tuple[str, int | None], bytes] = LRUCache(
             settings.thumbnail_cache_items, max_size=settings.thumbnail_cache_bytes, size=len)
         self.write_block: LookalikeError | None = None
@@ -127,13 +135,33 @@ class Engine:
         self.metrics.products.set(self.store.count_products())
         self.metrics.photos.set(self.store.count_photos())
 
-    def classifier(self, names: list[str] | None) -> ZeroShotClassifier:
-        if not names:
+    def label_reference(self):
+        """(version, float32 ``(m, dim)``): a sample of the catalogue's photos
+        (:meth:`indexer.store.Store.reference_vectors`), the reference of closed-set labels; sampled
+        again when older than ``LABEL_REFERENCE_REFRESH_S``, so that a growing catalogue is followed."""
+        with self._label_reference_lock:
+            now = time.monotonic()
+            if self._label_reference_at is None or now - self._label_reference_at >= LABEL_REFERENCE_REFRESH_S:
+                self._label_reference = self.store.reference_vectors()
+                self._label_reference_at = now
+                self._label_reference_version += 1
+            return self._label_reference_version, self._label_reference
+
+    def classifier(self, names: list[str] | None, closed_set: bool = False) -> ZeroShotClassifier:
+        """The classifier of the default label set (``names`` empty) or of ``names``; with ``closed_set``,
+        labels are ranked against the catalogue's photos (:meth:`ZeroShotClassifier.set_reference`)."""
+        if not names and not closed_set:
             return self.default_labels
-        key = tuple(names)
+        key: tuple = tuple(names or ())
+        if closed_set:
+            version, reference = self.label_reference()
+            key = ("closed-set", version, *key)
         clf = self._classifiers.get(key)
         if clf is None:
-            clf = ZeroShotClassifier(self.model, LabelSet.from_names(list(names)))
+            label_set = LabelSet.from_names(list(names)) if names else self.default_labels.label_set
+            clf = ZeroShotClassifier(self.model, label_set)
+            if closed_set:
+                clf.set_reference(reference)
             self._classifiers.put(key, clf)
         return clf
 

@@ -82,6 +82,8 @@ class TextQuery(BaseModel):
 class LabelsResponse(BaseModel):
     labels: list[LabelScore]
     none_of_these: bool | None = Field(None, description=NONE_OF_THESE_DOC)
+    closed_set: bool = Field(False, description="whether labels were ranked against the catalogue's photos "
+                             "(asked for with ?closed_set=true, and the catalogue holds >= 100 photos)")
     took_ms: float
 
 

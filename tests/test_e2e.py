@@ -208,3 +208,11 @@ def test_a_hoodie_photo_finds_hoodies_and_is_labelled_hoodie(built, server):
     cats = [r["category"].split("/")[-1] for r in text]
     assert cats[0] == "Hoodies & Sweatshirts" and cats.count("Hoodies & Sweatshirts") >= 4, cats
     assert set(cats) <= {"Hoodies & Sweatshirts", "Jackets"}, cats
+    # labels as a closed set (the catalogue's own leaf categories, ranked against its 725 photos)
+    leaves = sorted({(json.loads(x).get("category") or "").split("/")[-1] for x in manifest.read_text().splitlines()
+                     if x} - {""})
+    with open(path, "rb") as f:
+        r = httpx.post(server + "/v1/labels?closed_set=true&k=3", files={"image": ("q.jpg", f, "image/jpeg")},
+                       data={"labels": leaves}, timeout=60)
+    assert r.status_code == 200 and r.json()["closed_set"] is True, r.text
+    assert r.json()["labels"][0]["label"] == "Hoodies & Sweatshirts", r.json()

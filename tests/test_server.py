@@ -90,6 +90,12 @@ def test_labels_sum_to_one_and_accept_custom_labels(client, catalogue_rows):
     assert sorted(lab["label"] for lab in r.json()["labels"]) == ["dress", "hoodie", "watch"]
     r = client.post("/v1/labels", files={"image": ("q.jpg", img, "image/jpeg")}, data={"labels": ["hoodie", "bag"]})
     assert sorted(lab["label"] for lab in r.json()["labels"]) == ["bag", "hoodie"]
+    assert r.json()["closed_set"] is False
+    # a closed set needs >= 100 catalogue photos (this one has fewer): plain cosines, and it says so
+    closed = client.post("/v1/labels?closed_set=true", files={"image": ("q.jpg", img, "image/jpeg")},
+                         data={"labels": ["hoodie", "bag"]})
+    assert closed.status_code == 200 and closed.json()["closed_set"] is False
+    assert closed.json()["labels"] == r.json()["labels"]
 
 
 def test_products_similar_and_images(client, catalogue_rows):

@@ -26,6 +26,11 @@ async def labels_route(
     labels: Annotated[list[str] | None, Form(description="labels to choose from instead of the default set; "
                                              "repeat the field or give one comma-separated value")] = None,
     k: Annotated[int, Query(ge=1, le=1000, description="number of labels returned")] = 5,
+    closed_set: Annotated[bool, Query(description=(
+        "every label names something this catalogue holds (e.g. its own categories): rank labels against "
+        "the catalogue's photos they fit best (a hubness correction that lifts words the model never "
+        "trained on; harmful for labels that name things the catalogue lacks). Needs >= 100 photos; "
+        "the response's closed_set says whether it was applied"))] = False,
 ) -> LabelsResponse:
     await one_file(request, "image")
     names = [n.strip() for value in labels or [] for n in value.split(",") if n.strip()]
@@ -39,9 +44,9 @@ async def labels_route(
 
     def run() -> LabelsResponse:
         t0 = time.perf_counter()
-        clf = engine.classifier(names)
+        clf = engine.classifier(names, closed_set)
         vec = engine.embed_upload(data)
         return LabelsResponse(labels=clf.top_k(vec, k)[0], none_of_these=clf.none_of_these(vec)[0],
-                              took_ms=elapsed_ms(t0))
+                              closed_set=clf.reference_term is not None, took_ms=elapsed_ms(t0))
 
     return await run_in_threadpool(run)
