@@ -233,7 +233,8 @@ def cmd_label(args) -> int:
     ok, vecs, errors = embed_paths(model, args.targets)
     if args.closed_set:
         _closed_set(clf, vecs)
-    rows = [{"image": path, "labels": labels, "none_of_these": rejected}
+    closed = clf.reference_term is not None
+    rows = [{"image": path, "labels": labels, "none_of_these": rejected, "closed_set": closed}
             for path, labels, rejected in zip(ok, clf.top_k(vecs, args.top_k), clf.none_of_these(vecs))]
     rows += [{"image": path, "error": msg} for path, msg in errors.items()]
     if args.json:
@@ -255,9 +256,9 @@ def _closed_set(clf, reference) -> None:
     """Rank labels relative to ``reference`` photos (indexer.labels' hubness correction), or say why not."""
     from .labels import MIN_REFERENCE
 
-    if not clf.set_reference(reference):
-        print(f"--closed-set: {len(reference)} photos, fewer than the {MIN_REFERENCE} it needs; labels are "
-              "ranked by plain cosine", file=sys.stderr)
+    if not clf.set_reference(reference) and len(reference):
+        print(f"--closed-set: {clf.reference_size} distinct usable photos, fewer than the {MIN_REFERENCE} it needs; "
+              "labels are ranked by plain cosine", file=sys.stderr)
 
 
 def _label_index(args, label_set) -> int:
@@ -270,6 +271,7 @@ def _label_index(args, label_set) -> int:
         clf = ZeroShotClassifier(model, label_set)
         if args.closed_set:
             _closed_set(clf, store.reference_vectors())
+        closed = clf.reference_term is not None
         pids, means = [], []
         for pid, vecs in store.iter_products():
             mean = vecs.mean(axis=0)
@@ -289,23 +291,25 @@ def _label_index(args, label_set) -> int:
     if out.suffix.lower() == ".csv":
         with open(out, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["id", "label", "score", "cosine", "none_of_these", "labels"])
+            w.writerow(["id", "label", "score", "cosine", "none_of_these", "labels", "closed_set"])
             for pid, labs in results.items():
                 label, score = (None, None) if rejected[pid] else (labs[0]["label"], labs[0]["score"])
-                w.writerow([pid, label, score, labs[0]["cosine"], rejected[pid], json.dumps(labs)])
+                w.writerow([pid, label, score, labs[0]["cosine"], rejected[pid], json.dumps(labs), closed])
     else:
         with open(out, "w", encoding="utf-8") as f:
             for pid, labs in results.items():
-                row = {"id": pid, "labels": labs, "none_of_these": rejected[pid]}
+                row = {"id": pid, "labels": labs, "none_of_these": rejected[pid], "closed_set": closed}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     if args.json:
-        rows = [{"id": pid, "labels": labs, "none_of_these": rejected[pid]} for pid, labs in results.items()]
+        rows = [{"id": pid, "labels": labs, "none_of_these": rejected[pid], "closed_set": closed}
+                for pid, labs in results.items()]
         print(json.dumps(rows, ensure_ascii=False))
     else:
         n_rejected = sum(bool(r) for r in rejected.values())
         none = (f" ({n_rejected} fit none of the labels: best cosine under the model's label_min_cosine "
                 f"{model.calibration['label_min_cosine']}; they keep no label)" if n_rejected else "")
-        print(f"labelled {len(results)} products{none}; report: {out}")
+        how = (f" as a closed set (ranked against {clf.reference_size} of the index's photos)" if closed else "")
+        print(f"labelled {len(results)} products{how}{none}; report: {out}")
     return 0
 
 

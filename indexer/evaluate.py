@@ -101,7 +101,7 @@ def _classify(model: ClipModel, images, labels: np.ndarray, names, templates, ba
     """Zero-shot top-1 over ``names``, photo by photo and as a closed set (the images are the
     reference of the hubness correction, :meth:`ZeroShotClassifier.set_reference`, as
     ``lookalike label INDEX --closed-set`` does): ``{"per_photo": (accuracy, {class: accuracy}),
-    "closed_set": ...}`` and the number of images."""
+    "closed_set": ... or None under indexer.labels.MIN_REFERENCE images}`` and the number of images."""
     clf = ZeroShotClassifier(model, LabelSet.from_names(list(names), tuple(templates)))
     vecs, truth, batch = [], [], []
     for img, lab in zip(images, labels):
@@ -116,7 +116,9 @@ def _classify(model: ClipModel, images, labels: np.ndarray, names, templates, ba
     x = np.concatenate(vecs) if vecs else np.zeros((0, model.dim), np.float32)
     out = {}
     for mode, reference in (("per_photo", None), ("closed_set", x)):
-        clf.set_reference(reference)
+        if not clf.set_reference(reference) and mode == "closed_set":
+            out[mode] = None  # too few images for the correction (--limit): nothing to report
+            continue
         predicted = clf.scores(x)[0].argmax(axis=1) if len(x) else np.zeros(0, np.intp)
         per_class = {name: mean_or_none(predicted[truth == i] == i)
                      for i, name in enumerate(names) if (truth == i).any()}
@@ -162,13 +164,13 @@ def evaluate(model: ClipModel, datasets: Path, magento_rows: list[dict], split_f
         t0 = time.perf_counter()
         modes, n = run(model, datasets, limit)
         for mode, suffix in (("per_photo", ""), ("closed_set", "_closed_set")):
-            acc, per_class = modes[mode]
-            result[f"{key}_top1{suffix}"] = round(acc, 4)
-            result[f"{key}_unseen_top1{suffix}"] = mean_or_none([per_class[c] for c in unseen
-                                                                  if per_class.get(c) is not None])
+            acc, per_class = modes[mode] or (None, None)
+            result[f"{key}_top1{suffix}"] = None if acc is None else round(acc, 4)
+            result[f"{key}_unseen_top1{suffix}"] = None if per_class is None else mean_or_none(
+                [per_class[c] for c in unseen if per_class.get(c) is not None])
             result[f"{key}_per_class{suffix}"] = per_class
         result[f"{key}_images"] = n
-        progress(f"{key} top-1 {result[key + '_top1']:.4f} photo by photo, {result[key + '_top1_closed_set']:.4f} "
+        progress(f"{key} top-1 {_fmt(result[key + '_top1'])} photo by photo, {_fmt(result[key + '_top1_closed_set'])} "
                  f"as a closed set, on {n} images ({time.perf_counter() - t0:.0f} s)")
     if split_file is not None and split_file.is_file():
         held_out = set(json.loads(split_file.read_text())["held_out"])

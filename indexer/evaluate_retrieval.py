@@ -143,7 +143,9 @@ def eval_magento(model: ClipModel, rows: list[dict], held_out: set[str], limit: 
     # reference of the hubness correction (ZeroShotClassifier.set_reference)
     cat_hits_by_mode = {}
     for mode, reference in (("per_photo", None), ("closed_set", gallery)):
-        clf.set_reference(reference)
+        if not clf.set_reference(reference) and mode == "closed_set":
+            cat_hits_by_mode[mode] = {}  # too few photos for the correction: reported as None
+            continue
         probs, _ = clf.scores(gallery)
         predicted = {f: categories[int(probs[file_pos[f]].argmax())] for f in files}
         cat_hits_by_mode[mode] = {(r["id"], r["image"]): predicted[r["image"]] == r["category"]

@@ -197,21 +197,36 @@ class ZeroShotClassifier:
         #: the CSLS reference term of each row of the scored weights (per prompt, or per label with
         #: ``pooling: mean``), or None (no reference: scores are the plain cosines)
         self.reference_term: np.ndarray | None = None
+        #: the reference photos used (distinct, finite, non-zero rows, sampled), or found too few
         self.reference_size = 0
 
     def set_reference(self, reference: np.ndarray | None, k: int = HUBNESS_K, seed: int = 0) -> bool:
         """Label photos relative to a reference set of photos, usually the catalogue they belong to.
 
         reference: float32 ``(n, dim)`` unit image embeddings of the same model, or None (no
-        correction). A row of the label weights gets the mean of its ``min(k, n // 10)`` highest
-        cosines over the reference, and :meth:`scores` subtracts it from that row's cosines (see the
-        module docstring). Fewer than :data:`MIN_REFERENCE` photos: no correction; more than
-        :data:`MAX_REFERENCE`: a seeded random sample of that many. Returns whether a correction is on.
+        correction). Rows that are not finite or are zero (a damaged vector) are left out, and so are
+        repeats of a row (one photo stored many times would otherwise be every label's neighbourhood).
+        A row of the label weights (a prompt; a label with ``pooling: mean``) gets the mean of its
+        ``min(k, n // 10)`` highest cosines over the ``n`` reference photos left, and :meth:`scores`
+        subtracts it from that row's cosines (see the module docstring). Fewer than
+        :data:`MIN_REFERENCE` photos left: no correction; more than :data:`MAX_REFERENCE`: a seeded
+        random sample of that many. Returns whether a correction is on. Raises ValueError for an
+        array that is not ``(n, dim)`` with this model's ``dim``.
         """
-        if reference is None or len(reference) < MIN_REFERENCE:
+        if reference is None:
             self.reference_term, self.reference_size = None, 0
             return False
         ref = np.asarray(reference, np.float32)
+        if ref.ndim != 2 or ref.shape[1] != self.weights.shape[1]:
+            raise ValueError(f"reference photos must be an (n, {self.weights.shape[1]}) array of this model's image "
+                             f"embeddings, not shape {ref.shape}")
+        ref = ref[np.isfinite(ref).all(axis=1) & (np.abs(ref).sum(axis=1) > 0)]
+        if len(ref) >= MIN_REFERENCE:
+            _, first = np.unique(ref, axis=0, return_index=True)
+            ref = ref[np.sort(first)]
+        if len(ref) < MIN_REFERENCE:
+            self.reference_term, self.reference_size = None, len(ref)
+            return False
         if len(ref) > MAX_REFERENCE:
             ref = ref[np.sort(np.random.default_rng(seed).choice(len(ref), MAX_REFERENCE, replace=False))]
         weights = self._label_weights if self.label_set.pooling == "mean" else self.weights

@@ -31,8 +31,8 @@ log = logging.getLogger("lookalike.server")
 REFRESH_INTERVAL_S = 2.0
 CLASSIFIER_CACHE_ITEMS = 64  # per-request label sets kept with their prompt embeddings
 # how often, at most, the catalogue is sampled again for closed-set labels' reference photos
-# (indexer.labels.ZeroShotClassifier.set_reference)
-LABEL_REFERENCE_REFRESH_S = 600.0
+# (indexer.labels.ZeroShotClassifier.set_reference) once it has changed (its generation moved)
+LABEL_REFERENCE_REFRESH_S = 10.0
 
 
 class Engine:
@@ -51,6 +51,7 @@ class Engine:
         # closed-set labels: sampled catalogue photos, when they were sampled, and a version for cache keys
         self._label_reference = None
         self._label_reference_at: float | None = None
+        self._label_reference_generation: int | None = None
         self._label_reference_version = 0
         self._label_reference_lock = threading.Lock()
         self._thumbnails: LRUCache[tuple[str, int | None], bytes] = LRUCache(
@@ -137,11 +138,17 @@ class Engine:
 
     def label_reference(self):
         """(version, float32 ``(m, dim)``): a sample of the catalogue's photos
-        (:meth:`indexer.store.Store.reference_vectors`), the reference of closed-set labels; sampled
-        again when older than ``LABEL_REFERENCE_REFRESH_S``, so that a growing catalogue is followed."""
+        (:meth:`indexer.store.Store.reference_vectors`), the reference of closed-set labels. Sampled
+        again when the catalogue has changed (its generation moved, by this server's writes or
+        another process's), at most every ``LABEL_REFERENCE_REFRESH_S``: a sample costs about 0.25 s
+        on 500,000 photos."""
         with self._label_reference_lock:
             now = time.monotonic()
-            if self._label_reference_at is None or now - self._label_reference_at >= LABEL_REFERENCE_REFRESH_S:
+            due = self._label_reference_at is None or (
+                now - self._label_reference_at >= LABEL_REFERENCE_REFRESH_S
+                and self.store.generation() != self._label_reference_generation)
+            if due:
+                self._label_reference_generation = self.store.generation()  # before: a write meanwhile re-samples
                 self._label_reference = self.store.reference_vectors()
                 self._label_reference_at = now
                 self._label_reference_version += 1

@@ -91,3 +91,15 @@ def test_eval_magento_on_the_fixture_catalogue(fixture_catalogue, tiny_model):
     assert result["gallery_photos"] == len({r["image"] for r in rows})
     # the tiny random model still finds most transformed copies of a photo among the 75 photos
     assert result["all"]["near_dup_recall_at_1"] >= 0.3
+
+
+def test_closed_set_figures_are_none_when_too_few_images_were_labelled(tiny_model, datasets_dir):
+    """`lookalike eval --limit N` under indexer.labels.MIN_REFERENCE images cannot label as a closed
+    set: its _closed_set figures are None rather than a copy of the per-photo ones."""
+    from indexer.evaluate import eval_cifar10
+
+    modes, n = eval_cifar10(tiny_model, datasets_dir, limit=50)
+    assert n == 50 and modes["closed_set"] is None and 0 <= modes["per_photo"][0] <= 1
+    modes, n = eval_cifar10(tiny_model, datasets_dir, limit=200)
+    acc, per_class = modes["closed_set"]
+    assert n == 200 and 0 <= acc <= 1 and set(per_class) == set(modes["per_photo"][1])

@@ -162,7 +162,9 @@ def test_a_reference_ranks_each_label_against_the_photos_it_fits_best(tiny_model
     rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()]
     photos = sorted({r["image"] for r in rows})
     vecs = tiny_model.embed_images([open_image(p) for p in photos])
-    reference = np.concatenate([vecs, vecs[::-1]] * (MIN_REFERENCE // (2 * len(vecs)) + 1))[:150]
+    extra = np.random.default_rng(0).normal(size=(150, vecs.shape[1])).astype(np.float32)
+    # the catalogue's distinct photos, then random unit vectors up to 150 distinct rows
+    reference = np.concatenate([np.unique(vecs, axis=0), extra / np.linalg.norm(extra, axis=1, keepdims=True)])[:150]
     ls = LabelSet.from_dict({"labels": [{"name": "bag", "prompts": ["bag", "tote"]}, "shoe", "hoodie"]})
     clf = ZeroShotClassifier(tiny_model, ls)
     plain_probs, plain_cos = clf.scores(vecs)
@@ -198,3 +200,30 @@ def test_closed_set_on_too_few_photos_says_so_and_labels_by_plain_cosine(index_c
     err = capsys.readouterr().err
     assert "--closed-set:" in err and "fewer than the 100 it needs" in err
     assert reports[0] == reports[1] and len(reports[0]) > 10
+
+
+def test_a_reference_leaves_out_damaged_and_repeated_rows_and_refuses_a_wrong_shape(tiny_model, fixture_catalogue):
+    """A NaN, infinite or zero row (a damaged stored vector) and repeats of one photo do not reach the
+    term: the correction is the one of the clean, distinct rows, or off when fewer than 100 remain."""
+    from indexer.images import open_image
+
+    rows = [json.loads(x) for x in fixture_catalogue.read_text().splitlines()]
+    photos = sorted({r["image"] for r in rows})
+    vecs = np.unique(tiny_model.embed_images([open_image(p) for p in photos]), axis=0)
+    rng = np.random.default_rng(0)
+    extra = rng.normal(size=(150 - len(vecs), vecs.shape[1])).astype(np.float32)
+    clean = np.concatenate([vecs, extra / np.linalg.norm(extra, axis=1, keepdims=True)])
+    clf = ZeroShotClassifier(tiny_model, LabelSet.from_names(["bag", "shoe", "hoodie"]))
+    assert clf.set_reference(clean) and clf.reference_size == 150
+    term = clf.reference_term.copy()
+    bad = np.zeros((3, vecs.shape[1]), np.float32)
+    bad[0, 0], bad[1, 1] = np.nan, np.inf
+    assert clf.set_reference(np.concatenate([clean, bad, clean[:40]]))
+    assert clf.reference_size == 150 and np.isfinite(clf.reference_term).all()
+    np.testing.assert_allclose(clf.reference_term, term, atol=1e-6)
+    assert not clf.set_reference(np.repeat(vecs[:1], 300, axis=0)) and clf.reference_size == 1
+    assert clf.reference_term is None
+    with pytest.raises(ValueError, match=r"reference photos must be an \(n, \d+\) array"):
+        clf.set_reference(clean[:, : vecs.shape[1] // 2])
+    with pytest.raises(ValueError, match="reference photos must be"):
+        clf.set_reference(clean.reshape(-1))

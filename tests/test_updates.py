@@ -249,3 +249,32 @@ def test_locked_server_follows_the_indexer_and_becomes_writable_when_it_is_done(
         indexer.close()
     with Store.open(index_copy) as store:
         assert store.check()["ok"]
+
+
+def test_closed_set_labels_follow_the_catalogue_as_it_grows_and_shrinks(index_copy, tiny_model, monkeypatch):
+    """POST /v1/labels?closed_set=true needs 100 distinct catalogue photos: with fewer it answers
+    closed_set false; products added through the API count as soon as the catalogue has changed
+    (the refresh interval is set to 0 here; 10 s by default), and deleting them turns it off again."""
+    import server.engine
+
+    monkeypatch.setattr(server.engine, "LABEL_REFERENCE_REFRESH_S", 0.0)
+    with Store.open(index_copy) as store:
+        have = store.count_photos()
+    missing = max(0, 100 - have)
+    query = {"image": ("q.jpg", _photo((120, 60, 200)), "image/jpeg")}
+
+    def closed(c) -> bool:
+        r = c.post("/v1/labels?closed_set=true", files=query, data={"labels": ["hoodie", "bag", "shoe"]})
+        assert r.status_code == 200, r.text
+        return r.json()["closed_set"]
+
+    with TestClient(create_app(index_copy, model=tiny_model, api_keys=KEY)) as c:
+        assert not closed(c)
+        added = [f"G{i}" for i in range(missing + 5)]
+        for i, pid in enumerate(added):  # distinct photos: repeats of one vector do not count
+            colour = (30 + (i * 37) % 200, 40 + (i * 71) % 200, 50 + (i * 113) % 200)
+            assert _add(c, pid, [_photo(colour, shape=i % 4)], title=f"g{i}").status_code == 201
+        assert closed(c)
+        for pid in added:
+            assert c.delete(f"/v1/products/{pid}", headers=AUTH).status_code in (200, 204)
+        assert not closed(c)
