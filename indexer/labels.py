@@ -208,9 +208,10 @@ class ZeroShotClassifier:
         repeats of a row (one photo stored many times would otherwise be every label's neighbourhood).
         A row of the label weights (a prompt; a label with ``pooling: mean``) gets the mean of its
         ``min(k, n // 10)`` highest cosines over the ``n`` reference photos left, and :meth:`scores`
-        subtracts it from that row's cosines (see the module docstring). Fewer than
-        :data:`MIN_REFERENCE` photos left: no correction; more than :data:`MAX_REFERENCE`: a seeded
-        random sample of that many. Returns whether a correction is on. Raises ValueError for an
+        subtracts it from that row's cosines (see the module docstring). More than
+        :data:`MAX_REFERENCE` usable rows: a seeded random sample of that many (before repeats are
+        dropped); fewer than :data:`MIN_REFERENCE` left: no correction. Returns whether a correction
+        is on. Raises ValueError for an
         array that is not ``(n, dim)`` with this model's ``dim``.
         """
         if reference is None:
@@ -221,14 +222,14 @@ class ZeroShotClassifier:
             raise ValueError(f"reference photos must be an (n, {self.weights.shape[1]}) array of this model's image "
                              f"embeddings, not shape {ref.shape}")
         ref = ref[np.isfinite(ref).all(axis=1) & (np.abs(ref).sum(axis=1) > 0)]
+        if len(ref) > MAX_REFERENCE:  # sampled before the repeats go, which bounds np.unique's sort
+            ref = ref[np.sort(np.random.default_rng(seed).choice(len(ref), MAX_REFERENCE, replace=False))]
         if len(ref) >= MIN_REFERENCE:
             _, first = np.unique(ref, axis=0, return_index=True)
             ref = ref[np.sort(first)]
         if len(ref) < MIN_REFERENCE:
             self.reference_term, self.reference_size = None, len(ref)
             return False
-        if len(ref) > MAX_REFERENCE:
-            ref = ref[np.sort(np.random.default_rng(seed).choice(len(ref), MAX_REFERENCE, replace=False))]
         weights = self._label_weights if self.label_set.pooling == "mean" else self.weights
         k = max(1, min(k, len(ref) // 10))
         term = np.empty(len(weights), np.float32)
