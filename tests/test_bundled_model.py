@@ -87,15 +87,16 @@ def test_zero_shot_on_1000_test_images(base, datasets_dir):
     """Photo by photo, a class whose name never reached the text tower in training (HELD_OUT_WORDS) is
     almost never the top label against 8 trained class names. Labelled as a closed set (the 1,000
     images are the hubness correction's reference, indexer.labels), those classes come out right more
-    often than not, and overall top-1 stays (measured on these slices, 2026-12-02: CIFAR-10 unseen
-    0.00 -> 0.59, top-1 0.666 -> 0.664; Fashion-MNIST unseen 0.01 -> 0.71, top-1 0.714 -> 0.793)."""
+    often than not, and overall top-1 stays (measured on these slices, 2026-12-02, 2-core AMX Xeon:
+    CIFAR-10 unseen 0.00 -> 0.63 (deer 0.82, truck 0.44), top-1 0.666 -> 0.650; Fashion-MNIST unseen
+    0.01 -> 0.65 (sandal 0.70, bag 0.60), top-1 0.714 -> 0.789)."""
     for run, floor, unseen, unseen_floor in ((eval_cifar10, CIFAR10_FLOOR, CIFAR10_UNSEEN, 0.45),
-                                            (eval_fashion_mnist, FASHION_FLOOR, FASHION_MNIST_UNSEEN, 0.55)):
+                                            (eval_fashion_mnist, FASHION_FLOOR, FASHION_MNIST_UNSEEN, 0.5)):
         modes, n = run(base, datasets_dir, limit=1000)
         (acc, per_class), (closed, closed_per_class) = modes["per_photo"], modes["closed_set"]
         assert n == 1000 and acc >= floor, (run.__name__, acc)
         assert max(per_class[c] for c in unseen) <= 0.1, per_class
-        assert min(closed_per_class[c] for c in unseen) >= 0.4, closed_per_class
+        assert min(closed_per_class[c] for c in unseen) >= 0.3, closed_per_class
         assert np.mean([closed_per_class[c] for c in unseen]) >= unseen_floor, closed_per_class
         assert closed >= acc - 0.04, (run.__name__, acc, closed)
 

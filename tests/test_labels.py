@@ -153,8 +153,8 @@ def test_tokenizer_word_cache_is_bounded(tiny_model):
 
 
 def test_a_reference_ranks_each_label_against_the_photos_it_fits_best(tiny_model, fixture_catalogue):
-    """set_reference: each prompt's term is the mean of its k best cosines over the reference photos
-    (k = min(50, n // 10)), subtracted before the best prompt is taken; cosines, the reject option
+    """set_reference: each label's term is the mean of its k best cosines (its best prompt's) over the
+    reference photos (k = min(10, n // 10)), subtracted from its cosines; cosines, the reject option
     and the plain ranking are untouched; too small a reference turns the correction off."""
     from indexer.images import open_image
     from indexer.labels import MIN_REFERENCE
@@ -170,12 +170,12 @@ def test_a_reference_ranks_each_label_against_the_photos_it_fits_best(tiny_model
     plain_probs, plain_cos = clf.scores(vecs)
     assert not clf.set_reference(reference[: MIN_REFERENCE - 1]) and clf.reference_term is None
     assert clf.set_reference(reference) and clf.reference_size == 150
-    k = 150 // 10
-    sims = reference @ clf.weights.T
-    term = np.sort(sims, axis=0)[-k:].mean(axis=0)
+    k = 10  # min(HUBNESS_K, 150 // 10)
+    # the term is each label's (its best prompt's cosine), not each prompt's
+    term = np.sort(clf.cosines(reference), axis=0)[-k:].mean(axis=0)
+    assert term.shape == (3,)
     np.testing.assert_allclose(clf.reference_term, term, atol=1e-5)
-    adjusted = vecs @ clf.weights.T - term
-    expected = np.stack([adjusted[:, :2].max(1), adjusted[:, 2], adjusted[:, 3]], 1)
+    expected = plain_cos - term
     np.testing.assert_allclose(clf.label_scores(vecs), expected, atol=1e-5)
     probs, cos = clf.scores(vecs)
     logits = tiny_model.logit_scale * expected
