@@ -386,8 +386,17 @@ class Store:
                 spec = self._buildable(spec)
                 index = self._rebuild_index(spec)
         self.vectors.replace(index, spec, gen, sql_ids)
-        if self.writable and rebuilt:
-            self.save(replace_snapshot=True)
+        # a kill between save()'s snapshot and its manifest leaves a current snapshot and an older
+        # manifest: a writable open rewrites the manifest too
+        if self.writable and (rebuilt or self._manifest_generation() != gen):
+            self.save(replace_snapshot=rebuilt)
+
+    def _manifest_generation(self) -> int | None:
+        """The generation manifest.json names, or None when it is missing or unreadable."""
+        try:
+            return int(json.loads((self.path / MANIFEST_NAME).read_text())["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _same_ids(self, index, spec: ann.IndexSpec, sql_ids: np.ndarray) -> bool:
         """Whether a snapshot has ``spec``'s type and layout and holds each of SQLite's photo ids
