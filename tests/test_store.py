@@ -937,3 +937,25 @@ def test_check_finds_photo_files_named_with_a_tar_separator(store: Store, identi
     odd.unlink()
     shard.unlink()
     assert any(n.startswith("2 catalogue photos are no longer on disk") for n in store.check()["notes"])
+
+
+def test_a_writable_open_rewrites_a_manifest_a_kill_left_behind(tmp_path: Path, identity):
+    """A kill -9 between save()'s snapshot and its manifest leaves the snapshot of the store's
+    generation and the manifest of an older one; the next writable open rewrites the manifest
+    (a read-only open, as a server follower's, leaves the folder alone)."""
+    cat = Catalogue(identity.dim)
+    with Store.create(tmp_path / "idx", identity) as s:
+        cat.add_to(s, [("a", 2)])
+        s.save()
+        old = json.loads((s.path / "manifest.json").read_text())
+        cat.add_to(s, [("b", 1)])
+        s.save()
+        gen = s.generation()
+    assert old["generation"] < gen and (tmp_path / "idx" / f"vectors.g{gen}.faiss").is_file()
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(old))  # what the kill left
+    with Store.open(tmp_path / "idx") as s:
+        assert s.count_photos() == 3
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["generation"] == old["generation"]
+    with Store.open(tmp_path / "idx", writable=True) as s:
+        assert s.count_photos() == 3
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["generation"] == gen
