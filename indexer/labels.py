@@ -217,8 +217,7 @@ class ZeroShotClassifier:
         bra" under "tank top") would otherwise lift its label everywhere. More than
         :data:`MAX_REFERENCE` usable rows: a seeded random sample of that many (before repeats are
         dropped); fewer than :data:`MIN_REFERENCE` left: no correction. Returns whether a correction
-        is on. Raises ValueError for an
-        array that is not ``(n, dim)`` with this model's ``dim``.
+        is on. Raises ValueError for an array that is not ``(n, dim)`` with this model's ``dim``.
         """
         if reference is None:
             self.reference_term, self.reference_size = None, 0
@@ -237,10 +236,11 @@ class ZeroShotClassifier:
             self.reference_term, self.reference_size = None, len(ref)
             return False
         k = max(1, min(k, len(ref) // 10))
-        top = None  # each label's k best cosines so far, (k, n_labels); blocks bound the memory
-        for i in range(0, len(ref), 2048):
-            block = self.cosines(ref[i:i + 2048]) if top is None else np.concatenate([top, self.cosines(ref[i:i + 2048])])
-            top = np.partition(block, len(block) - min(k, len(block)), axis=0)[len(block) - min(k, len(block)):]
+        top = np.zeros((0, len(self.label_set.labels)), np.float32)  # each label's k best cosines so far
+        for i in range(0, len(ref), 2048):  # blocks of photos bound the memory
+            block = np.concatenate([top, self.cosines(ref[i:i + 2048])])
+            keep = min(k, len(block))
+            top = np.partition(block, len(block) - keep, axis=0)[len(block) - keep:]
         term = top.mean(axis=0).astype(np.float32)
         # the term first: a thread scoring meanwhile uses the old term or the new one, never a mix
         self.reference_term, self.reference_size = term, len(ref)
@@ -300,8 +300,11 @@ class ZeroShotClassifier:
         """``(n, dim)`` unit rows -> ``(n, n_labels)``: what ranks the labels. The plain cosines
         (:meth:`cosines`) without a reference; with one (:meth:`set_reference`), each label's cosine
         minus its reference term."""
+        return self._ranked(self.cosines(image_embeddings))
+
+    def _ranked(self, cos: np.ndarray) -> np.ndarray:
+        """:meth:`label_scores` from already computed :meth:`cosines`."""
         term = self.reference_term  # read once: another thread may set a new reference
-        cos = self.cosines(image_embeddings)
         return cos if term is None else cos - term
 
     def scores(self, image_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -312,7 +315,7 @@ class ZeroShotClassifier:
         cosines are the plain ones, whatever the reference.
         """
         cos = self.cosines(image_embeddings)
-        logits = self.model.logit_scale * self.label_scores(image_embeddings)
+        logits = self.model.logit_scale * self._ranked(cos)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)

@@ -135,6 +135,9 @@ def main(argv=None) -> int:
     cf = model.embed_images([im for im, _, _ in items])
 
     result = {"model": args.model}
+    truth = [photos[f][1] for f in files]
+    fm_truth = [FASHION_MNIST_TRUTH[int(y)] for y in f_labels]
+    keep = np.array([photos[f][0] in held for f in files]) if held is not None else None
     # "max+closed-set": max pooling, each set its own hubness reference (ZeroShotClassifier.set_reference,
     # `lookalike label INDEX --closed-set`); retail.yaml is not a closed set on these photos: it shows the cost
     for variant in ("mean", "max", "max+closed-set"):
@@ -142,24 +145,19 @@ def main(argv=None) -> int:
         r_clf = ZeroShotClassifier(model, LabelSet(retail.labels, retail.templates, pooling))
         c_clf = ZeroShotClassifier(model, LabelSet(cifar.labels, cifar.templates, pooling))
         as_catalogue = variant.endswith("closed-set")
-        truth = [photos[f][1] for f in files]
         r_clf.set_reference(every if as_catalogue else None)
         out = {"magento_all": top1(r_clf, mag, truth)}
-        if held is not None:
-            keep = np.array([photos[f][0] in held for f in files])
+        if keep is not None:
             out["magento_held_out"] = top1(r_clf, mag[keep], [t for t, k in zip(truth, keep) if k])
         r_clf.set_reference(fm if as_catalogue else None)
-        out["fashion_mnist"] = top1(r_clf, fm, [FASHION_MNIST_TRUTH[int(y)] for y in f_labels])
+        out["fashion_mnist"] = top1(r_clf, fm, fm_truth)
         c_clf.set_reference(cf if as_catalogue else None)
         out["cifar10_synonyms"] = top1(c_clf, cf, [(CIFAR10_SYNONYMS[y][0],) for _, y, _ in items])
         result[variant] = out
     # a shop's own taxonomy of what it sells: retail.yaml cut down to the labels right for some photo of
     # the set, a closed set; labelled photo by photo and as a closed set
-    truth = [photos[f][1] for f in files]
-    fm_truth = [FASHION_MNIST_TRUTH[int(y)] for y in f_labels]
     sets = {"magento_all": (mag, truth, every), "fashion_mnist": (fm, fm_truth, fm)}
-    if held is not None:
-        keep = np.array([photos[f][0] in held for f in files])
+    if keep is not None:
         sets["magento_held_out"] = (mag[keep], [t for t, k in zip(truth, keep) if k], every)
     subset = {}
     for key, (vecs, right, reference) in sets.items():

@@ -144,11 +144,12 @@ class Engine:
         on 500,000 photos."""
         with self._label_reference_lock:
             now = time.monotonic()
-            due = self._label_reference_at is None or (
-                now - self._label_reference_at >= LABEL_REFERENCE_REFRESH_S
-                and self.store.generation() != self._label_reference_generation)
-            if due:
-                self._label_reference_generation = self.store.generation()  # before: a write meanwhile re-samples
+            if self._label_reference_at is None or now - self._label_reference_at >= LABEL_REFERENCE_REFRESH_S:
+                generation = self.store.generation()  # read before sampling: a write meanwhile re-samples
+            else:
+                generation = self._label_reference_generation
+            if self._label_reference_at is None or generation != self._label_reference_generation:
+                self._label_reference_generation = generation
                 self._label_reference = self.store.reference_vectors()
                 self._label_reference_at = now
                 self._label_reference_version += 1
