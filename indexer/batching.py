@@ -12,14 +12,23 @@ preprocessing their photos; a lone query is embedded at once.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 import numpy as np
 import torch
+
+log = logging.getLogger("lookalike.batching")
+
+#: seconds a request waits for its vector before it checks the workers: a request still queued while
+#: a worker sleeps (its wake-up was lost), or a gathering that outlived its window by this much, is
+#: woken again (see :meth:`MicroBatcher.embed`). Longer than any window a server should use.
+RESCUE_S = 0.25
 
 
 class MicroBatcher:
@@ -29,19 +38,22 @@ class MicroBatcher:
       (``ClipModel.embed_image_tensors``).
     max_batch: most queries per forward pass. window_ms: longest wait, in milliseconds,
       for more queries once the first has arrived.
-    on_batch: called with each batch's size (for metrics).
+    on_batch: called with each batch's size (for metrics). on_rescue: called with no argument for each
+      stranded query woken again (for metrics; see :meth:`embed`).
     workers: forward passes that may run at once (each worker gathers its own batch); more than
       one pays only when ``embed`` runs concurrent calls in parallel (``ClipModel.set_streams``).
     """
 
     def __init__(self, embed: Callable[[torch.Tensor], np.ndarray], max_batch: int = 16, window_ms: float = 4.0,
-                 on_batch: Callable[[int], None] | None = None, workers: int = 1):
+                 on_batch: Callable[[int], None] | None = None, workers: int = 1,
+                 on_rescue: Callable[[], None] | None = None):
         if max_batch < 1 or window_ms < 0 or workers < 1:
             raise ValueError("max_batch and workers must be >= 1 and window_ms >= 0")
         self._embed = embed
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
         self._on_batch = on_batch
+        self._on_rescue = on_rescue
         # One condition guards the queue, the count of requests still preparing and the closed flag, and is
         # notified whenever any of them changes. A worker gathering a batch waits on it with the window's
         # timeout, but never needs that timeout to fire to make progress: the event it waits for (a query
@@ -53,7 +65,11 @@ class MicroBatcher:
         self._pending: deque[tuple[torch.Tensor, Future]] = deque()
         self._preparing = 0
         self._gathering = False
+        self._gather_started = 0.0
+        self._idle = 0  # workers asleep in _next_batch, waiting for a query
         self._closed = False
+        #: requests that found their query stranded and woke the workers again (see :meth:`embed`)
+        self.rescues = 0
         self._workers = [threading.Thread(target=self._run, name=f"lookalike-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for worker in self._workers:
@@ -65,6 +81,11 @@ class MicroBatcher:
 
         Returns float32 ``(dim,)`` of unit norm. Exceptions of ``prepare`` and of the model
         propagate to the caller; RuntimeError after :meth:`close`.
+
+        Every :data:`RESCUE_S` seconds without its vector, the request wakes the workers again, and
+        counts a rescue (:attr:`rescues`, and a warning in the log) when its query was stranded: still
+        queued while a worker slept, or gathered by a worker whose window ended over 50 ms ago. So a
+        lost wake-up costs a request :data:`RESCUE_S`, not the rest of its life.
         """
         with self._cond:
             self._preparing += 1
@@ -82,7 +103,27 @@ class MicroBatcher:
             if self._closed:
                 raise RuntimeError("the query batcher is closed")
             self._pending.append((pixels, future))
-        return future.result()
+        while True:
+            try:
+                return future.result(timeout=RESCUE_S)
+            except FutureTimeout:
+                self._rescue(future)
+
+    def _rescue(self, future: Future) -> None:
+        """Wake every worker; count and log it when ``future``'s query was stranded (see :meth:`embed`)."""
+        with self._cond:
+            queued = not future.running() and not future.done()
+            # a gatherer's timed wait ends within milliseconds of its window; 50 ms later it did not fire
+            overdue = self._gathering and time.monotonic() - self._gather_started > self.window_s + 0.05
+            stranded = overdue or (queued and self._idle > 0 and not self._gathering)
+            self._cond.notify_all()
+            if stranded:
+                self.rescues += 1
+        if stranded:
+            if self._on_rescue is not None:
+                self._on_rescue()
+            log.warning("a queued image query was stranded (a lost wake-up): the batcher's workers were woken again",
+                        extra={"rescues": self.rescues, "gathering_overdue": overdue})
 
     def close(self) -> None:
         """Stop the workers after the queued queries are answered."""
@@ -102,11 +143,16 @@ class MicroBatcher:
             while not self._pending or self._gathering:
                 if self._closed and not self._pending:
                     return None
-                self._cond.wait()
+                self._idle += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._idle -= 1
             self._gathering = True
+            self._gather_started = time.monotonic()
             try:
                 batch = [self._pending.popleft()]
-                deadline = time.monotonic() + self.window_s
+                deadline = self._gather_started + self.window_s
                 while len(batch) < self.max_batch:
                     if self._pending:
                         batch.append(self._pending.popleft())
@@ -118,6 +164,8 @@ class MicroBatcher:
             finally:
                 self._gathering = False
                 self._cond.notify_all()  # the next worker may gather what is left
+            for _, future in batch:
+                future.set_running_or_notify_cancel()  # no longer queued (nothing cancels these futures)
             return batch
 
     def _run(self) -> None:

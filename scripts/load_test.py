@@ -12,6 +12,8 @@ its own photo (among the top 50, score >= 0.9999: its vector is in the live FAIS
 and every acknowledged delete must be gone; after the server stops, ``check`` of the index
 must find no problem (no FAISS id missing or held twice). Memory: the server's resident set size
 (VmRSS) after a warm-up of a fifth of the run, and at the end; growth must stay under 10 %.
+A request that times out (60 s) makes the server dump every thread's stack (``kill -USR1``, see
+``server.serving.dump_stacks_on_sigusr1``), once; the dump is in the result (``stall_stacks``).
 Exit status 0 when there were no errors, no lost writes, a clean check and growth < 10 %, else 1.
 """
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -73,6 +77,14 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         words = ["hoodie", "red running shoes", "bag", "watch", "yoga pants", "striped tee", "jacket"]
         t_end = time.monotonic() + seconds
         warm_rss: list[int] = []
+        dump_at: list[int] = []  # where the server's log stood when it was asked for its stacks
+
+        def dump_stacks() -> None:
+            with lock:
+                if dump_at or proc.poll() is not None:
+                    return
+                dump_at.append(log_path.stat().st_size)
+            os.kill(proc.pid, signal.SIGUSR1)
 
         def client(n: int) -> None:
             rng = random.Random(seed * 1000 + n)
@@ -117,6 +129,8 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
                     except httpx.HTTPError as e:
                         kind = "transport"
                         errors.append(f"transport: {e!r}")
+                        if isinstance(e, httpx.TimeoutException):
+                            dump_stacks()  # what the stalled server is doing, while it still is
                         continue
                     with lock:
                         latencies[kind].append((time.perf_counter() - t0) * 1000)
@@ -147,6 +161,11 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
                 if c.get(f"/v1/products/{pid}").status_code != 404:
                     resurrected.append(pid)
         serverproc.stop(proc)
+        stall_stacks = None
+        if dump_at:
+            with open(log_path, "rb") as f:
+                f.seek(dump_at[0])
+                stall_stacks = f.read().decode(errors="replace")[:30000]
         from indexer.store import Store
 
         with Store.open(index) as store:
@@ -163,6 +182,7 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         "lost_writes": len(lost), "unsearchable_writes": len(unsearchable), "unsearchable_examples": unsearchable[:5],
         "resurrected_deletes": len(resurrected), "check_problems": check["problems"],
         "rss_warm_mb": round(warm_rss[0] / 1024, 1) if warm_rss else None, "rss_end_mb": round(end_rss / 1024, 1),
+        "stall_stacks": stall_stacks,
     }
     result["rss_growth"] = round(end_rss / warm_rss[0] - 1, 4) if warm_rss and warm_rss[0] else None
     for kind, values in latencies.items():
@@ -196,6 +216,8 @@ def main(argv=None) -> int:
         for kind in ("image", "text", "add", "delete"):
             print(f"  {kind:<6} n={result[f'{kind}_count']:<6} p50 {result[f'{kind}_p50_ms']} ms  "
                   f"p99 {result[f'{kind}_p99_ms']} ms")
+        if result["stall_stacks"]:
+            print("  a request timed out; the server's threads were then at:\n" + result["stall_stacks"])
         print(f"  server RSS {result['rss_warm_mb']} MB after warm-up, {result['rss_end_mb']} MB at the end "
               f"(growth {100 * (result['rss_growth'] or 0):.1f} %)")
     print(json.dumps(result))

@@ -74,7 +74,8 @@ class Engine:
         if settings.batch_window_ms > 0 and settings.max_batch > 1:
             self.batcher = MicroBatcher(model.embed_image_tensors, settings.max_batch, settings.batch_window_ms,
                                         on_batch=metrics.batch_size.labels("image").observe,
-                                        workers=getattr(model.image_encoder, "parallel_passes", 1))
+                                        workers=getattr(model.image_encoder, "parallel_passes", 1),
+                                        on_rescue=metrics.batcher_rescues.inc)
         self._stop = threading.Event()
         self._saver = None
         self._follower = None

@@ -29,6 +29,8 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("lookalike_embed_batch_size", "Images or texts embedded per forward pass",
                                     ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batcher_rescues = Counter("lookalike_batcher_rescues", "Image queries found stranded in the micro-batcher "
+                                       "(a lost wake-up) and woken again by their own request", registry=r)
         self.products = Gauge("lookalike_index_products", "Products in the served index", registry=r)
         self.photos = Gauge("lookalike_index_photos", "Photos (vectors) in the served index", registry=r)
         self.ready = Gauge("lookalike_ready", "1 when the model and index are loaded", registry=r)

@@ -12,9 +12,12 @@ used to lock healthy clients out.
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
 import resource
+import signal
 import socket
+import sys
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -182,6 +185,17 @@ def return_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
         return False
 
 
+def dump_stacks_on_sigusr1() -> bool:
+    """``kill -USR1 PID`` then writes the Python stack of every thread of this process to stderr
+    (the server's log), without stopping it: what a server that stopped answering is doing
+    (:func:`faulthandler.register`; the dump is written by C code, so it works even when no Python
+    thread can run). Returns False where there is no SIGUSR1 (Windows)."""
+    if not hasattr(signal, "SIGUSR1"):
+        return False
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    return True
+
+
 def run(app, settings: ServerSettings, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until interrupted, with the limits of ``settings``."""
     import uvicorn
@@ -190,6 +204,7 @@ def run(app, settings: ServerSettings, host: str, port: int) -> None:
 
     set_decode_memory_budget(settings.decode_memory_bytes)
     return_freed_memory()
+    dump_stacks_on_sigusr1()
     sock = bind(host, port)
     fd_limit = raise_fd_limit()
     max_connections = min(settings.max_connections, max(16, fd_limit - RESERVED_FDS))

@@ -94,11 +94,7 @@ class _TimersNeverFire(threading.Condition):
 
 
 def test_every_query_is_answered_even_when_no_timed_wait_ever_times_out(tiny_model, photos, monkeypatch):
-    import indexer.batching
-
-    # only the batcher's own condition loses its timers (threading.Condition is shared by the whole process)
-    monkeypatch.setattr(indexer.batching, "threading", SimpleNamespace(Condition=_TimersNeverFire,
-                                                                       Thread=threading.Thread))
+    _faulty_condition(monkeypatch, _TimersNeverFire)
     pixels = [tiny_model.preprocess(open_image(p, draft_size=tiny_model.draft_size)) for p in photos]
     single = tiny_model.embed_image_tensors(torch.stack(pixels))
     batcher = MicroBatcher(tiny_model.embed_image_tensors, max_batch=4, window_ms=60_000, workers=2)
@@ -124,6 +120,93 @@ def test_every_query_is_answered_even_when_no_timed_wait_ever_times_out(tiny_mod
     finally:
         batcher.close()
     assert all(not w.is_alive() for w in batcher._workers)
+
+
+class _LosesWakeUps(threading.Condition):
+    """A condition that drops the next ``lose`` notifications: a lost wake-up, the other fault a
+    stranded request can come from (the one that `_TimersNeverFire` leaves out)."""
+
+    lose = 0
+
+    def notify_all(self):
+        if self.lose > 0:
+            self.lose -= 1
+            return
+        super().notify_all()
+
+
+def _faulty_condition(monkeypatch, condition):
+    import indexer.batching
+
+    # only the batcher's own condition is faulty (threading.Condition is shared by the whole process)
+    monkeypatch.setattr(indexer.batching, "threading", SimpleNamespace(Condition=condition, Thread=threading.Thread))
+
+
+def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_lost_wake_up_costs_a_query_a_moment_not_its_life(tiny_model, photos, monkeypatch, caplog):
+    from indexer.batching import RESCUE_S
+
+    _faulty_condition(monkeypatch, _LosesWakeUps)
+    x = tiny_model.preprocess(open_image(photos[0], draft_size=tiny_model.draft_size))
+    rescued: list[int] = []
+    batcher = MicroBatcher(tiny_model.embed_image_tensors, window_ms=4, on_rescue=lambda: rescued.append(1))
+    try:
+        _wait_until(lambda: batcher._idle == 1)  # the worker sleeps, waiting for a query
+        batcher._cond.lose = 1  # the query's own wake-up is lost
+        with ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            query = pool.submit(batcher.embed, lambda: x)
+            try:
+                vec = query.result(timeout=10)
+            finally:
+                with batcher._cond:  # without the rescue the worker still sleeps: wake it, so that close() ends
+                    batcher._cond.notify_all()
+            waited = time.monotonic() - t0
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(vec, tiny_model.embed_image_tensors(x[None])[0], atol=1e-5)
+    assert RESCUE_S * 0.9 <= waited < 5, waited  # stranded until the request woke the worker itself
+    assert batcher.rescues == 1 and rescued == [1]
+    assert any("stranded" in r.getMessage() for r in caplog.records if r.name == "lookalike.batching")
+
+
+def test_a_gathering_whose_timer_never_fires_ends_without_waiting_for_the_slowest_decode(tiny_model, photos,
+                                                                                         monkeypatch):
+    _faulty_condition(monkeypatch, _TimersNeverFire)
+    x = tiny_model.preprocess(open_image(photos[0], draft_size=tiny_model.draft_size))
+    decoding = threading.Event()
+    release = threading.Event()
+
+    def slow_decode():
+        decoding.set()
+        release.wait(30)
+        return x
+
+    batcher = MicroBatcher(tiny_model.embed_image_tensors, window_ms=20)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(batcher.embed, slow_decode)
+            assert decoding.wait(10)
+            t0 = time.monotonic()
+            # gathered while the slow request still decodes; the 20 ms window's timer never fires
+            fast = pool.submit(batcher.embed, lambda: x)
+            try:
+                assert fast.result(timeout=10).shape == (tiny_model.dim,)
+                waited = time.monotonic() - t0
+                assert not slow.done()  # answered long before the slow decode ended
+            finally:
+                release.set()
+            assert slow.result(timeout=30).shape == (tiny_model.dim,)
+    finally:
+        batcher.close()
+    assert waited < 5, waited
+    assert batcher.rescues >= 1
 
 
 def test_close_answers_queued_queries_and_refuses_new_ones(tiny_model, photos):

@@ -18,7 +18,8 @@ def test_quick_load_test_has_no_errors_or_lost_writes(fixture_index):
                            "--seconds", "15", "--clients", "4", "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["errors"] == 0, result["error_examples"]
+    # on a timeout, the server's thread stacks at that moment (load_test asks for them with SIGUSR1)
+    assert result["errors"] == 0, (result["error_examples"], result["stall_stacks"])
     assert result["lost_writes"] == 0 and result["resurrected_deletes"] == 0
     assert result["unsearchable_writes"] == 0, result["unsearchable_examples"]
     assert result["check_problems"] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -392,3 +393,28 @@ def test_thumbnail_cache_is_bounded_by_bytes(small_index, tiny_model):
         assert sum(sizes) > 2 * limit
         assert 0 < sum(len(v) for v in cache.values()) <= limit
         assert isinstance(app.state.engine.model.tokenizer.cache, BoundedWordCache)
+
+
+# ------------------------------------------------------------------------------ operations
+def test_sigusr1_dumps_every_threads_stack_and_the_server_goes_on(small_index, tmp_path):
+    """``kill -USR1`` on ``lookalike serve`` writes each thread's Python stack to its log (what a server
+    that stopped answering is doing; scripts/load_test.py asks for it on a timeout) and stops nothing."""
+    port = serverproc.free_port()
+    log = tmp_path / "server.log"
+    proc = serverproc.spawn(small_index, port, dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache")), log)
+    try:
+        serverproc.wait_ready(proc, port, log, timeout_s=180)
+        before = log.stat().st_size
+        os.kill(proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "_next_batch" not in log.read_text(errors="replace")[before:] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dump = log.read_text(errors="replace")[before:]
+        # the event loop's thread and the micro-batcher's idle worker, each with its Python frames
+        assert "Thread 0x" in dump and "_next_batch" in dump and "uvicorn" in dump, dump[-3000:]
+        assert proc.poll() is None
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/search/image", files={"image": ("q.jpg", _photo(1), "image/jpeg")},
+                       headers=AUTH, timeout=30)
+        assert r.status_code == 200 and r.json()["results"]
+    finally:
+        serverproc.stop(proc)
