@@ -13,7 +13,8 @@ and every acknowledged delete must be gone; after the server stops, ``check`` of
 must find no problem (no FAISS id missing or held twice). Memory: the server's resident set size
 (VmRSS) after a warm-up of a fifth of the run, and at the end; growth must stay under 10 %.
 A request that times out (60 s) makes the server dump every thread's stack (``kill -USR1``, see
-``server.serving.dump_stacks_on_sigusr1``), once; the dump is in the result (``stall_stacks``).
+``server.serving.dump_stacks_on_sigusr1``), once; the dump is in the result (``stall_stacks``), beside
+the micro-batcher's rescues of stranded queries (``batcher_rescues``, from ``/metrics``).
 Exit status 0 when there were no errors, no lost writes, a clean check and growth < 10 %, else 1.
 """
 from __future__ import annotations
@@ -151,6 +152,9 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
 
         lost, unsearchable, resurrected = [], [], []
         with httpx.Client(base_url=base, timeout=60) as c:
+            # image queries the micro-batcher found stranded (lost wake-ups) and woke again
+            rescues = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
+                          if line.startswith("lookalike_batcher_rescues_total"))
             for pid in sorted(set(added) - deleted):
                 if c.get(f"/v1/products/{pid}").status_code != 200:
                     lost.append(pid)
@@ -182,7 +186,7 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         "lost_writes": len(lost), "unsearchable_writes": len(unsearchable), "unsearchable_examples": unsearchable[:5],
         "resurrected_deletes": len(resurrected), "check_problems": check["problems"],
         "rss_warm_mb": round(warm_rss[0] / 1024, 1) if warm_rss else None, "rss_end_mb": round(end_rss / 1024, 1),
-        "stall_stacks": stall_stacks,
+        "stall_stacks": stall_stacks, "batcher_rescues": int(rescues),
     }
     result["rss_growth"] = round(end_rss / warm_rss[0] - 1, 4) if warm_rss and warm_rss[0] else None
     for kind, values in latencies.items():
