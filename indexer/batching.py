@@ -29,6 +29,8 @@ log = logging.getLogger("lookalike.batching")
 #: a worker sleeps (its wake-up was lost), or a gathering that outlived its window by this much, is
 #: woken again (see :meth:`MicroBatcher.embed`). Longer than any window a server should use.
 RESCUE_S = 0.25
+#: seconds after which a request still waiting for its vector is logged (once): a model that hangs
+SLOW_QUERY_S = 10.0
 
 
 class MicroBatcher:
@@ -85,7 +87,8 @@ class MicroBatcher:
         Every :data:`RESCUE_S` seconds without its vector, the request wakes the workers again, and
         counts a rescue (:attr:`rescues`, and a warning in the log) when its query was stranded: still
         queued while a worker slept, or gathered by a worker whose window ended over 50 ms ago. So a
-        lost wake-up costs a request :data:`RESCUE_S`, not the rest of its life.
+        lost wake-up costs a request :data:`RESCUE_S`, not the rest of its life. A request still waiting
+        after :data:`SLOW_QUERY_S` is logged; one whose workers have all stopped gets RuntimeError.
         """
         with self._cond:
             self._preparing += 1
@@ -103,11 +106,19 @@ class MicroBatcher:
             if self._closed:
                 raise RuntimeError("the query batcher is closed")
             self._pending.append((pixels, future))
+        waited, warned = 0.0, False
         while True:
             try:
                 return future.result(timeout=RESCUE_S)
             except FutureTimeout:
+                waited += RESCUE_S
                 self._rescue(future)
+                if not future.done() and not any(w.is_alive() for w in self._workers):
+                    raise RuntimeError("the query batcher has no worker left to embed this query") from None
+                if waited >= SLOW_QUERY_S and not warned:
+                    warned = True
+                    log.warning("an image query has waited %.0f s for the model", waited,
+                                extra={"queued": not future.running()})
 
     def _rescue(self, future: Future) -> None:
         """Wake every worker; count and log it when ``future``'s query was stranded (see :meth:`embed`)."""
@@ -173,13 +184,21 @@ class MicroBatcher:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[tuple[torch.Tensor, Future]]) -> None:
+        """Embed ``batch`` and answer each of its requests, whatever happens: an error goes to every
+        request of the batch, a failing ``on_batch`` is logged, and the worker lives on (a worker that
+        died would leave the requests it had taken waiting for ever)."""
         try:
             vectors = self._embed(torch.stack([pixels for pixels, _ in batch]))
-        except BaseException as e:  # every waiting request gets the error, the worker lives on
+            if len(vectors) != len(batch):
+                raise RuntimeError(f"the model returned {len(vectors)} vectors for {len(batch)} images")
+        except BaseException as e:
             for _, future in batch:
                 future.set_exception(e)
             return
         if self._on_batch is not None:
-            self._on_batch(len(batch))
+            try:
+                self._on_batch(len(batch))
+            except Exception:
+                log.exception("the micro-batcher's on_batch callback failed")
         for (_, future), vec in zip(batch, vectors):
             future.set_result(vec)

@@ -1,7 +1,7 @@
 """Bounded load test of the query server on loopback: concurrent image search, text search,
 product writes and deletes; checks errors, lost writes and memory growth; prints latencies.
 
-    python scripts/load_test.py INDEX_DIR [--seconds 120] [--clients 8] [--quick] [--json]
+    python scripts/load_test.py INDEX_DIR [--seconds 120] [--clients 8] [--timeout 60] [--quick] [--json]
 
 INDEX_DIR is copied to a temporary folder and served by ``lookalike serve`` (the real
 server, a subprocess) on a free 127.0.0.1 port with a temporary API key. Each client loops
@@ -12,8 +12,10 @@ its own photo (among the top 50, score >= 0.9999: its vector is in the live FAIS
 and every acknowledged delete must be gone; after the server stops, ``check`` of the index
 must find no problem (no FAISS id missing or held twice). Memory: the server's resident set size
 (VmRSS) after a warm-up of a fifth of the run, and at the end; growth must stay under 10 %.
-A request that times out (60 s) makes the server dump every thread's stack (``kill -USR1``, see
-``server.serving.dump_stacks_on_sigusr1``), once; the dump is in the result (``stall_stacks``), beside
+A request that times out (``--timeout``, 60 s) makes the server dump every thread's stack (``kill -USR1``, see
+``server.serving.dump_stacks_on_sigusr1``), once, and probes which kinds of request (health, SQLite read,
+text search, image search, write) still answer within 5 s (``stall_probes``); the dump is in the result
+(``stall_stacks``), beside
 the micro-batcher's rescues of stranded queries (``batcher_rescues``, from ``/metrics``).
 Exit status 0 when there were no errors, no lost writes, a clean check and growth < 10 %, else 1.
 """
@@ -59,7 +61,8 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path], seed: int = 0) -> dict:
+def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path], seed: int = 0,
+        timeout_s: float = 60.0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(tmp) / "index"
         shutil.copytree(index_dir, index, ignore=shutil.ignore_patterns(".lock"))
@@ -80,17 +83,37 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         warm_rss: list[int] = []
         dump_at: list[int] = []  # where the server's log stood when it was asked for its stacks
 
-        def dump_stacks() -> None:
+        probes: dict[str, str] = {}
+
+        def on_timeout() -> None:
+            """Once: the server's thread stacks (SIGUSR1), then which kinds of request still get an answer
+            within 5 s on a new connection (so which one is stalled)."""
             with lock:
                 if dump_at or proc.poll() is not None:
                     return
                 dump_at.append(log_path.stat().st_size)
             os.kill(proc.pid, signal.SIGUSR1)
+            with httpx.Client(base_url=base, timeout=5) as c:
+                for name, send in (
+                        ("healthz", lambda: c.get("/healthz")),
+                        ("read", lambda: c.get("/v1/products/LOAD-PROBE")),  # 404: SQLite read
+                        ("text", lambda: c.post("/v1/search/text", json={"query": "bag", "k": 3})),
+                        ("image", lambda: c.post("/v1/search/image?k=3&labels=false",
+                                                 files={"image": ("q.jpg", photos[0], "image/jpeg")})),
+                        # 404 from inside a write transaction: the write lock and SQLite's
+                        ("write", lambda: c.patch("/v1/products/LOAD-PROBE", json={"title": "x"},
+                                                  headers={"authorization": f"Bearer {KEY}"}))):
+                    t0 = time.perf_counter()
+                    try:
+                        r = send()
+                        probes[name] = f"HTTP {r.status_code} in {1000 * (time.perf_counter() - t0):.0f} ms"
+                    except httpx.HTTPError as e:
+                        probes[name] = f"{e!r} after {time.perf_counter() - t0:.1f} s"
 
         def client(n: int) -> None:
             rng = random.Random(seed * 1000 + n)
             mine: list[str] = []
-            with httpx.Client(base_url=base, timeout=60) as c:
+            with httpx.Client(base_url=base, timeout=timeout_s) as c:
                 i = 0
                 while time.monotonic() < t_end:
                     i += 1
@@ -128,10 +151,9 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
                         if not ok:
                             errors.append(f"{kind}: HTTP {r.status_code} {r.text[:200]}")
                     except httpx.HTTPError as e:
-                        kind = "transport"
-                        errors.append(f"transport: {e!r}")
+                        errors.append(f"{kind}: transport error {e!r} after {time.perf_counter() - t0:.1f} s")
                         if isinstance(e, httpx.TimeoutException):
-                            dump_stacks()  # what the stalled server is doing, while it still is
+                            on_timeout()  # what the stalled server is doing, while it still is
                         continue
                     with lock:
                         latencies[kind].append((time.perf_counter() - t0) * 1000)
@@ -186,7 +208,7 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         "lost_writes": len(lost), "unsearchable_writes": len(unsearchable), "unsearchable_examples": unsearchable[:5],
         "resurrected_deletes": len(resurrected), "check_problems": check["problems"],
         "rss_warm_mb": round(warm_rss[0] / 1024, 1) if warm_rss else None, "rss_end_mb": round(end_rss / 1024, 1),
-        "stall_stacks": stall_stacks, "batcher_rescues": int(rescues),
+        "stall_stacks": stall_stacks, "stall_probes": probes or None, "batcher_rescues": int(rescues),
     }
     result["rss_growth"] = round(end_rss / warm_rss[0] - 1, 4) if warm_rss and warm_rss[0] else None
     for kind, values in latencies.items():
@@ -202,6 +224,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("index", help="index directory (copied; the original is not changed)")
     ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds a client waits for a response")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--photos", nargs="*", default=None, help="query photos (default: 8 photos of the index)")
     ap.add_argument("--quick", action="store_true", help="20 s with 4 clients")
@@ -210,7 +233,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.seconds, args.clients = 20.0, 4
     photos = [Path(p) for p in args.photos] if args.photos else _index_photos(Path(args.index))
-    result = run(Path(args.index), args.seconds, args.clients, photos)
+    result = run(Path(args.index), args.seconds, args.clients, photos, timeout_s=args.timeout)
     if not args.json:
         print(f"{result['requests']} requests in {result['seconds']:.0f} s with {result['clients']} clients "
               f"({result['requests_per_s']}/s): {result['errors']} errors, {result['lost_writes']} lost writes, "
@@ -220,6 +243,8 @@ def main(argv=None) -> int:
         for kind in ("image", "text", "add", "delete"):
             print(f"  {kind:<6} n={result[f'{kind}_count']:<6} p50 {result[f'{kind}_p50_ms']} ms  "
                   f"p99 {result[f'{kind}_p99_ms']} ms")
+        if result["stall_probes"]:
+            print(f"  a request timed out; then, on a new connection: {result['stall_probes']}")
         if result["stall_stacks"]:
             print("  a request timed out; the server's threads were then at:\n" + result["stall_stacks"])
         print(f"  server RSS {result['rss_warm_mb']} MB after warm-up, {result['rss_end_mb']} MB at the end "

@@ -209,6 +209,63 @@ def test_a_gathering_whose_timer_never_fires_ends_without_waiting_for_the_slowes
     assert batcher.rescues >= 1
 
 
+def _answer_within(call, timeout=10.0):
+    """``call()`` in a daemon thread: its result, or its exception re-raised; fails the test (rather than
+    hanging it) when there is no answer within ``timeout`` s."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"no answer within {timeout} s")
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def test_a_failing_metric_callback_neither_loses_a_query_nor_ends_the_worker(tiny_model, photos):
+    def broken_metric(size):
+        raise ValueError("metrics backend down")
+
+    x = tiny_model.preprocess(open_image(photos[0], draft_size=tiny_model.draft_size))
+    batcher = MicroBatcher(tiny_model.embed_image_tensors, window_ms=0, on_batch=broken_metric)
+    try:
+        for _ in range(3):  # before the fix the first call ended the worker and the second waited for ever
+            assert _answer_within(lambda: batcher.embed(lambda: x)).shape == (tiny_model.dim,)
+        assert all(w.is_alive() for w in batcher._workers)
+    finally:
+        batcher.close()
+
+
+class _WorkerKilled(BaseException):
+    pass
+
+
+def test_a_query_whose_workers_all_stopped_gets_an_error_not_a_wait(tiny_model, photos, monkeypatch):
+    def die(batch):
+        raise _WorkerKilled()  # past the worker's own handling: its thread ends
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's death is expected
+    x = tiny_model.preprocess(open_image(photos[0], draft_size=tiny_model.draft_size))
+    batcher = MicroBatcher(tiny_model.embed_image_tensors, window_ms=0)
+    batcher._run_batch = die
+    try:
+        # the first query is taken by the worker, which then dies; the second finds no worker left
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="no worker left"):
+                _answer_within(lambda: batcher.embed(lambda: x))
+        assert not batcher._workers[0].is_alive()
+    finally:
+        batcher.close()
+
+
 def test_close_answers_queued_queries_and_refuses_new_ones(tiny_model, photos):
     release = threading.Event()
     started = threading.Event()

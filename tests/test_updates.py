@@ -278,3 +278,33 @@ def test_closed_set_labels_follow_the_catalogue_as_it_grows_and_shrinks(index_co
         for pid in added:
             assert c.delete(f"/v1/products/{pid}", headers=AUTH).status_code in (200, 204)
         assert not closed(c)
+
+
+def test_a_slow_catalogue_read_after_an_add_does_not_stop_the_event_loop(index_copy, tiny_model):
+    """POST /v1/products is an async route: the SQLite counts it refreshes the gauges with used to run on
+    the event loop itself, so a slow disk stalled every connection, /healthz included."""
+    app = create_app(index_copy, model=tiny_model, api_keys=KEY)
+    with LiveServer(app) as live:
+        store = app.state.engine.store
+        real_count = store.count_products
+        in_count = threading.Event()
+
+        def slow_count():  # a disk that takes 3 s to answer
+            in_count.set()
+            time.sleep(3)
+            return real_count()
+
+        store.count_products = slow_count
+        try:
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                adding = threading.Thread(target=lambda: _add(c, "SLOW-1", [_photo((10, 120, 30))], title="t"))
+                adding.start()
+                assert in_count.wait(30)
+                t0 = time.monotonic()
+                assert httpx.get(live.url + "/healthz", timeout=30).status_code == 200
+                healthz_s = time.monotonic() - t0
+                adding.join(30)
+        finally:
+            store.count_products = real_count
+        assert healthz_s < 1.5, healthz_s  # the count still sleeps meanwhile: it runs off the event loop
+        assert httpx.get(live.url + "/v1/products/SLOW-1", timeout=30).status_code == 200

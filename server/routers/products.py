@@ -131,9 +131,14 @@ async def add_product(
     for name, value in (("title", title), ("category", category)):
         if value is not None and not isinstance(value, str):
             raise LookalikeError(f"{name} must be a string", code="bad_product", http_status=422)
-    product, created = await run_in_threadpool(
-        upsert_product, engine.store, engine.model, Product(pid, title, category, meta), uploads, engine.max_pixels)
-    engine.update_gauges()
+
+    def run():
+        result = upsert_product(engine.store, engine.model, Product(pid, title, category, meta), uploads,
+                                engine.max_pixels)
+        engine.update_gauges()  # SQLite reads: in the thread too, never on the event loop, which serves everyone
+        return result
+
+    product, created = await run_in_threadpool(run)
     return JSONResponse(ProductResponse(**public_product(product)).model_dump(), status_code=201 if created else 200)
 
 
