@@ -173,19 +173,27 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         end_rss = _rss_kb(proc.pid)
 
         lost, unsearchable, resurrected = [], [], []
+        rescues = 0
         with httpx.Client(base_url=base, timeout=60) as c:
-            # image queries the micro-batcher found stranded (lost wake-ups) and woke again
-            rescues = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
-                          if line.startswith("lookalike_batcher_rescues_total"))
-            for pid in sorted(set(added) - deleted):
-                if c.get(f"/v1/products/{pid}").status_code != 200:
-                    lost.append(pid)
-                r = c.post("/v1/search/image?k=50&labels=false", files={"image": ("q.jpg", added[pid], "image/jpeg")})
-                if r.status_code != 200 or not any(x["id"] == pid and x["score"] >= 0.9999 for x in r.json()["results"]):
-                    unsearchable.append(pid)
-            for pid in sorted(deleted):
-                if c.get(f"/v1/products/{pid}").status_code != 404:
-                    resurrected.append(pid)
+            try:
+                # image queries the micro-batcher found stranded (lost wake-ups) and woke again
+                rescues = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
+                              if line.startswith("lookalike_batcher_rescues_total"))
+                for pid in sorted(set(added) - deleted):
+                    if c.get(f"/v1/products/{pid}").status_code != 200:
+                        lost.append(pid)
+                    r = c.post("/v1/search/image?k=50&labels=false",
+                               files={"image": ("q.jpg", added[pid], "image/jpeg")})
+                    if r.status_code != 200 or not any(x["id"] == pid and x["score"] >= 0.9999
+                                                       for x in r.json()["results"]):
+                        unsearchable.append(pid)
+                for pid in sorted(deleted):
+                    if c.get(f"/v1/products/{pid}").status_code != 404:
+                        resurrected.append(pid)
+            except httpx.HTTPError as e:  # the checks are incomplete: an error, with what the server was doing
+                errors.append(f"checks after the run: transport error {e!r} ({e.request.url.path})")
+                if isinstance(e, httpx.TimeoutException):
+                    on_timeout()
         serverproc.stop(proc)
         stall_stacks = None
         if dump_at:
