@@ -13,9 +13,11 @@ read of several queries (:meth:`Database.read_txn`).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -82,6 +84,20 @@ def in_category(value: str | None, wanted: str) -> bool:
     return bool(want) and have[: len(want)] == want
 
 
+log = logging.getLogger("lookalike.store")
+
+#: seconds: a store operation that waits on the disk or on the write lock this long or longer is logged
+#: (a warning naming it), so that a stalled disk shows in the log rather than as requests that hang
+SLOW_IO_S = 1.0
+
+
+def warn_if_slow(what: str, started: float) -> None:
+    """Log a warning when ``time.perf_counter() - started`` >= :data:`SLOW_IO_S`."""
+    took = time.perf_counter() - started
+    if took >= SLOW_IO_S:
+        log.warning("%s took %.1f s", what, took, extra={"seconds": round(took, 3)})
+
+
 def _chunks(items: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -143,10 +159,14 @@ class Database:
     def write_txn(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; ROLLBACK on any exception (re-raised)."""
         db = self.conn()
+        t0 = time.perf_counter()
         db.execute("BEGIN IMMEDIATE")
+        warn_if_slow("waiting for SQLite's write lock (BEGIN IMMEDIATE)", t0)
         try:
             yield db
+            t0 = time.perf_counter()
             db.execute("COMMIT")
+            warn_if_slow("a SQLite COMMIT (its fsync)", t0)
         except BaseException:
             # after some errors (SQLITE_FULL, SQLITE_IOERR) SQLite has already rolled back, and a
             # second ROLLBACK would raise and hide the error that matters

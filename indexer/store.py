@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +50,7 @@ import numpy as np
 
 from . import ann
 from .check import MAX_TOMBSTONE_FRACTION, MIN_RECONSTRUCTION_COSINE, check_index  # noqa: F401 (re-exported)
-from .database import DB_NAME, Batch, Database, now
+from .database import DB_NAME, Batch, Database, now, warn_if_slow
 from .records import (  # noqa: F401 (re-exported: the store's public names)
     INDEX_SOURCE_PREFIX,
     MANIFEST_NAME,
@@ -75,6 +76,7 @@ FORMAT_VERSION = 1
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old or the new file: temp file, fsync, rename."""
+    t0 = time.perf_counter()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -82,6 +84,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    warn_if_slow(f"writing {path.name} ({len(data)} bytes, with fsync)", t0)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -551,7 +554,9 @@ class Store:
         the change entirely or not at all, and the change is searchable before this returns.
         """
         self._require_writable()
+        t0 = time.perf_counter()
         with self._write_lock:
+            warn_if_slow("waiting for the store's write lock", t0)
             with self.db.write_txn() as db:
                 batch = Batch(db, self.identity.dim)
                 yield batch

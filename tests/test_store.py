@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import faiss
@@ -959,3 +960,45 @@ def test_a_writable_open_rewrites_a_manifest_a_kill_left_behind(tmp_path: Path, 
     with Store.open(tmp_path / "idx", writable=True) as s:
         assert s.count_photos() == 3
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["generation"] == gen
+
+
+def test_a_slow_disk_shows_in_the_log(tmp_path, identity, monkeypatch, caplog):
+    """A file write whose fsync stalls, and a transaction that waits for the write lock, are logged with
+    their duration (the server's stalls had no trace in the log)."""
+    import threading
+    import time
+
+    import indexer.database
+    from indexer.store import atomic_write
+
+    monkeypatch.setattr(indexer.database, "SLOW_IO_S", 0.05)
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        time.sleep(0.1)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    with caplog.at_level("WARNING", logger="lookalike.store"):
+        atomic_write(tmp_path / "snapshot.bin", b"abc")
+    assert any("writing snapshot.bin (3 bytes, with fsync) took" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+
+    store = Store.create(tmp_path / "index", identity)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lookalike.store"):
+        held = threading.Event()
+
+        def hold():
+            with store._write_lock:
+                held.set()
+                time.sleep(0.2)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(10)
+        with store.transaction() as tx:
+            tx.upsert_products([Product("P1")])
+        holder.join()
+    store.close()
+    assert any("waiting for the store's write lock took" in r.getMessage() for r in caplog.records)
