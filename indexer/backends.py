@@ -69,6 +69,7 @@ class OpenVINOImageEncoder:
         import openvino as ov
 
         self._core = core = ov.Core()
+        self._image_size = image_size
         path = cache_dir() / "openvino" / f"{cache_key}-{image_size}.xml"
         model = _read(core, path)
         if model is None:
@@ -137,10 +138,33 @@ class OpenVINOImageEncoder:
         """Run ``model`` (already ``compiled`` with one stream, or compiled here) from now on, and its
         multi-stream twin when :meth:`set_streams` asked for one."""
         self.parallel = None  # until the twin of the new model is ready, concurrent calls share the one below
-        self.compiled = compiled if compiled is not None else self._compile(model, hint)
+        if compiled is None:
+            compiled = self._compile(model, hint)
+            self._warm_up(compiled, self._idle)
+        self.compiled = compiled
         self._source = (model, hint)
         if self._streams != 1:
-            self.parallel = self._compile(model, hint, self._streams)
+            parallel = self._compile(model, hint, self._streams)
+            self._warm_up(parallel, self._idle_parallel)
+            self.parallel = parallel
+
+    def _warm_up(self, compiled, idle: queue.SimpleQueue) -> None:
+        """One inference on a newly compiled model, from this thread, before any caller can reach it; its
+        request then waits in ``idle`` for the first call.
+
+        OpenVINO's Python bindings build function-local statics that hold Python objects the first time
+        they are used (the numpy dtype of an element type, ``Type.to_dtype``, in every ``infer``). Two
+        threads making a process's first inferences at once can deadlock there: one holds the GIL and
+        waits for the static's initialisation guard, the other holds the guard and waits for the GIL
+        (pybind11's documented hazard, which ``gil_safe_call_once_and_store`` exists for). A server's first
+        image search and first product add did that, and every request of the process stalled for good
+        (about 1 process in 4 on our 2-core VMs when 4 threads made their first calls together; none of
+        24 after one inference first). The inference also takes the compiled model's first-call cost out
+        of the first query."""
+        request = compiled.create_infer_request()
+        zeros = np.zeros((1, 3, self._image_size, self._image_size), np.float32)
+        np.array(request.infer({0: zeros}, share_inputs=True)[0], dtype=np.float32, copy=True)
+        idle.put((compiled, request))
 
     def set_streams(self, streams: int) -> int:
         """Let concurrent calls run as parallel forward passes: ``streams`` CPU streams (0: as many as

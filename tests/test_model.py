@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,48 @@ def test_openvino_model_is_cached_and_a_damaged_cache_is_replaced(tmp_path, monk
     assert cached[0].read_text().startswith("<?xml")
     with pytest.raises(ModelLoadError, match="unknown back-end"):
         load_model("test-tiny", None, "cpu", backend="tensorrt")
+
+
+FIRST_CALLS_AT_ONCE = """
+import faulthandler, sys, threading
+import torch
+from indexer.model import load_model
+faulthandler.dump_traceback_later(60, exit=True)  # a deadlock: every thread's stack, exit status 1
+model = load_model("test-tiny", None, "cpu", backend="openvino")
+size = model.preprocess.transforms[0].size
+size = size[0] if isinstance(size, (tuple, list)) else size
+start = threading.Barrier(4)
+def first_call(i):
+    start.wait()
+    model.embed_image_tensors(torch.rand((1 + i % 2, 3, size, size)))
+threads = [threading.Thread(target=first_call, args=(i,)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("ok")
+"""
+
+
+@pytest.mark.integration
+def test_every_compiled_openvino_model_has_run_once_before_any_caller_gets_it():
+    """The warm-up's contract (see the test below for the deadlock it prevents): the one-stream model and
+    the multi-stream twin each made one inference when compiled, and its request waits for the first call."""
+    model = load_model("test-tiny", None, "cpu", backend="openvino")
+    encoder = model.image_encoder
+    assert encoder._idle.qsize() == 1 and encoder._idle_parallel.qsize() == 0
+    assert model.set_streams(2) == 2
+    assert encoder._idle_parallel.qsize() == 1
+
+
+@pytest.mark.integration
+def test_a_processs_first_openvino_calls_made_at_once_do_not_deadlock():
+    """The first image search and the first product add of a server once deadlocked every request for
+    good: OpenVINO's Python bindings build a static (a numpy dtype) on first use, under the GIL
+    (indexer/backends.py, OpenVINOImageEncoder._warm_up). Without the warm-up about 1 process in 4 hung
+    here; the race cannot be forced, so six fresh processes each make their first calls from 4 threads
+    at once (P(all six pass without the fix) is about 0.18)."""
+    for attempt in range(6):
+        proc = subprocess.run([sys.executable, "-c", FIRST_CALLS_AT_ONCE], capture_output=True, text=True,
+                              timeout=300, cwd=str(Path(__file__).resolve().parents[1]))
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", (attempt, proc.stderr[-4000:])
