@@ -59,10 +59,11 @@ class MicroBatcher:
         # One condition guards the queue, the count of requests still preparing and the closed flag, and is
         # notified whenever any of them changes. A worker gathering a batch waits on it with the window's
         # timeout, but never needs that timeout to fire to make progress: the event it waits for (a query
-        # queued, or the last preparing request done) wakes it. On our 2-core VMs a 1 ms timed wait on a queue
-        # in this worker sometimes never returned (about 1 in 100 runs of 8 concurrent uploads with 2 inference
-        # streams, and it hung CI; cause not found); the batcher used to poll its queue with 1 ms timeouts, so
-        # one lost timer stranded a request for good.
+        # queued, or the last preparing request done) wakes it. (On our 2-core VMs a 1 ms timed wait in this
+        # worker once seemed never to return, and hung CI. The cause, found later, was not the wait: a
+        # process's first OpenVINO inferences, made by two threads at once, deadlocked holding the GIL, so no
+        # Python thread could run; see indexer.backends.OpenVINOImageEncoder._warm_up.) Requests also wake the
+        # workers again after RESCUE_S (embed): insurance against a lost notify, never seen so far.
         self._cond = threading.Condition()
         self._pending: deque[tuple[torch.Tensor, Future]] = deque()
         self._preparing = 0

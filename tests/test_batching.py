@@ -86,8 +86,9 @@ def test_a_lone_query_is_embedded_without_waiting_for_the_window(tiny_model, pho
 
 
 class _TimersNeverFire(threading.Condition):
-    """A condition whose timed waits only end when notified: the fault our 2-core VMs showed, where a
-    1 ms timed wait in the batcher's worker sometimes never returned and stranded a request."""
+    """A condition whose timed waits only end when notified: what a 1 ms timed wait in the batcher's worker
+    once looked like on our 2-core VMs (the cause was elsewhere, an OpenVINO deadlock that held the GIL, but
+    the batcher must not depend on its timers either way)."""
 
     def wait(self, timeout=None):
         return super().wait()
