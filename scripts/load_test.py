@@ -70,131 +70,133 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
         log_path = Path(tmp) / "server.log"
         proc = serverproc.spawn(index, port, {"LOOKALIKE_API_KEYS": KEY, "LOOKALIKE_ACCESS_LOG": "false",
                                               "LOOKALIKE_SNAPSHOT_INTERVAL_S": "5"}, log_path)
-        serverproc.wait_ready(proc, port, log_path)
-        base = f"http://127.0.0.1:{port}"
-        latencies: dict[str, list[float]] = {"image": [], "text": [], "add": [], "delete": []}
-        errors: list[str] = []
-        added: dict[str, bytes] = {}
-        deleted: set[str] = set()
-        lock = threading.Lock()
-        photos = [p.read_bytes() for p in query_photos]
-        words = ["hoodie", "red running shoes", "bag", "watch", "yoga pants", "striped tee", "jacket"]
-        t_end = time.monotonic() + seconds
-        warm_rss: list[int] = []
-        dump_at: list[int] = []  # where the server's log stood when it was asked for its stacks
+        try:
+            serverproc.wait_ready(proc, port, log_path)
+            base = f"http://127.0.0.1:{port}"
+            latencies: dict[str, list[float]] = {"image": [], "text": [], "add": [], "delete": []}
+            errors: list[str] = []
+            added: dict[str, bytes] = {}
+            deleted: set[str] = set()
+            lock = threading.Lock()
+            photos = [p.read_bytes() for p in query_photos]
+            words = ["hoodie", "red running shoes", "bag", "watch", "yoga pants", "striped tee", "jacket"]
+            t_end = time.monotonic() + seconds
+            warm_rss: list[int] = []
+            dump_at: list[int] = []  # where the server's log stood when it was asked for its stacks
 
-        probes: dict[str, str] = {}
+            probes: dict[str, str] = {}
 
-        def on_timeout() -> None:
-            """Once: the server's thread stacks (SIGUSR1), then which kinds of request still get an answer
-            within 5 s on a new connection (so which one is stalled)."""
-            with lock:
-                if dump_at or proc.poll() is not None:
-                    return
-                dump_at.append(log_path.stat().st_size)
-            os.kill(proc.pid, signal.SIGUSR1)
-            with httpx.Client(base_url=base, timeout=5) as c:
-                for name, send in (
-                        ("healthz", lambda: c.get("/healthz")),
-                        ("read", lambda: c.get("/v1/products/LOAD-PROBE")),  # 404: SQLite read
-                        ("text", lambda: c.post("/v1/search/text", json={"query": "bag", "k": 3})),
-                        ("image", lambda: c.post("/v1/search/image?k=3&labels=false",
-                                                 files={"image": ("q.jpg", photos[0], "image/jpeg")})),
-                        # 404 from inside a write transaction: the write lock and SQLite's
-                        ("write", lambda: c.patch("/v1/products/LOAD-PROBE", json={"title": "x"},
-                                                  headers={"authorization": f"Bearer {KEY}"}))):
-                    t0 = time.perf_counter()
-                    try:
-                        r = send()
-                        probes[name] = f"HTTP {r.status_code} in {1000 * (time.perf_counter() - t0):.0f} ms"
-                    except httpx.HTTPError as e:
-                        probes[name] = f"{e!r} after {time.perf_counter() - t0:.1f} s"
+            def on_timeout() -> None:
+                """Once: the server's thread stacks (SIGUSR1), then which kinds of request still get an answer
+                within 5 s on a new connection (so which one is stalled)."""
+                with lock:
+                    if dump_at or proc.poll() is not None:
+                        return
+                    dump_at.append(log_path.stat().st_size)
+                os.kill(proc.pid, signal.SIGUSR1)
+                with httpx.Client(base_url=base, timeout=5) as c:
+                    for name, send in (
+                            ("healthz", lambda: c.get("/healthz")),
+                            ("read", lambda: c.get("/v1/products/LOAD-PROBE")),  # 404: SQLite read
+                            ("text", lambda: c.post("/v1/search/text", json={"query": "bag", "k": 3})),
+                            ("image", lambda: c.post("/v1/search/image?k=3&labels=false",
+                                                     files={"image": ("q.jpg", photos[0], "image/jpeg")})),
+                            # 404 from inside a write transaction: the write lock and SQLite's
+                            ("write", lambda: c.patch("/v1/products/LOAD-PROBE", json={"title": "x"},
+                                                      headers={"authorization": f"Bearer {KEY}"}))):
+                        t0 = time.perf_counter()
+                        try:
+                            r = send()
+                            probes[name] = f"HTTP {r.status_code} in {1000 * (time.perf_counter() - t0):.0f} ms"
+                        except httpx.HTTPError as e:
+                            probes[name] = f"{e!r} after {time.perf_counter() - t0:.1f} s"
 
-        def client(n: int) -> None:
-            rng = random.Random(seed * 1000 + n)
-            mine: list[str] = []
-            with httpx.Client(base_url=base, timeout=timeout_s) as c:
-                i = 0
-                while time.monotonic() < t_end:
-                    i += 1
-                    roll = rng.random()
-                    t0 = time.perf_counter()
-                    try:
-                        if roll < 0.5:
-                            kind = "image"
-                            r = c.post("/v1/search/image?k=10", files={"image": ("q.jpg", rng.choice(photos), "image/jpeg")})
-                            ok = r.status_code == 200
-                        elif roll < 0.75:
-                            kind = "text"
-                            r = c.post("/v1/search/text", json={"query": rng.choice(words), "k": 10})
-                            ok = r.status_code == 200
-                        elif roll < 0.9 or not mine:
-                            kind = "add"
-                            pid = f"LOAD-{n}-{i}"
-                            photo = _photo(rng)
-                            r = c.post("/v1/products", headers={"authorization": f"Bearer {KEY}"},
-                                       data={"metadata": json.dumps({"id": pid, "title": f"load {n} {i}"})},
-                                       files=[("images", ("p.jpg", photo, "image/jpeg"))])
-                            ok = r.status_code == 201
-                            if ok:
-                                mine.append(pid)
-                                with lock:
-                                    added[pid] = photo
-                        else:
-                            kind = "delete"
-                            pid = mine.pop(rng.randrange(len(mine)))
-                            r = c.delete(f"/v1/products/{pid}", headers={"authorization": f"Bearer {KEY}"})
-                            ok = r.status_code == 204
-                            if ok:
-                                with lock:
-                                    deleted.add(pid)
-                        if not ok:
-                            errors.append(f"{kind}: HTTP {r.status_code} {r.text[:200]}")
-                    except httpx.HTTPError as e:
-                        errors.append(f"{kind}: transport error {e!r} after {time.perf_counter() - t0:.1f} s")
-                        if isinstance(e, httpx.TimeoutException):
-                            on_timeout()  # what the stalled server is doing, while it still is
-                        continue
-                    with lock:
-                        latencies[kind].append((time.perf_counter() - t0) * 1000)
+            def client(n: int) -> None:
+                rng = random.Random(seed * 1000 + n)
+                mine: list[str] = []
+                with httpx.Client(base_url=base, timeout=timeout_s) as c:
+                    i = 0
+                    while time.monotonic() < t_end:
+                        i += 1
+                        roll = rng.random()
+                        t0 = time.perf_counter()
+                        try:
+                            if roll < 0.5:
+                                kind = "image"
+                                r = c.post("/v1/search/image?k=10", files={"image": ("q.jpg", rng.choice(photos), "image/jpeg")})
+                                ok = r.status_code == 200
+                            elif roll < 0.75:
+                                kind = "text"
+                                r = c.post("/v1/search/text", json={"query": rng.choice(words), "k": 10})
+                                ok = r.status_code == 200
+                            elif roll < 0.9 or not mine:
+                                kind = "add"
+                                pid = f"LOAD-{n}-{i}"
+                                photo = _photo(rng)
+                                r = c.post("/v1/products", headers={"authorization": f"Bearer {KEY}"},
+                                           data={"metadata": json.dumps({"id": pid, "title": f"load {n} {i}"})},
+                                           files=[("images", ("p.jpg", photo, "image/jpeg"))])
+                                ok = r.status_code == 201
+                                if ok:
+                                    mine.append(pid)
+                                    with lock:
+                                        added[pid] = photo
+                            else:
+                                kind = "delete"
+                                pid = mine.pop(rng.randrange(len(mine)))
+                                r = c.delete(f"/v1/products/{pid}", headers={"authorization": f"Bearer {KEY}"})
+                                ok = r.status_code == 204
+                                if ok:
+                                    with lock:
+                                        deleted.add(pid)
+                            if not ok:
+                                errors.append(f"{kind}: HTTP {r.status_code} {r.text[:200]}")
+                        except httpx.HTTPError as e:
+                            errors.append(f"{kind}: transport error {e!r} after {time.perf_counter() - t0:.1f} s")
+                            if isinstance(e, httpx.TimeoutException):
+                                on_timeout()  # what the stalled server is doing, while it still is
+                            continue
+                        with lock:
+                            latencies[kind].append((time.perf_counter() - t0) * 1000)
 
-        def sample_warm() -> None:
-            time.sleep(seconds / 5)
-            warm_rss.append(_rss_kb(proc.pid))
+            def sample_warm() -> None:
+                time.sleep(seconds / 5)
+                warm_rss.append(_rss_kb(proc.pid))
 
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        sampler = threading.Thread(target=sample_warm)
-        sampler.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        sampler.join()
-        end_rss = _rss_kb(proc.pid)
+            threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+            sampler = threading.Thread(target=sample_warm)
+            sampler.start()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            sampler.join()
+            end_rss = _rss_kb(proc.pid)
 
-        lost, unsearchable, resurrected = [], [], []
-        rescues = 0
-        with httpx.Client(base_url=base, timeout=60) as c:
-            try:
-                # image queries the micro-batcher found stranded (lost wake-ups) and woke again
-                rescues = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
-                              if line.startswith("lookalike_batcher_rescues_total"))
-                for pid in sorted(set(added) - deleted):
-                    if c.get(f"/v1/products/{pid}").status_code != 200:
-                        lost.append(pid)
-                    r = c.post("/v1/search/image?k=50&labels=false",
-                               files={"image": ("q.jpg", added[pid], "image/jpeg")})
-                    if r.status_code != 200 or not any(x["id"] == pid and x["score"] >= 0.9999
-                                                       for x in r.json()["results"]):
-                        unsearchable.append(pid)
-                for pid in sorted(deleted):
-                    if c.get(f"/v1/products/{pid}").status_code != 404:
-                        resurrected.append(pid)
-            except httpx.HTTPError as e:  # the checks are incomplete: an error, with what the server was doing
-                errors.append(f"checks after the run: transport error {e!r} ({e.request.url.path})")
-                if isinstance(e, httpx.TimeoutException):
-                    on_timeout()
-        serverproc.stop(proc)
+            lost, unsearchable, resurrected = [], [], []
+            rescues = 0
+            with httpx.Client(base_url=base, timeout=60) as c:
+                try:
+                    # image queries the micro-batcher found stranded (lost wake-ups) and woke again
+                    rescues = sum(float(line.split()[-1]) for line in c.get("/metrics").text.splitlines()
+                                  if line.startswith("lookalike_batcher_rescues_total"))
+                    for pid in sorted(set(added) - deleted):
+                        if c.get(f"/v1/products/{pid}").status_code != 200:
+                            lost.append(pid)
+                        r = c.post("/v1/search/image?k=50&labels=false",
+                                   files={"image": ("q.jpg", added[pid], "image/jpeg")})
+                        if r.status_code != 200 or not any(x["id"] == pid and x["score"] >= 0.9999
+                                                           for x in r.json()["results"]):
+                            unsearchable.append(pid)
+                    for pid in sorted(deleted):
+                        if c.get(f"/v1/products/{pid}").status_code != 404:
+                            resurrected.append(pid)
+                except httpx.HTTPError as e:  # the checks are incomplete: an error, with what the server was doing
+                    errors.append(f"checks after the run: transport error {e!r} ({e.request.url.path})")
+                    if isinstance(e, httpx.TimeoutException):
+                        on_timeout()
+        finally:  # whatever happened: no server is left running
+            serverproc.stop(proc)
         stall_stacks = None
         if dump_at:
             with open(log_path, "rb") as f:

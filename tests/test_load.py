@@ -47,3 +47,23 @@ def test_a_timed_out_request_brings_back_the_servers_stacks_and_what_still_answe
     assert probes["image"].startswith("HTTP 200"), probes
     stacks = result["stall_stacks"]
     assert "Thread 0x" in stacks and "_next_batch" in stacks, stacks[-2000:]
+
+
+def test_the_load_test_stops_its_server_whatever_fails(fixture_index, monkeypatch):
+    """An error after the server started (here: a query photo that is not there) used to leave
+    ``lookalike serve`` running; 48 of them, 500 MB each, once filled a machine."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import load_test
+    import serverproc
+
+    spawned = []
+    real_spawn = serverproc.spawn
+
+    def spawn(*args, **kwargs):
+        spawned.append(real_spawn(*args, **kwargs))
+        return spawned[-1]
+
+    monkeypatch.setattr(serverproc, "spawn", spawn)
+    with pytest.raises(FileNotFoundError):
+        load_test.run(fixture_index, 1, 1, [ROOT / "no-such-photo.jpg"])
+    assert len(spawned) == 1 and spawned[0].poll() is not None  # stopped, not left behind
