@@ -158,8 +158,8 @@ class OpenVINOImageEncoder:
         waits for the static's initialisation guard, the other holds the guard and waits for the GIL
         (pybind11's documented hazard, which ``gil_safe_call_once_and_store`` exists for). A server's first
         image search and first product add did that, and every request of the process stalled for good
-        (about 1 process in 4 on our 2-core VMs when 4 threads made their first calls together; none of
-        24 after one inference first). The inference also takes the compiled model's first-call cost out
+        (6 of 26 processes on our 2-core Xeon when 4 threads made their first calls together; none of
+        26 after one inference first). The inference also takes the compiled model's first-call cost out
         of the first query."""
         request = compiled.create_infer_request()
         zeros = np.zeros((1, 3, self._image_size, self._image_size), np.float32)
