@@ -12,11 +12,11 @@ its own photo (among the top 50, score >= 0.9999: its vector is in the live FAIS
 and every acknowledged delete must be gone; after the server stops, ``check`` of the index
 must find no problem (no FAISS id missing or held twice). Memory: the server's resident set size
 (VmRSS) after a warm-up of a fifth of the run, and at the end; growth must stay under 10 %.
-A request that times out (``--timeout``, 60 s) makes the server dump every thread's stack (``kill -USR1``, see
-``server.serving.dump_stacks_on_sigusr1``), once, and probes which kinds of request (health, SQLite read,
-text search, image search, write) still answer within 5 s (``stall_probes``); the dump is in the result
-(``stall_stacks``), beside
-the micro-batcher's rescues of stranded queries (``batcher_rescues``, from ``/metrics``).
+A request that times out (``--timeout``, 60 s) makes the server dump every thread's stack once
+(``kill -USR1``, see ``server.serving.dump_stacks_on_sigusr1``; the dump is ``stall_stacks`` in the
+result), and probes which kinds of request (health, SQLite read, text search, image search, write)
+still answer within 5 s (``stall_probes``). The result also has the micro-batcher's rescues of
+stranded queries (``batcher_rescues``, from ``/metrics``).
 Exit status 0 when there were no errors, no lost writes, a clean check and growth < 10 %, else 1.
 """
 from __future__ import annotations
@@ -83,7 +83,6 @@ def run(index_dir: Path, seconds: float, clients: int, query_photos: list[Path],
             t_end = time.monotonic() + seconds
             warm_rss: list[int] = []
             dump_at: list[int] = []  # where the server's log stood when it was asked for its stacks
-
             probes: dict[str, str] = {}
 
             def on_timeout() -> None:
