@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NotFound
-from .records import KnownPhoto, PhotoRecord, Product, StoreError, stored_json
+from .records import IndexBusy, KnownPhoto, PhotoRecord, Product, StoreError, stored_json
 
 DB_NAME = "catalogue.sqlite"
 _CATEGORY_SEPARATOR = re.compile(r"\s*[/>]\s*")
@@ -91,6 +91,11 @@ log = logging.getLogger("lookalike.store")
 SLOW_IO_S = 1.0
 
 
+#: seconds SQLite waits for a lock another connection holds (its busy timeout) before it gives up;
+#: a write transaction that gives up raises IndexBusy
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
 def warn_if_slow(what: str, started: float) -> None:
     """Log a warning when ``time.perf_counter() - started`` >= :data:`SLOW_IO_S`."""
     took = time.perf_counter() - started
@@ -121,7 +126,8 @@ class Database:
             conn = None
         if conn is None:
             uri = self.file.resolve().as_uri() + ("" if self.writable else "?mode=ro")
-            conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
             conn.execute("PRAGMA foreign_keys = ON")
             if self.writable:
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -157,10 +163,17 @@ class Database:
 
     @contextmanager
     def write_txn(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``; ROLLBACK on any exception (re-raised)."""
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; ROLLBACK on any exception (re-raised). Raises IndexBusy
+        when another connection keeps SQLite's write lock past :data:`SQLITE_BUSY_TIMEOUT_S`."""
         db = self.conn()
         t0 = time.perf_counter()
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            raise IndexBusy(f"another connection held the index database's write lock for "
+                            f"{time.perf_counter() - t0:.0f} s ({e}); nothing was written, try again later") from None
         warn_if_slow("waiting for SQLite's write lock (BEGIN IMMEDIATE)", t0)
         try:
             yield db

@@ -36,6 +36,16 @@ class IndexNotWritable(IndexLocked):
     http_status = 403
 
 
+class IndexBusy(StoreError):
+    """A write waited longer than it may for the index's write lock: another write, a snapshot or
+    an index rebuild holds it, or the disk under it has stalled. Nothing was written; the same
+    request may be sent again later (``retry_after_s``: the server's ``Retry-After``)."""
+
+    code = "index_busy"
+    http_status = 503
+    retry_after_s = 5
+
+
 class IncompleteIndex(StoreError):
     """The index directory's database exists but its creation never committed."""
 

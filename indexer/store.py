@@ -58,6 +58,7 @@ from .records import (  # noqa: F401 (re-exported: the store's public names)
     UPLOADS_DIR,
     Hit,
     IncompleteIndex,
+    IndexBusy,
     IndexLocked,
     IndexNotWritable,
     KnownPhoto,
@@ -113,6 +114,10 @@ class Store:
         self.identity: ModelIdentity | None = None
         self.vectors: VectorIndex | None = None  # the one owner of the in-memory FAISS index
         self.searcher: Searcher | None = None
+        #: seconds a :meth:`transaction` waits for the write lock before it raises IndexBusy; None:
+        #: for as long as it takes (the CLI). The server sets ``write_lock_timeout_s`` here, so that a
+        #: write stuck on a stalled disk cannot queue every other write behind it without an answer.
+        self.write_lock_timeout_s: float | None = None
         #: Called between a transaction's SQLite COMMIT and its FAISS update (tests use it to force
         #: interleavings; None in normal use).
         self.after_commit_hook = None
@@ -552,10 +557,17 @@ class Store:
         On an exception nothing is written. The FAISS update happens right after the SQLite
         COMMIT, still under the write lock, and records the committed generation: a search sees
         the change entirely or not at all, and the change is searchable before this returns.
+        Raises IndexBusy, before anything is written, when the write lock is not free within
+        :attr:`write_lock_timeout_s`, or when SQLite's own write lock stays taken (another process
+        writing the database) for :data:`indexer.database.SQLITE_BUSY_TIMEOUT_S`.
         """
         self._require_writable()
         t0 = time.perf_counter()
-        with self._write_lock:
+        timeout = self.write_lock_timeout_s
+        if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise IndexBusy(f"the index stayed busy with another write for {timeout:g} s (a snapshot, a rebuild or a "
+                            "slow disk); nothing was written, send the request again later")
+        try:
             warn_if_slow("waiting for the store's write lock", t0)
             with self.db.write_txn() as db:
                 batch = Batch(db, self.identity.dim)
@@ -567,6 +579,8 @@ class Store:
                 self.after_commit_hook()
             if batch.changed:
                 self.vectors.apply(*batch.vector_changes(), gen)
+        finally:
+            self._write_lock.release()
 
     def save(self, replace_snapshot: bool = False) -> None:
         """Write the FAISS snapshot for the current generation and the manifest, atomically.

@@ -1002,3 +1002,73 @@ def test_a_slow_disk_shows_in_the_log(tmp_path, identity, monkeypatch, caplog):
         holder.join()
     store.close()
     assert any("waiting for the store's write lock took" in r.getMessage() for r in caplog.records)
+
+
+def test_a_write_waits_at_most_write_lock_timeout_s_then_index_busy(tmp_path, identity):
+    """With ``write_lock_timeout_s`` set (the server sets it), a transaction that cannot take the write
+    lock in time raises IndexBusy (503 on the server) before it writes anything; without it, it waits."""
+    import threading
+    import time
+
+    from indexer.records import IndexBusy
+
+    store = Store.create(tmp_path / "index", identity)
+    store.write_lock_timeout_s = 0.3
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store._write_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    t0 = time.perf_counter()
+    with pytest.raises(IndexBusy, match="0.3 s"):
+        with store.transaction() as tx:
+            tx.upsert_products([Product("P1")])
+    assert 0.25 < time.perf_counter() - t0 < 5
+    release.set()
+    holder.join()
+    assert store.count_products() == 0
+    with store.transaction() as tx:  # the lock is free again, and still works
+        tx.upsert_products([Product("P2")])
+    assert store.count_products() == 1
+    store.close()
+
+
+def test_another_connection_holding_sqlites_lock_is_index_busy(tmp_path, identity, monkeypatch):
+    """Another process's connection in a write transaction (an operator's ``sqlite3`` shell, say) makes a
+    write fail with IndexBusy after SQLite's busy timeout, not with sqlite3's 'database is locked'."""
+    import sqlite3
+    import threading
+
+    import indexer.database
+    from indexer.records import IndexBusy
+
+    monkeypatch.setattr(indexer.database, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    store = Store.create(tmp_path / "index", identity)
+    blocker = sqlite3.connect(tmp_path / "index" / "catalogue.sqlite", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    failure: list[BaseException] = []
+
+    def write():  # a thread of its own: its connection is opened with the short timeout
+        try:
+            with store.transaction() as tx:
+                tx.upsert_products([Product("P1")])
+        except BaseException as e:  # noqa: BLE001 (the test inspects it)
+            failure.append(e)
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join(30)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert len(failure) == 1 and isinstance(failure[0], IndexBusy), failure
+    assert "write lock" in str(failure[0])
+    t = threading.Thread(target=write)
+    t.start()
+    t.join(30)
+    assert len(failure) == 1 and store.count_products() == 1
+    store.close()
