@@ -15,16 +15,24 @@ from indexer.errors import LookalikeError
 log = logging.getLogger("lookalike.server")
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    """The JSON error answer; a 401 also carries ``WWW-Authenticate: Bearer`` (RFC 6750, sec. 3)."""
+def error_response(status: int, code: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    """The JSON error answer; a 401 also carries ``WWW-Authenticate: Bearer`` (RFC 6750, sec. 3), and
+    ``retry_after_s`` becomes ``Retry-After`` (RFC 9110, sec. 10.2.3: seconds)."""
     response = JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    if retry_after_s is not None:
+        response.headers["Retry-After"] = str(int(retry_after_s))
     return response
 
 
+def lookalike_error_response(exc: LookalikeError) -> JSONResponse:
+    """:func:`error_response` of a LookalikeError (its ``retry_after_s``, if it has one, included)."""
+    return error_response(exc.http_status, exc.code, str(exc), getattr(exc, "retry_after_s", None))
+
+
 async def _lookalike_error(request: Request, exc: LookalikeError) -> JSONResponse:
-    return error_response(exc.http_status, exc.code, str(exc))
+    return lookalike_error_response(exc)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -418,3 +418,69 @@ def test_sigusr1_dumps_every_threads_stack_and_the_server_goes_on(small_index, t
         assert r.status_code == 200 and r.json()["results"]
     finally:
         serverproc.stop(proc)
+
+
+# --------------------------------------------------------------------------- stalled writes
+def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index, tmp_path):
+    """A write that cannot finish (here: another process holds the index database's write lock, as a
+    stalled disk or an operator's ``sqlite3`` session would) must not take the server with it. The next
+    update waits at most ``write_lock_timeout_s`` and gets 503 ``index_busy`` with ``Retry-After``; past
+    ``max_concurrent_writes`` updates in progress the next is refused at once; reads answer throughout;
+    and once the lock is free the first write lands and the refused ones changed nothing."""
+    import sqlite3
+    import threading
+
+    index = tmp_path / "index"
+    shutil.copytree(small_index, index)
+    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_WRITE_LOCK_TIMEOUT_S="3",
+               LOOKALIKE_MAX_CONCURRENT_WRITES="2")
+    port = serverproc.free_port()
+    log = tmp_path / "server.log"
+    proc = serverproc.spawn(index, port, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serverproc.wait_ready(proc, port, log, timeout_s=180)
+        blocker = sqlite3.connect(index / "catalogue.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # SQLite's write lock, held by another process's connection
+        answers: dict[str, tuple[int, dict, float]] = {}
+
+        def patch(name: str, product: str) -> None:
+            t0 = time.monotonic()
+            r = httpx.patch(f"{url}/v1/products/{product}", json={"title": f"changed by {name}"}, headers=AUTH,
+                            timeout=60)
+            answers[name] = (r.status_code, {"retry": r.headers.get("retry-after"), **r.json()},
+                             time.monotonic() - t0)
+
+        first = threading.Thread(target=patch, args=("first", "p1"))
+        first.start()  # takes the store's write lock, then waits in BEGIN IMMEDIATE
+        time.sleep(1.0)
+        second = threading.Thread(target=patch, args=("second", "p2"))
+        second.start()  # waits for the store's write lock: 503 after write_lock_timeout_s
+        time.sleep(1.0)
+        patch("third", "p3")  # two updates in progress: refused before it is read
+        t0 = time.monotonic()
+        r = httpx.get(f"{url}/v1/products/p4/similar", headers=AUTH, timeout=30)
+        read_s = time.monotonic() - t0
+        second.join(timeout=30)
+        assert r.status_code == 200 and r.json()["results"], r.text
+        assert read_s < 2.0, f"a search took {read_s:.1f} s while writes were stuck"
+        status, body, took = answers["third"]
+        assert status == 503 and body["error"]["code"] == "index_busy" and body["retry"], answers
+        assert took < 1.5, answers
+        assert "max_concurrent_writes" in body["error"]["message"]
+        status, body, took = answers["second"]
+        assert status == 503 and body["error"]["code"] == "index_busy" and body["retry"] == "5", answers
+        assert 2.5 < took < 10, answers
+        assert "first" not in answers  # still waiting on SQLite's lock
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        first.join(timeout=60)
+        assert answers["first"][0] == 200, answers
+        titles = {p: httpx.get(f"{url}/v1/products/{p}", headers=AUTH, timeout=10).json()["title"]
+                  for p in ("p1", "p2", "p3")}
+        assert titles == {"p1": "changed by first", "p2": "product 2", "p3": "product 3"}
+        r = httpx.patch(f"{url}/v1/products/p2", json={"title": "later"}, headers=AUTH, timeout=30)
+        assert r.status_code == 200 and r.json()["title"] == "later"
+    finally:
+        serverproc.stop(proc)
+    assert "catalogue update refused: 2 already in progress" in log.read_text(errors="replace")

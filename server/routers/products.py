@@ -42,7 +42,11 @@ from . import elapsed_ms
 
 router = APIRouter()
 
-WRITE_ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}}
+WRITE_ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                503: {"model": ErrorResponse,
+                      "description": "index_busy: the index stayed busy for write_lock_timeout_s, or "
+                                     "max_concurrent_writes updates were in progress; nothing was written, retry "
+                                     "after Retry-After seconds (not_ready: still loading)"}}
 
 
 @router.get("/v1/products/{product_id:path}/similar", dependencies=READ_AUTH, response_model=SearchResponse,
