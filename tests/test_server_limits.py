@@ -484,3 +484,45 @@ def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index
     finally:
         serverproc.stop(proc)
     assert "catalogue update refused: 2 already in progress" in log.read_text(errors="replace")
+
+
+def test_healthz_answers_while_every_worker_thread_is_taken(small_index, tmp_path):
+    """With ``max_concurrent_writes`` raised out of the way, 45 updates stuck behind another process's
+    SQLite write lock hold all 40 worker threads that sync routes share (a text search then waits for
+    one: more than 20 s, measured on 2026-12-02). ``/healthz`` runs on
+    the event loop and still answers: the process is alive, and a liveness probe must not restart it."""
+    import sqlite3
+    import threading
+
+    index = tmp_path / "index"
+    shutil.copytree(small_index, index)
+    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_MAX_CONCURRENT_WRITES="1000",
+               LOOKALIKE_WRITE_LOCK_TIMEOUT_S="60")
+    port = serverproc.free_port()
+    log = tmp_path / "server.log"
+    proc = serverproc.spawn(index, port, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serverproc.wait_ready(proc, port, log, timeout_s=180)
+        blocker = sqlite3.connect(index / "catalogue.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        codes: list[int] = []
+
+        def patch(i: int) -> None:
+            r = httpx.patch(f"{url}/v1/products/p{i % 6}", json={"title": f"t{i}"}, headers=AUTH, timeout=120)
+            codes.append(r.status_code)
+
+        writers = [threading.Thread(target=patch, args=(i,)) for i in range(45)]
+        for t in writers:
+            t.start()
+        time.sleep(3)
+        t0 = time.monotonic()
+        r = httpx.get(f"{url}/healthz", timeout=10)
+        assert r.status_code == 200 and time.monotonic() - t0 < 2
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        for t in writers:
+            t.join(120)
+        assert len(codes) == 45 and set(codes) <= {200, 503}, codes
+    finally:
+        serverproc.stop(proc)

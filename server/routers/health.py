@@ -21,7 +21,9 @@ def index_page() -> FileResponse:
 
 
 @router.get("/healthz", tags=["operations"], summary="The process is alive")
-def healthz() -> dict:
+async def healthz() -> dict:
+    # on the event loop, not in a worker thread: liveness must not depend on the 40 threads that
+    # sync routes share (45 updates stuck on a stalled disk once held them all, and /healthz timed out)
     return {"status": "ok"}
 
 
