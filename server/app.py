@@ -102,6 +102,7 @@ def create_app(
     app.state.load_error = None
     app.state.settings = cfg
     app.state.metrics = metrics
+    app.state.writes_in_progress = 0  # catalogue updates holding a write slot (server.deps.write_slot)
     # the key and body-size checks run before any route reads the body; the observer, outermost,
     # also counts and logs the requests they refuse
     app.add_middleware(RequestLimits, settings=cfg)

@@ -5,13 +5,18 @@ protected."""
 from __future__ import annotations
 
 import hmac
+import logging
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
 
 from indexer.errors import LookalikeError
+from indexer.records import IndexBusy
 
 from .engine import Engine, NotReady
+
+log = logging.getLogger("lookalike.server")
 
 
 def get_engine(request: Request) -> Engine:
@@ -61,8 +66,34 @@ def require_key_if_configured(request: Request) -> None:
         _check_key(request)
 
 
+async def write_slot(request: Request) -> AsyncIterator[None]:
+    """Hold one of the server's ``max_concurrent_writes`` catalogue-update slots while the route runs;
+    raises IndexBusy (503 ``index_busy``, ``Retry-After``) when every slot is taken.
+
+    FastAPI solves dependencies once the body has been read, so a slot counts the updates that are
+    doing work: embedding their photos or waiting for the index's write lock. Each holds one of the
+    worker threads (anyio's 40) that sync routes, searches among them, run on; without the bound,
+    updates stuck behind a stalled disk took them all and every search waited (measured: 45 stuck
+    updates, a text search and ``/healthz`` both timed out at 20 s). Runs on the event loop, the
+    only thread that changes the count."""
+    state = request.app.state
+    limit = state.settings.max_concurrent_writes
+    busy = state.writes_in_progress
+    if busy >= limit:
+        log.warning("catalogue update refused: %d already in progress (max_concurrent_writes)", busy)
+        raise IndexBusy(f"{busy} catalogue updates are already in progress, this server's limit "
+                        "(max_concurrent_writes); nothing was written, send this one again later")
+    state.writes_in_progress = busy + 1
+    try:
+        yield
+    finally:
+        state.writes_in_progress -= 1
+
+
 READ_AUTH = [Depends(require_read)]
 WRITE_AUTH = [Depends(require_write)]
+#: the write routes' dependencies: the key, then a write slot
+WRITES = [*WRITE_AUTH, Depends(write_slot)]
 KEY_IF_CONFIGURED = [Depends(require_key_if_configured)]
 
 

@@ -9,11 +9,7 @@ the body in a task of its own). For each request, in this order:
 2. a write route on a server that cannot write (read-only, writes disabled, index locked):
    403/409, also before the body;
 3. the declared ``Content-Length`` against the route's body limit: 413 at once;
-4. a write route when ``max_concurrent_writes`` updates are already in progress: 503
-   ``index_busy`` with ``Retry-After``, before the body. Updates that wait on the index's write
-   lock each hold one of the worker threads (anyio's 40) that sync routes, searches among them,
-   run on; without this bound a stalled disk would let waiting updates take them all;
-5. the bytes actually received (chunked bodies declare no length): past the limit the read
+4. the bytes actually received (chunked bodies declare no length): past the limit the read
    fails with 413 and the rest is never read.
 
 A response sent while part of the body is still unread carries ``Connection: close``, so the
@@ -35,7 +31,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexer.errors import LookalikeError
-from indexer.records import IndexBusy
 
 from .deps import require_read, require_write
 from .errors import error_response, lookalike_error_response
@@ -80,8 +75,6 @@ class RequestLimits:
     def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
         self.app = app
         self.settings = settings
-        #: write requests in progress (only the event loop's thread changes it)
-        self.writes_in_progress = 0
 
     def _read_protected(self, scope: Scope, path: str) -> bool:
         if not self.settings.auth_reads:
@@ -130,14 +123,6 @@ class RequestLimits:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await respond(error_response(413, "too_large", str(BodyTooLarge(limit).detail)))
             return
-        write = is_write(scope["method"], scope["path"])
-        if write and self.writes_in_progress >= self.settings.max_concurrent_writes:
-            log.warning("catalogue update refused: %d already in progress (max_concurrent_writes)",
-                        self.writes_in_progress)
-            await respond(lookalike_error_response(IndexBusy(
-                f"{self.writes_in_progress} catalogue updates are already in progress, this server's limit "
-                "(max_concurrent_writes); nothing was written, send this one again later")))
-            return
 
         received = 0
         started = False
@@ -161,15 +146,12 @@ class RequestLimits:
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
-        self.writes_in_progress += int(write)
         try:
             await self.app(scope, limited_receive, send_closing)
         except BodyTooLarge as e:  # raised where no exception handler of the app could answer it
             if started:
                 raise
             await respond(error_response(413, "too_large", str(e.detail)))
-        finally:
-            self.writes_in_progress -= int(write)
 
 
 async def one_file(request: Request, field: str) -> None:

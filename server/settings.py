@@ -74,10 +74,10 @@ class ServerSettings(BaseSettings):
                                                     "index rebuild, or stuck on a stalled disk) is answered 503 "
                                                     "index_busy with Retry-After, and nothing is written")
     max_concurrent_writes: int = Field(8, ge=1, le=1000,
-                                       description="catalogue updates handled at once (upload, embedding, wait for "
-                                                   "the write lock); one more is answered 503 index_busy before its "
-                                                   "body is read, so that updates stuck on a slow disk cannot take "
-                                                   "the worker threads that searches need (40)")
+                                       description="catalogue updates doing work at once (embedding their photos, "
+                                                   "waiting for the index's write lock); one more is answered 503 "
+                                                   "index_busy once its body is read, so that updates stuck on a "
+                                                   "slow disk cannot take the worker threads that searches need (40)")
     snapshot_interval_s: float = Field(30.0, gt=0,
                                        description="how often live writes are saved to the FAISS snapshot, seconds")
     backend: Literal[ms.BACKENDS] = Field("auto", description=ms.BACKEND_HELP)  # type: ignore[valid-type]

@@ -457,7 +457,7 @@ def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index
         second = threading.Thread(target=patch, args=("second", "p2"))
         second.start()  # waits for the store's write lock: 503 after write_lock_timeout_s
         time.sleep(1.0)
-        patch("third", "p3")  # two updates in progress: refused before it is read
+        patch("third", "p3")  # two updates in progress: refused at once
         t0 = time.monotonic()
         r = httpx.get(f"{url}/v1/products/p4/similar", headers=AUTH, timeout=30)
         read_s = time.monotonic() - t0

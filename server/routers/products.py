@@ -21,7 +21,7 @@ from indexer.search import PHOTO_QUERY_MIN_SCORE
 from indexer.store import Product
 from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
 
-from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, read_upload, writable
+from ..deps import READ_AUTH, WRITES, EngineDep, read_upload, writable
 from ..limits import one_file
 from ..schemas import (
     ERRORS,
@@ -107,7 +107,7 @@ def product(engine: EngineDep, product_id: str) -> ProductResponse:
     return public_product(engine.store.get_product(product_id))
 
 
-@router.post("/v1/products", response_model=ProductResponse, status_code=201, dependencies=WRITE_AUTH,
+@router.post("/v1/products", response_model=ProductResponse, status_code=201, dependencies=WRITES,
              responses={**ERRORS, 200: {"model": ProductResponse, "description": "an existing product was replaced"},
                         **WRITE_ERRORS, 409: {"model": ErrorResponse}},
              tags=["catalogue updates"], summary="Add or replace a product (upsert by id) with its photos")
@@ -146,7 +146,7 @@ async def add_product(
     return JSONResponse(ProductResponse(**public_product(product)).model_dump(), status_code=201 if created else 200)
 
 
-@router.patch("/v1/products/{product_id:path}", response_model=ProductResponse, dependencies=WRITE_AUTH,
+@router.patch("/v1/products/{product_id:path}", response_model=ProductResponse, dependencies=WRITES,
               responses={**ERRORS, **WRITE_ERRORS},
               tags=["catalogue updates"], summary="Change a product's title, category or metadata")
 def change_product(engine: EngineDep, product_id: str, body: ProductPatch) -> ProductResponse:
@@ -154,7 +154,7 @@ def change_product(engine: EngineDep, product_id: str, body: ProductPatch) -> Pr
     return public_product(patch_product(engine.store, product_id, body.title, body.category, body.metadata))
 
 
-@router.delete("/v1/products/{product_id:path}", status_code=204, dependencies=WRITE_AUTH,
+@router.delete("/v1/products/{product_id:path}", status_code=204, dependencies=WRITES,
                responses={**ERRORS, **WRITE_ERRORS},
                tags=["catalogue updates"], summary="Delete a product and its photos")
 def remove_product(engine: EngineDep, product_id: str) -> Response:
