@@ -162,18 +162,26 @@ class Database:
             db.execute("COMMIT")
 
     @contextmanager
-    def write_txn(self) -> Iterator[sqlite3.Connection]:
+    def write_txn(self, deadline: float | None = None) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; ROLLBACK on any exception (re-raised). Raises IndexBusy
-        when another connection keeps SQLite's write lock past :data:`SQLITE_BUSY_TIMEOUT_S`."""
+        when another connection keeps SQLite's write lock past ``deadline`` (:func:`time.monotonic`),
+        or with None past :data:`SQLITE_BUSY_TIMEOUT_S`: the change is not written."""
         db = self.conn()
         t0 = time.perf_counter()
+        if deadline is not None:  # SQLite's busy handler waits this long at most, then SQLITE_BUSY
+            wait_ms = max(0, min(int((deadline - time.monotonic()) * 1000), int(SQLITE_BUSY_TIMEOUT_S * 1000)))
+            db.execute(f"PRAGMA busy_timeout = {wait_ms}")
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
             if "locked" not in str(e) and "busy" not in str(e):
                 raise
             raise IndexBusy(f"another connection held the index database's write lock for "
-                            f"{time.perf_counter() - t0:.0f} s ({e}); nothing was written, try again later") from None
+                            f"{time.perf_counter() - t0:.0f} s ({e}); the change was not written, try again "
+                            "later") from None
+        finally:
+            if deadline is not None:
+                db.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         warn_if_slow("waiting for SQLite's write lock (BEGIN IMMEDIATE)", t0)
         try:
             yield db

@@ -38,6 +38,7 @@ new type from SQLite on the next open.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -71,6 +72,8 @@ from .records import (  # noqa: F401 (re-exported: the store's public names)
 )
 from .search import FILTER_EXACT_MAX, SCORE_DECIMALS, Searcher  # noqa: F401 (re-exported)
 from .vectors import VectorIndex, saved_generation, snapshot_path
+
+log = logging.getLogger("lookalike.store")
 
 FORMAT_VERSION = 1
 
@@ -114,10 +117,6 @@ class Store:
         self.identity: ModelIdentity | None = None
         self.vectors: VectorIndex | None = None  # the one owner of the in-memory FAISS index
         self.searcher: Searcher | None = None
-        #: seconds a :meth:`transaction` waits for the write lock before it raises IndexBusy; None:
-        #: for as long as it takes (the CLI). The server sets ``write_lock_timeout_s`` here, so that a
-        #: write stuck on a stalled disk cannot queue every other write behind it without an answer.
-        self.write_lock_timeout_s: float | None = None
         #: Called between a transaction's SQLite COMMIT and its FAISS update (tests use it to force
         #: interleavings; None in normal use).
         self.after_commit_hook = None
@@ -530,19 +529,36 @@ class Store:
             atomic_write(path, data)
         return f"{INDEX_SOURCE_PREFIX}{UPLOADS_DIR}/{name}"
 
-    def remove_unreferenced_uploads(self, sources: Iterable[str]) -> int:
+    def remove_unreferenced_uploads(self, sources: Iterable[str], deadline: float | None = None) -> int:
         """Delete the uploaded photo files among ``sources`` that no photo row refers to any more
-        (after a product was deleted or its photos replaced); returns how many were deleted."""
+        (after a product was deleted or its photos replaced); returns how many were deleted.
+
+        Runs under the write lock, so that no transaction adds a reference meanwhile. When the lock is
+        not free by ``deadline`` (:meth:`transaction`), the change that made the files unreferenced has
+        committed already: the files are left (a warning says so) rather than holding up its answer."""
         self._require_writable()
         removed = 0
-        with self._write_lock:  # no transaction can add a reference meanwhile
+        if not self._acquire_write_lock(deadline):
+            log.warning("left %d unreferenced uploads in place: the write lock stayed taken", len(set(sources)))
+            return 0
+        try:
             for source in set(sources):
                 if source.startswith(INDEX_SOURCE_PREFIX) and not self.db.source_referenced(source):
                     path = Path(self.resolve_source(source))
                     if path.is_file():
                         path.unlink()
                         removed += 1
+        finally:
+            self._write_lock.release()
         return removed
+
+    def _acquire_write_lock(self, deadline: float | None) -> bool:
+        """Take the store's write lock, by ``deadline`` (:func:`time.monotonic`) or, with None, whenever
+        it comes free; whether it was taken."""
+        if deadline is None:
+            return self._write_lock.acquire()
+        wait = min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
+        return self._write_lock.acquire(timeout=wait)
 
     # ----------------------------------------------------------------- writing
     def _require_writable(self) -> None:
@@ -550,26 +566,29 @@ class Store:
             raise StoreError("index opened read-only")
 
     @contextmanager
-    def transaction(self) -> Iterator[Batch]:
+    def transaction(self, deadline: float | None = None) -> Iterator[Batch]:
         """Group changes into one atomic commit; the FAISS index is updated in the same step.
 
         Usage: ``with store.transaction() as tx: tx.upsert_products(...); tx.add_photos(...)``.
         On an exception nothing is written. The FAISS update happens right after the SQLite
         COMMIT, still under the write lock, and records the committed generation: a search sees
         the change entirely or not at all, and the change is searchable before this returns.
-        Raises IndexBusy, before anything is written, when the write lock is not free within
-        :attr:`write_lock_timeout_s`, or when SQLite's own write lock stays taken (another process
-        writing the database) for :data:`indexer.database.SQLITE_BUSY_TIMEOUT_S`.
+
+        deadline: a :func:`time.monotonic` time by which the transaction must have its locks, the
+        store's write lock and SQLite's (:meth:`indexer.database.Database.write_txn`), or raise
+        IndexBusy having written nothing; None (the CLI): wait as long as it takes for the store's
+        lock, and :data:`indexer.database.SQLITE_BUSY_TIMEOUT_S` for SQLite's. The server gives each
+        update ``write_timeout_s``, so that a write stuck on a stalled disk cannot queue every other
+        write behind it without an answer.
         """
         self._require_writable()
         t0 = time.perf_counter()
-        timeout = self.write_lock_timeout_s
-        if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise IndexBusy(f"the index stayed busy with another write for {timeout:g} s (a snapshot, a rebuild or a "
-                            "slow disk); nothing was written, send the request again later")
+        if not self._acquire_write_lock(deadline):
+            raise IndexBusy(f"the index stayed busy with another write for {time.perf_counter() - t0:.0f} s (a "
+                            "snapshot, a rebuild or a slow disk); nothing was written, send the request again later")
         try:
             warn_if_slow("waiting for the store's write lock", t0)
-            with self.db.write_txn() as db:
+            with self.db.write_txn(deadline) as db:
                 batch = Batch(db, self.identity.dim)
                 yield batch
                 if batch.changed:

@@ -136,12 +136,13 @@ def _upload_name(data: bytes, sha: str) -> str:
 
 
 def upsert_product(store: Store, model: ClipModel, product: Product, photos: list[PhotoUpload],
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[dict, bool]:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, deadline: float | None = None) -> tuple[dict, bool]:
     """Create or replace a product. With photos, they replace all of the product's photos;
     without, only its title, category and metadata change (a new product needs photos).
 
     Every photo is decoded and embedded before anything is written: one bad photo refuses
-    the whole request (LookalikeError with the photo's reason). Returns (product, created).
+    the whole request (LookalikeError with the photo's reason). ``deadline``: see
+    :meth:`indexer.store.Store.transaction` (IndexBusy past it). Returns (product, created).
     """
     product = validate_product(product)
     pid = product.id
@@ -158,7 +159,7 @@ def upsert_product(store: Store, model: ClipModel, product: Product, photos: lis
         w, h = image.info.get("original_size", image.size)
         records.append((photo, sha, vec, w, h))
     old_sources: list[str] = []
-    with store.transaction() as tx:
+    with store.transaction(deadline) as tx:
         created = not store.has_product(pid)
         if created and not records:
             raise NotFound(f"product {pid!r} was deleted meanwhile")
@@ -172,13 +173,15 @@ def upsert_product(store: Store, model: ClipModel, product: Product, photos: lis
             old_sources = [p["image"] for p in old]
             tx.delete_photos([p["photo_id"] for p in old])
             tx.add_photos(rows)
-    store.remove_unreferenced_uploads(old_sources)
+    store.remove_unreferenced_uploads(old_sources, deadline)
     return store.get_product(pid), created
 
 
-def patch_product(store: Store, product_id: str, title=None, category=None, metadata: dict | None = None) -> dict:
-    """Change a product's title, category, or metadata keys (a key set to None is removed). Raises NotFound."""
-    with store.transaction() as tx:  # read inside the write transaction: no lost update
+def patch_product(store: Store, product_id: str, title=None, category=None, metadata: dict | None = None,
+                  deadline: float | None = None) -> dict:
+    """Change a product's title, category, or metadata keys (a key set to None is removed). Raises NotFound,
+    or IndexBusy past ``deadline`` (:meth:`indexer.store.Store.transaction`)."""
+    with store.transaction(deadline) as tx:  # read inside the write transaction: no lost update
         current = store.get_product(product_id)
         merged = dict(current["metadata"])
         for key, value in (metadata or {}).items():
@@ -191,10 +194,11 @@ def patch_product(store: Store, product_id: str, title=None, category=None, meta
     return store.get_product(product_id)
 
 
-def delete_product(store: Store, product_id: str) -> None:
-    """Delete a product and its photos' vectors. Raises NotFound."""
-    with store.transaction() as tx:
+def delete_product(store: Store, product_id: str, deadline: float | None = None) -> None:
+    """Delete a product and its photos' vectors. Raises NotFound, or IndexBusy past ``deadline``
+    (:meth:`indexer.store.Store.transaction`)."""
+    with store.transaction(deadline) as tx:
         sources = [p[0] for p in tx.db.execute("SELECT source FROM photos WHERE product_id = ?", (product_id,))]
         if not tx.delete_products([product_id]):
             raise NotFound(f"no product with id {product_id!r}")
-    store.remove_unreferenced_uploads(sources)
+    store.remove_unreferenced_uploads(sources, deadline)

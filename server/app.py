@@ -11,6 +11,7 @@ the engine, API keys), :mod:`server.routers` (one module per resource),
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -102,7 +103,9 @@ def create_app(
     app.state.load_error = None
     app.state.settings = cfg
     app.state.metrics = metrics
-    app.state.writes_in_progress = 0  # catalogue updates holding a write slot (server.deps.write_slot)
+    # catalogue updates doing work at once (server.deps.write_slot); asyncio's semaphore binds to the
+    # running loop at its first wait, so it may be made here
+    app.state.write_slots = asyncio.Semaphore(cfg.max_concurrent_writes)
     # the key and body-size checks run before any route reads the body; the observer, outermost,
     # also counts and logs the requests they refuse
     app.add_middleware(RequestLimits, settings=cfg)

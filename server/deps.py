@@ -4,8 +4,10 @@ the routes keep them as dependencies, so a route the middleware does not classif
 protected."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -66,34 +68,42 @@ def require_key_if_configured(request: Request) -> None:
         _check_key(request)
 
 
-async def write_slot(request: Request) -> AsyncIterator[None]:
-    """Hold one of the server's ``max_concurrent_writes`` catalogue-update slots while the route runs;
-    raises IndexBusy (503 ``index_busy``, ``Retry-After``) when every slot is taken.
+async def write_slot(request: Request) -> AsyncIterator[float]:
+    """Hold one of the server's ``max_concurrent_writes`` catalogue-update slots while the route function
+    runs, and give the update its deadline (:func:`time.monotonic`): ``write_timeout_s`` from now, for
+    the slot, the index's write lock and SQLite's together (:meth:`indexer.store.Store.transaction`).
+    Raises IndexBusy (503 ``index_busy``, ``Retry-After``) when no slot comes free in time.
 
     FastAPI solves dependencies once the body has been read, so a slot counts the updates that are
     doing work: embedding their photos or waiting for the index's write lock. Each holds one of the
     worker threads (anyio's 40) that sync routes, searches among them, run on; without the bound,
     updates stuck behind a stalled disk took them all and every search waited (measured: 45 stuck
-    updates, a text search and ``/healthz`` both timed out at 20 s). Runs on the event loop, the
-    only thread that changes the count."""
+    updates, a text search and ``/healthz`` both timed out at 20 s). An update waiting for a slot
+    waits on the event loop and holds no thread. Used with ``scope="function"``: the slot is given
+    back when the route function returns, not once the response is sent, which a client that does
+    not read its responses could hold up for ever."""
     state = request.app.state
-    limit = state.settings.max_concurrent_writes
-    busy = state.writes_in_progress
-    if busy >= limit:
-        log.warning("catalogue update refused: %d already in progress (max_concurrent_writes)", busy)
-        raise IndexBusy(f"{busy} catalogue updates are already in progress, this server's limit "
-                        "(max_concurrent_writes); nothing was written, send this one again later")
-    state.writes_in_progress = busy + 1
+    timeout = state.settings.write_timeout_s
+    deadline = time.monotonic() + timeout
     try:
-        yield
+        await asyncio.wait_for(state.write_slots.acquire(), timeout)
+    except TimeoutError:
+        log.warning("catalogue update refused: no write slot came free in %g s (max_concurrent_writes %d)",
+                    timeout, state.settings.max_concurrent_writes)
+        raise IndexBusy(f"every one of this server's {state.settings.max_concurrent_writes} write slots "
+                        f"(max_concurrent_writes) stayed taken for {timeout:g} s; nothing was written, send "
+                        "this update again later") from None
+    try:
+        yield deadline
     finally:
-        state.writes_in_progress -= 1
+        state.write_slots.release()
+
+
+WriteDeadline = Annotated[float, Depends(write_slot, scope="function")]
 
 
 READ_AUTH = [Depends(require_read)]
 WRITE_AUTH = [Depends(require_write)]
-#: the write routes' dependencies: the key, then a write slot
-WRITES = [*WRITE_AUTH, Depends(write_slot)]
 KEY_IF_CONFIGURED = [Depends(require_key_if_configured)]
 
 

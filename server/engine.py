@@ -56,7 +56,6 @@ class Engine:
         self._label_reference_lock = threading.Lock()
         self._thumbnails: LRUCache[tuple[str, int | None], bytes] = LRUCache(
             settings.thumbnail_cache_items, max_size=settings.thumbnail_cache_bytes, size=len)
-        store.write_lock_timeout_s = settings.write_lock_timeout_s
         self.write_block: LookalikeError | None = None
         if settings.read_only:
             self.write_block = LookalikeError("this server is read-only (read_only = true)", code="read_only",

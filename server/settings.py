@@ -68,16 +68,18 @@ class ServerSettings(BaseSettings):
                                           "KEY); with none set, writes are disabled")
     auth_reads: bool = Field(False, description="read routes (search, labels, products) need an API key too")
     read_only: bool = Field(False, description="never write to the index (the write routes answer 403)")
-    write_lock_timeout_s: float = Field(30.0, gt=0,
-                                        description="a catalogue update that waits this long, seconds, for the "
-                                                    "index's write lock (held by another update, a snapshot or an "
-                                                    "index rebuild, or stuck on a stalled disk) is answered 503 "
-                                                    "index_busy with Retry-After, and nothing is written")
+    write_timeout_s: float = Field(30.0, gt=0, le=86400,
+                                   description="the longest a catalogue update waits for its turn, seconds, in "
+                                               "all: a write slot (max_concurrent_writes), the index's write lock "
+                                               "(held by another update, a snapshot or a rebuild, or stuck on a "
+                                               "stalled disk) and SQLite's (another process writing). Past it: "
+                                               "503 index_busy with Retry-After, and nothing is written")
     max_concurrent_writes: int = Field(8, ge=1, le=1000,
                                        description="catalogue updates doing work at once (embedding their photos, "
-                                                   "waiting for the index's write lock); one more is answered 503 "
-                                                   "index_busy once its body is read, so that updates stuck on a "
-                                                   "slow disk cannot take the worker threads that searches need (40)")
+                                                   "waiting for the index's write lock); the others wait for a "
+                                                   "slot on the event loop, holding no worker thread, for up to "
+                                                   "write_timeout_s. Updates stuck on a slow disk then cannot take "
+                                                   "the worker threads that searches need (40)")
     snapshot_interval_s: float = Field(30.0, gt=0,
                                        description="how often live writes are saved to the FAISS snapshot, seconds")
     backend: Literal[ms.BACKENDS] = Field("auto", description=ms.BACKEND_HELP)  # type: ignore[valid-type]

@@ -28,6 +28,7 @@ import serverproc  # noqa: E402
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+KEY_HEADER = f"Authorization: Bearer {KEY}"
 HEADER_TIMEOUT_S = 3
 BODY_TIMEOUT_S = 3
 MAX_CONNECTIONS = 150
@@ -423,16 +424,16 @@ def test_sigusr1_dumps_every_threads_stack_and_the_server_goes_on(small_index, t
 # --------------------------------------------------------------------------- stalled writes
 def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index, tmp_path):
     """A write that cannot finish (here: another process holds the index database's write lock, as a
-    stalled disk or an operator's ``sqlite3`` session would) must not take the server with it. The next
-    update waits at most ``write_lock_timeout_s`` and gets 503 ``index_busy`` with ``Retry-After``; past
-    ``max_concurrent_writes`` updates in progress the next is refused at once; reads answer throughout;
-    and once the lock is free the first write lands and the refused ones changed nothing."""
+    stalled disk or an operator's ``sqlite3`` session would) must not take the server with it. Every
+    update waits at most ``write_timeout_s`` in all, whether for SQLite's lock, the store's write lock
+    or one of the ``max_concurrent_writes`` slots, then gets 503 ``index_busy`` with ``Retry-After``
+    and has written nothing; reads answer throughout. A stall shorter than that only queues them."""
     import sqlite3
     import threading
 
     index = tmp_path / "index"
     shutil.copytree(small_index, index)
-    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_WRITE_LOCK_TIMEOUT_S="3",
+    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_WRITE_TIMEOUT_S="3",
                LOOKALIKE_MAX_CONCURRENT_WRITES="2")
     port = serverproc.free_port()
     log = tmp_path / "server.log"
@@ -440,8 +441,6 @@ def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index
     url = f"http://127.0.0.1:{port}"
     try:
         serverproc.wait_ready(proc, port, log, timeout_s=180)
-        blocker = sqlite3.connect(index / "catalogue.sqlite", isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")  # SQLite's write lock, held by another process's connection
         answers: dict[str, tuple[int, dict, float]] = {}
 
         def patch(name: str, product: str) -> None:
@@ -451,39 +450,84 @@ def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index
             answers[name] = (r.status_code, {"retry": r.headers.get("retry-after"), **r.json()},
                              time.monotonic() - t0)
 
-        first = threading.Thread(target=patch, args=("first", "p1"))
-        first.start()  # takes the store's write lock, then waits in BEGIN IMMEDIATE
-        time.sleep(1.0)
-        second = threading.Thread(target=patch, args=("second", "p2"))
-        second.start()  # waits for the store's write lock: 503 after write_lock_timeout_s
-        time.sleep(1.0)
-        patch("third", "p3")  # two updates in progress: refused at once
+        def start(name: str, product: str) -> threading.Thread:
+            t = threading.Thread(target=patch, args=(name, product))
+            t.start()
+            return t
+
+        # 1. a stall longer than write_timeout_s
+        blocker = sqlite3.connect(index / "catalogue.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # SQLite's write lock, held by another process's connection
+        writers = [start("first", "p1")]  # takes the store's write lock, then waits in BEGIN IMMEDIATE
+        time.sleep(0.5)
+        writers.append(start("second", "p2"))  # waits for the store's write lock
+        time.sleep(0.5)
+        writers.append(start("third", "p3"))  # both slots taken: waits for one, on the event loop
+        time.sleep(0.5)
         t0 = time.monotonic()
         r = httpx.get(f"{url}/v1/products/p4/similar", headers=AUTH, timeout=30)
         read_s = time.monotonic() - t0
-        second.join(timeout=30)
+        for t in writers:
+            t.join(30)
         assert r.status_code == 200 and r.json()["results"], r.text
         assert read_s < 2.0, f"a search took {read_s:.1f} s while writes were stuck"
-        status, body, took = answers["third"]
-        assert status == 503 and body["error"]["code"] == "index_busy" and body["retry"], answers
-        assert took < 1.5, answers
-        assert "max_concurrent_writes" in body["error"]["message"]
-        status, body, took = answers["second"]
-        assert status == 503 and body["error"]["code"] == "index_busy" and body["retry"] == "5", answers
-        assert 2.5 < took < 10, answers
-        assert "first" not in answers  # still waiting on SQLite's lock
+        for name in ("first", "second", "third"):
+            status, body, took = answers[name]
+            assert status == 503 and body["error"]["code"] == "index_busy" and body["retry"] == "5", answers
+            assert 2.5 < took < 8, answers  # write_timeout_s, in all
         blocker.execute("ROLLBACK")
-        blocker.close()
-        first.join(timeout=60)
-        assert answers["first"][0] == 200, answers
         titles = {p: httpx.get(f"{url}/v1/products/{p}", headers=AUTH, timeout=10).json()["title"]
                   for p in ("p1", "p2", "p3")}
-        assert titles == {"p1": "changed by first", "p2": "product 2", "p3": "product 3"}
-        r = httpx.patch(f"{url}/v1/products/p2", json={"title": "later"}, headers=AUTH, timeout=30)
-        assert r.status_code == 200 and r.json()["title"] == "later"
+        assert titles == {"p1": "product 1", "p2": "product 2", "p3": "product 3"}  # nothing written
+
+        # 2. a stall shorter than write_timeout_s: five updates queue behind two slots, none is refused
+        answers.clear()
+        blocker.execute("BEGIN IMMEDIATE")
+        writers = [start(f"queued {i}", f"p{i}") for i in range(5)]
+        time.sleep(1.5)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        for t in writers:
+            t.join(30)
+        assert {name: a[0] for name, a in answers.items()} == {f"queued {i}": 200 for i in range(5)}, answers
+        assert httpx.get(f"{url}/v1/products/p4", headers=AUTH, timeout=10).json()["title"] == "changed by queued 4"
     finally:
         serverproc.stop(proc)
-    assert "catalogue update refused: 2 already in progress" in log.read_text(errors="replace")
+
+
+def test_a_client_that_never_reads_its_answers_holds_no_write_slot(small_index, tmp_path):
+    """A write slot is given back when the update's work ends, not once its answer is sent: two keep-alive
+    connections that pipeline photo downloads and updates but never read (their answers back up in the
+    socket buffers) must not lock every other client's updates out (found by a helper's attack: with the
+    slot held until the response was sent, every other update got 503 for as long as they stayed open)."""
+    index = tmp_path / "index"
+    shutil.copytree(small_index, index)
+    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_WRITE_TIMEOUT_S="5",
+               LOOKALIKE_MAX_CONCURRENT_WRITES="2")
+    port = serverproc.free_port()
+    log = tmp_path / "server.log"
+    proc = serverproc.spawn(index, port, env, log)
+    socks = []
+    try:
+        serverproc.wait_ready(proc, port, log, timeout_s=180)
+        body = json.dumps({"title": "pipelined"}).encode()
+        pair = (f"GET /v1/products/p0/image HTTP/1.1\r\nHost: x\r\n{KEY_HEADER}\r\n\r\n"
+                f"PATCH /v1/products/p1 HTTP/1.1\r\nHost: x\r\n{KEY_HEADER}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(pair * 60)
+            socks.append(sock)
+        time.sleep(3)
+        r = httpx.patch(f"http://127.0.0.1:{port}/v1/products/p2", json={"title": "another client"}, headers=AUTH,
+                        timeout=30)
+        assert r.status_code == 200 and r.json()["title"] == "another client", r.text
+    finally:
+        for sock in socks:
+            sock.close()
+        serverproc.stop(proc)
 
 
 def test_healthz_answers_while_every_worker_thread_is_taken(small_index, tmp_path):
@@ -497,7 +541,7 @@ def test_healthz_answers_while_every_worker_thread_is_taken(small_index, tmp_pat
     index = tmp_path / "index"
     shutil.copytree(small_index, index)
     env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_MAX_CONCURRENT_WRITES="1000",
-               LOOKALIKE_WRITE_LOCK_TIMEOUT_S="60")
+               LOOKALIKE_WRITE_TIMEOUT_S="60")
     port = serverproc.free_port()
     log = tmp_path / "server.log"
     proc = serverproc.spawn(index, port, env, log)

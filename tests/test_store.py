@@ -1004,16 +1004,16 @@ def test_a_slow_disk_shows_in_the_log(tmp_path, identity, monkeypatch, caplog):
     assert any("waiting for the store's write lock took" in r.getMessage() for r in caplog.records)
 
 
-def test_a_write_waits_at_most_write_lock_timeout_s_then_index_busy(tmp_path, identity):
-    """With ``write_lock_timeout_s`` set (the server sets it), a transaction that cannot take the write
-    lock in time raises IndexBusy (503 on the server) before it writes anything; without it, it waits."""
+def test_a_write_with_a_deadline_raises_index_busy_when_the_write_lock_stays_taken(tmp_path, identity):
+    """With a deadline (the server gives each update ``write_timeout_s``), a transaction that cannot take
+    the write lock in time raises IndexBusy (503 on the server) before it writes anything; the clean-up
+    of unreferenced uploads gives up the same way, leaving the files; without a deadline, it waits."""
     import threading
     import time
 
     from indexer.records import IndexBusy
 
     store = Store.create(tmp_path / "index", identity)
-    store.write_lock_timeout_s = 0.3
     held, release = threading.Event(), threading.Event()
 
     def hold():
@@ -1025,14 +1025,23 @@ def test_a_write_waits_at_most_write_lock_timeout_s_then_index_busy(tmp_path, id
     holder.start()
     assert held.wait(10)
     t0 = time.perf_counter()
-    with pytest.raises(IndexBusy, match="0.3 s"):
-        with store.transaction() as tx:
+    with pytest.raises(IndexBusy, match="nothing was written"):
+        with store.transaction(deadline=time.monotonic() + 0.3) as tx:
             tx.upsert_products([Product("P1")])
     assert 0.25 < time.perf_counter() - t0 < 5
+    upload = store.keep_upload(b"photo bytes", "u.jpg")
+    assert store.remove_unreferenced_uploads([upload], deadline=time.monotonic() + 0.2) == 0
+    assert (tmp_path / "index" / "uploads" / "u.jpg").is_file()
+    waited = threading.Thread(target=lambda: store.remove_unreferenced_uploads([upload]))
+    waited.start()  # no deadline: waits for the lock
+    time.sleep(0.3)
+    assert waited.is_alive()
     release.set()
     holder.join()
+    waited.join(10)
+    assert not (tmp_path / "index" / "uploads" / "u.jpg").exists()
     assert store.count_products() == 0
-    with store.transaction() as tx:  # the lock is free again, and still works
+    with store.transaction(deadline=time.monotonic() + 5) as tx:  # the lock is free again
         tx.upsert_products([Product("P2")])
     assert store.count_products() == 1
     store.close()
@@ -1043,6 +1052,7 @@ def test_another_connection_holding_sqlites_lock_is_index_busy(tmp_path, identit
     write fail with IndexBusy after SQLite's busy timeout, not with sqlite3's 'database is locked'."""
     import sqlite3
     import threading
+    import time
 
     import indexer.database
     from indexer.records import IndexBusy
@@ -1053,9 +1063,9 @@ def test_another_connection_holding_sqlites_lock_is_index_busy(tmp_path, identit
     blocker.execute("BEGIN IMMEDIATE")
     failure: list[BaseException] = []
 
-    def write():  # a thread of its own: its connection is opened with the short timeout
+    def write(deadline=None):  # a thread of its own: its connection is opened with the short timeout
         try:
-            with store.transaction() as tx:
+            with store.transaction(deadline) as tx:
                 tx.upsert_products([Product("P1")])
         except BaseException as e:  # noqa: BLE001 (the test inspects it)
             failure.append(e)
@@ -1063,12 +1073,17 @@ def test_another_connection_holding_sqlites_lock_is_index_busy(tmp_path, identit
     t = threading.Thread(target=write)
     t.start()
     t.join(30)
-    blocker.execute("ROLLBACK")
-    blocker.close()
     assert len(failure) == 1 and isinstance(failure[0], IndexBusy), failure
     assert "write lock" in str(failure[0])
+    # a deadline bounds SQLite's wait too, below its busy timeout
+    monkeypatch.setattr(indexer.database, "SQLITE_BUSY_TIMEOUT_S", 30.0)
+    t0 = time.monotonic()
+    write(time.monotonic() + 0.3)
+    assert len(failure) == 2 and isinstance(failure[1], IndexBusy) and time.monotonic() - t0 < 5, failure
+    blocker.execute("ROLLBACK")
+    blocker.close()
     t = threading.Thread(target=write)
     t.start()
     t.join(30)
-    assert len(failure) == 1 and store.count_products() == 1
+    assert len(failure) == 2 and store.count_products() == 1
     store.close()

@@ -308,3 +308,47 @@ def test_a_slow_catalogue_read_after_an_add_does_not_stop_the_event_loop(index_c
             store.count_products = real_count
         assert healthz_s < 1.5, healthz_s  # the count still sleeps meanwhile: it runs off the event loop
         assert httpx.get(live.url + "/v1/products/SLOW-1", timeout=30).status_code == 200
+
+
+def test_an_update_stalled_after_its_commit_holds_its_slot_and_the_next_waits_write_timeout_s(index_copy, tiny_model):
+    """A COMMIT whose fsync stalls holds its write slot and the write lock past any deadline (the deadline
+    bounds the waits before writing, not the disk). With one slot, the next update waits for it on the event
+    loop for ``write_timeout_s``, then gets 503 ``index_busy`` naming the slots, having written nothing;
+    the stalled one lands once the disk answers."""
+    app = create_app(index_copy, model=tiny_model, api_keys=KEY, write_timeout_s=1.0, max_concurrent_writes=1)
+    with LiveServer(app) as live:
+        store = app.state.engine.store
+        stalled, disk_back = threading.Event(), threading.Event()
+
+        def stalled_disk():  # between SQLite's COMMIT and the FAISS update, under the write lock
+            stalled.set()
+            disk_back.wait(30)
+
+        store.after_commit_hook = stalled_disk
+        pid = _first_product(store)
+        try:
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                first: list[httpx.Response] = []
+                t = threading.Thread(target=lambda: first.append(
+                    c.patch(f"/v1/products/{pid}", json={"title": "stalled"}, headers=AUTH)))
+                t.start()
+                assert stalled.wait(30)
+                store.after_commit_hook = None
+                t0 = time.monotonic()
+                r = httpx.patch(f"{live.url}/v1/products/{pid}", json={"title": "second"}, headers=AUTH, timeout=30)
+                took = time.monotonic() - t0
+                assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+                assert r.json()["error"]["code"] == "index_busy" and "write slots" in r.json()["error"]["message"]
+                assert 0.9 < took < 5, took
+                assert httpx.get(live.url + "/healthz", timeout=5).status_code == 200
+                disk_back.set()
+                t.join(30)
+            assert first[0].status_code == 200 and first[0].json()["title"] == "stalled"
+            assert httpx.get(f"{live.url}/v1/products/{pid}", timeout=30).json()["title"] == "stalled"
+        finally:
+            disk_back.set()
+            store.after_commit_hook = None
+
+
+def _first_product(store: Store) -> str:
+    return store.db.conn().execute("SELECT id FROM products ORDER BY id LIMIT 1").fetchone()[0]

@@ -21,7 +21,7 @@ from indexer.search import PHOTO_QUERY_MIN_SCORE
 from indexer.store import Product
 from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
 
-from ..deps import READ_AUTH, WRITES, EngineDep, read_upload, writable
+from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, WriteDeadline, read_upload, writable
 from ..limits import one_file
 from ..schemas import (
     ERRORS,
@@ -44,9 +44,9 @@ router = APIRouter()
 
 WRITE_ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
                 503: {"model": ErrorResponse,
-                      "description": "index_busy: the index stayed busy for write_lock_timeout_s, or "
-                                     "max_concurrent_writes updates were in progress; nothing was written, retry "
-                                     "after Retry-After seconds (not_ready: still loading)"}}
+                      "description": "index_busy: no write slot or write lock came free within "
+                                     "write_timeout_s; nothing was written, retry after Retry-After seconds "
+                                     "(not_ready: still loading)"}}
 
 
 @router.get("/v1/products/{product_id:path}/similar", dependencies=READ_AUTH, response_model=SearchResponse,
@@ -107,7 +107,7 @@ def product(engine: EngineDep, product_id: str) -> ProductResponse:
     return public_product(engine.store.get_product(product_id))
 
 
-@router.post("/v1/products", response_model=ProductResponse, status_code=201, dependencies=WRITES,
+@router.post("/v1/products", response_model=ProductResponse, status_code=201, dependencies=WRITE_AUTH,
              responses={**ERRORS, 200: {"model": ProductResponse, "description": "an existing product was replaced"},
                         **WRITE_ERRORS, 409: {"model": ErrorResponse}},
              tags=["catalogue updates"], summary="Add or replace a product (upsert by id) with its photos")
@@ -115,6 +115,7 @@ async def add_product(
     request: Request,
     engine: EngineDep,
     metadata: Annotated[str, Form(description='JSON object: {"id": ..., "title"?, "category"?, any other keys}')],
+    deadline: WriteDeadline,
     images: Annotated[list[UploadFile] | None, File(description="the product's photos; they replace its current "
                                                     "photos (none: only the metadata changes)")] = None,
 ):
@@ -138,7 +139,7 @@ async def add_product(
 
     def run():
         result = upsert_product(engine.store, engine.model, Product(pid, title, category, meta), uploads,
-                                engine.max_pixels)
+                                engine.max_pixels, deadline)
         engine.update_gauges()  # SQLite reads: in the thread too, never on the event loop, which serves everyone
         return result
 
@@ -146,19 +147,20 @@ async def add_product(
     return JSONResponse(ProductResponse(**public_product(product)).model_dump(), status_code=201 if created else 200)
 
 
-@router.patch("/v1/products/{product_id:path}", response_model=ProductResponse, dependencies=WRITES,
+@router.patch("/v1/products/{product_id:path}", response_model=ProductResponse, dependencies=WRITE_AUTH,
               responses={**ERRORS, **WRITE_ERRORS},
               tags=["catalogue updates"], summary="Change a product's title, category or metadata")
-def change_product(engine: EngineDep, product_id: str, body: ProductPatch) -> ProductResponse:
+def change_product(engine: EngineDep, product_id: str, body: ProductPatch, deadline: WriteDeadline) -> ProductResponse:
     engine = writable(engine)
-    return public_product(patch_product(engine.store, product_id, body.title, body.category, body.metadata))
+    return public_product(patch_product(engine.store, product_id, body.title, body.category, body.metadata,
+                                        deadline))
 
 
-@router.delete("/v1/products/{product_id:path}", status_code=204, dependencies=WRITES,
+@router.delete("/v1/products/{product_id:path}", status_code=204, dependencies=WRITE_AUTH,
                responses={**ERRORS, **WRITE_ERRORS},
                tags=["catalogue updates"], summary="Delete a product and its photos")
-def remove_product(engine: EngineDep, product_id: str) -> Response:
+def remove_product(engine: EngineDep, product_id: str, deadline: WriteDeadline) -> Response:
     engine = writable(engine)
-    delete_product(engine.store, product_id)
+    delete_product(engine.store, product_id, deadline)
     engine.update_gauges()
     return Response(status_code=204)
