@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -422,6 +424,18 @@ def test_sigusr1_dumps_every_threads_stack_and_the_server_goes_on(small_index, t
 
 
 # --------------------------------------------------------------------------- stalled writes
+
+
+@contextmanager
+def _own_server(small_index: Path, tmp_path: Path, **settings) -> Iterator[tuple[str, Path]]:
+    """``lookalike serve`` on a copy of the index (for tests that write to it or stall it), with ENV and
+    ``settings`` (``write_timeout_s=3`` -> ``LOOKALIKE_WRITE_TIMEOUT_S=3``); yields (base URL, index)."""
+    index = tmp_path / "index"
+    shutil.copytree(small_index, index)
+    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"),
+               **{f"LOOKALIKE_{key.upper()}": str(value) for key, value in settings.items()})
+    with serverproc.served(index, env, tmp_path / "server.log") as url:
+        yield url, index
 def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index, tmp_path):
     """A write that cannot finish (here: another process holds the index database's write lock, as a
     stalled disk or an operator's ``sqlite3`` session would) must not take the server with it. Every
@@ -431,16 +445,7 @@ def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index
     import sqlite3
     import threading
 
-    index = tmp_path / "index"
-    shutil.copytree(small_index, index)
-    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_WRITE_TIMEOUT_S="3",
-               LOOKALIKE_MAX_CONCURRENT_WRITES="2")
-    port = serverproc.free_port()
-    log = tmp_path / "server.log"
-    proc = serverproc.spawn(index, port, env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        serverproc.wait_ready(proc, port, log, timeout_s=180)
+    with _own_server(small_index, tmp_path, write_timeout_s=3, max_concurrent_writes=2) as (url, index):
         answers: dict[str, tuple[int, dict, float]] = {}
 
         def patch(name: str, product: str) -> None:
@@ -491,63 +496,43 @@ def test_writes_stuck_behind_a_stalled_write_get_503_and_reads_go_on(small_index
             t.join(30)
         assert {name: a[0] for name, a in answers.items()} == {f"queued {i}": 200 for i in range(5)}, answers
         assert httpx.get(f"{url}/v1/products/p4", headers=AUTH, timeout=10).json()["title"] == "changed by queued 4"
-    finally:
-        serverproc.stop(proc)
-
 
 def test_a_client_that_never_reads_its_answers_holds_no_write_slot(small_index, tmp_path):
     """A write slot is given back when the update's work ends, not once its answer is sent: two keep-alive
     connections that pipeline photo downloads and updates but never read (their answers back up in the
     socket buffers) must not lock every other client's updates out (found by a helper's attack: with the
     slot held until the response was sent, every other update got 503 for as long as they stayed open)."""
-    index = tmp_path / "index"
-    shutil.copytree(small_index, index)
-    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_WRITE_TIMEOUT_S="5",
-               LOOKALIKE_MAX_CONCURRENT_WRITES="2")
-    port = serverproc.free_port()
-    log = tmp_path / "server.log"
-    proc = serverproc.spawn(index, port, env, log)
-    socks = []
-    try:
-        serverproc.wait_ready(proc, port, log, timeout_s=180)
-        body = json.dumps({"title": "pipelined"}).encode()
-        pair = (f"GET /v1/products/p0/image HTTP/1.1\r\nHost: x\r\n{KEY_HEADER}\r\n\r\n"
-                f"PATCH /v1/products/p1 HTTP/1.1\r\nHost: x\r\n{KEY_HEADER}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-        for _ in range(2):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(pair * 60)
-            socks.append(sock)
-        time.sleep(3)
-        r = httpx.patch(f"http://127.0.0.1:{port}/v1/products/p2", json={"title": "another client"}, headers=AUTH,
-                        timeout=30)
-        assert r.status_code == 200 and r.json()["title"] == "another client", r.text
-    finally:
-        for sock in socks:
-            sock.close()
-        serverproc.stop(proc)
+    with _own_server(small_index, tmp_path, write_timeout_s=5, max_concurrent_writes=2) as (url, index):
+        port = int(url.rsplit(":", 1)[1])
+        socks: list[socket.socket] = []
+        try:
+            body = json.dumps({"title": "pipelined"}).encode()
+            pair = (f"GET /v1/products/p0/image HTTP/1.1\r\nHost: x\r\n{KEY_HEADER}\r\n\r\n"
+                    f"PATCH /v1/products/p1 HTTP/1.1\r\nHost: x\r\n{KEY_HEADER}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            for _ in range(2):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(pair * 60)
+                socks.append(sock)
+            time.sleep(3)
+            r = httpx.patch(f"{url}/v1/products/p2", json={"title": "another client"}, headers=AUTH, timeout=30)
+            assert r.status_code == 200 and r.json()["title"] == "another client", r.text
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def test_healthz_answers_while_every_worker_thread_is_taken(small_index, tmp_path):
     """With ``max_concurrent_writes`` raised out of the way, 45 updates stuck behind another process's
     SQLite write lock hold all 40 worker threads that sync routes share (a text search then waits for
-    one: more than 20 s, measured on 2026-12-02). ``/healthz`` runs on
-    the event loop and still answers: the process is alive, and a liveness probe must not restart it."""
+    one: more than 20 s, measured on 2026-12-02). ``/healthz`` runs on the event loop and still
+    answers: the process is alive, and a liveness probe must not restart it."""
     import sqlite3
     import threading
 
-    index = tmp_path / "index"
-    shutil.copytree(small_index, index)
-    env = dict(ENV, LOOKALIKE_CACHE_DIR=str(tmp_path / "cache"), LOOKALIKE_MAX_CONCURRENT_WRITES="1000",
-               LOOKALIKE_WRITE_TIMEOUT_S="60")
-    port = serverproc.free_port()
-    log = tmp_path / "server.log"
-    proc = serverproc.spawn(index, port, env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        serverproc.wait_ready(proc, port, log, timeout_s=180)
+    with _own_server(small_index, tmp_path, max_concurrent_writes=1000, write_timeout_s=60) as (url, index):
         blocker = sqlite3.connect(index / "catalogue.sqlite", isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         codes: list[int] = []
@@ -568,5 +553,3 @@ def test_healthz_answers_while_every_worker_thread_is_taken(small_index, tmp_pat
         for t in writers:
             t.join(120)
         assert len(codes) == 45 and set(codes) <= {200, 503}, codes
-    finally:
-        serverproc.stop(proc)
