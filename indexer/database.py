@@ -164,12 +164,13 @@ class Database:
     @contextmanager
     def write_txn(self, deadline: float | None = None) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; ROLLBACK on any exception (re-raised). Raises IndexBusy
-        when another connection keeps SQLite's write lock past ``deadline`` (:func:`time.monotonic`),
-        or with None past :data:`SQLITE_BUSY_TIMEOUT_S`: the change is not written."""
+        when another connection keeps SQLite's write lock past ``deadline`` (:func:`time.monotonic`; it
+        replaces SQLite's busy timeout for this BEGIN, longer or shorter), or with None past
+        :data:`SQLITE_BUSY_TIMEOUT_S`: the change is not written."""
         db = self.conn()
         t0 = time.perf_counter()
         if deadline is not None:  # SQLite's busy handler waits this long at most, then SQLITE_BUSY
-            wait_ms = max(0, min(int((deadline - time.monotonic()) * 1000), int(SQLITE_BUSY_TIMEOUT_S * 1000)))
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
             db.execute(f"PRAGMA busy_timeout = {wait_ms}")
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -177,7 +178,7 @@ class Database:
             if "locked" not in str(e) and "busy" not in str(e):
                 raise
             raise IndexBusy(f"another connection held the index database's write lock for "
-                            f"{time.perf_counter() - t0:.0f} s ({e}); the change was not written, try again "
+                            f"{time.perf_counter() - t0:.1f} s ({e}); the change was not written, try again "
                             "later") from None
         finally:
             if deadline is not None:
@@ -382,6 +383,14 @@ class Batch:
         self.added_ids: list[int] = []
         self.added_vecs: list[np.ndarray] = []
         self.removed_ids: set[int] = set()
+        #: photo sources whose uploaded files :meth:`indexer.store.Store.transaction` deletes after the
+        #: COMMIT, still under the write lock, if no photo row refers to them any more
+        self.release_after_commit: set[str] = set()
+
+    def release_uploads(self, sources: Iterable[str]) -> None:
+        """Delete the uploaded files among ``sources`` once this transaction has committed, unless a photo
+        row still refers to them then (photos this transaction replaced or deleted)."""
+        self.release_after_commit.update(sources)
 
     def upsert_products(self, products: Sequence[Product]) -> None:
         """Insert products or replace their title, category and metadata (labels are kept)."""

@@ -520,7 +520,8 @@ class Store:
     def keep_upload(self, data: bytes, name: str) -> str:
         """Store an uploaded photo as ``INDEX_DIR/uploads/NAME`` (written atomically, once) and return
         its source, ``index:uploads/NAME``. Call inside :meth:`transaction` so that
-        :meth:`remove_unreferenced_uploads` cannot remove it before the photo row commits."""
+        another transaction's :meth:`indexer.database.Batch.release_uploads` cannot remove it before the
+        photo row commits."""
         self._require_writable()
         folder = self.path / UPLOADS_DIR
         folder.mkdir(exist_ok=True)
@@ -529,27 +530,18 @@ class Store:
             atomic_write(path, data)
         return f"{INDEX_SOURCE_PREFIX}{UPLOADS_DIR}/{name}"
 
-    def remove_unreferenced_uploads(self, sources: Iterable[str], deadline: float | None = None) -> int:
-        """Delete the uploaded photo files among ``sources`` that no photo row refers to any more
-        (after a product was deleted or its photos replaced); returns how many were deleted.
-
-        Runs under the write lock, so that no transaction adds a reference meanwhile. When the lock is
-        not free by ``deadline`` (:meth:`transaction`), the change that made the files unreferenced has
-        committed already: the files are left (a warning says so) rather than holding up its answer."""
-        self._require_writable()
+    def _remove_unreferenced(self, sources: Iterable[str]) -> int:
+        """Delete the uploaded photo files among ``sources`` that no photo row refers to any more (after a
+        product was deleted or its photos replaced); returns how many were deleted. Called by
+        :meth:`transaction` after its COMMIT, with the write lock held, so that no transaction adds a
+        reference meanwhile (:meth:`indexer.database.Batch.release_uploads`)."""
         removed = 0
-        if not self._acquire_write_lock(deadline):
-            log.warning("left %d unreferenced uploads in place: the write lock stayed taken", len(set(sources)))
-            return 0
-        try:
-            for source in set(sources):
-                if source.startswith(INDEX_SOURCE_PREFIX) and not self.db.source_referenced(source):
-                    path = Path(self.resolve_source(source))
-                    if path.is_file():
-                        path.unlink()
-                        removed += 1
-        finally:
-            self._write_lock.release()
+        for source in set(sources):
+            if source.startswith(INDEX_SOURCE_PREFIX) and not self.db.source_referenced(source):
+                path = Path(self.resolve_source(source))
+                if path.is_file():
+                    path.unlink()
+                    removed += 1
         return removed
 
     def _acquire_write_lock(self, deadline: float | None) -> bool:
@@ -598,6 +590,8 @@ class Store:
                 self.after_commit_hook()
             if batch.changed:
                 self.vectors.apply(*batch.vector_changes(), gen)
+            if batch.release_after_commit:  # still under the write lock: no transaction adds a reference
+                self._remove_unreferenced(batch.release_after_commit)
         finally:
             self._write_lock.release()
 

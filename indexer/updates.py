@@ -158,7 +158,6 @@ def upsert_product(store: Store, model: ClipModel, product: Product, photos: lis
         vec = model.embed_images([image])[0]
         w, h = image.info.get("original_size", image.size)
         records.append((photo, sha, vec, w, h))
-    old_sources: list[str] = []
     with store.transaction(deadline) as tx:
         created = not store.has_product(pid)
         if created and not records:
@@ -170,10 +169,9 @@ def upsert_product(store: Store, model: ClipModel, product: Product, photos: lis
                                 sha, vec, len(photo.data), None, w, h, {})
                     for photo, sha, vec, w, h in records]
             old = store.get_product(pid)["images"] if not created else []
-            old_sources = [p["image"] for p in old]
             tx.delete_photos([p["photo_id"] for p in old])
             tx.add_photos(rows)
-    store.remove_unreferenced_uploads(old_sources, deadline)
+            tx.release_uploads(p["image"] for p in old)
     return store.get_product(pid), created
 
 
@@ -201,4 +199,4 @@ def delete_product(store: Store, product_id: str, deadline: float | None = None)
         sources = [p[0] for p in tx.db.execute("SELECT source FROM photos WHERE product_id = ?", (product_id,))]
         if not tx.delete_products([product_id]):
             raise NotFound(f"no product with id {product_id!r}")
-    store.remove_unreferenced_uploads(sources, deadline)
+        tx.release_uploads(sources)

@@ -11,7 +11,6 @@ the engine, API keys), :mod:`server.routers` (one module per resource),
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -103,9 +102,9 @@ def create_app(
     app.state.load_error = None
     app.state.settings = cfg
     app.state.metrics = metrics
-    # catalogue updates doing work at once (server.deps.write_slot); asyncio's semaphore binds to the
-    # running loop at its first wait, so it may be made here
-    app.state.write_slots = asyncio.Semaphore(cfg.max_concurrent_writes)
+    # the write slots of server.deps.write_slot: one asyncio semaphore per event loop serving the app
+    # (a semaphore binds to the loop of its first wait; tests may serve one app from several loops)
+    app.state.write_slots = {}
     # the key and body-size checks run before any route reads the body; the observer, outermost,
     # also counts and logs the requests they refuse
     app.add_middleware(RequestLimits, settings=cfg)

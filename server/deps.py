@@ -85,8 +85,12 @@ async def write_slot(request: Request) -> AsyncIterator[float]:
     state = request.app.state
     timeout = state.settings.write_timeout_s
     deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()
+    slots = state.write_slots.get(loop)
+    if slots is None:
+        slots = state.write_slots[loop] = asyncio.Semaphore(state.settings.max_concurrent_writes)
     try:
-        await asyncio.wait_for(state.write_slots.acquire(), timeout)
+        await asyncio.wait_for(slots.acquire(), timeout)
     except TimeoutError:
         log.warning("catalogue update refused: no write slot came free in %g s (max_concurrent_writes %d)",
                     timeout, state.settings.max_concurrent_writes)
@@ -96,7 +100,7 @@ async def write_slot(request: Request) -> AsyncIterator[float]:
     try:
         yield deadline
     finally:
-        state.write_slots.release()
+        slots.release()
 
 
 WriteDeadline = Annotated[float, Depends(write_slot, scope="function")]

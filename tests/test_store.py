@@ -1006,8 +1006,9 @@ def test_a_slow_disk_shows_in_the_log(tmp_path, identity, monkeypatch, caplog):
 
 def test_a_write_with_a_deadline_raises_index_busy_when_the_write_lock_stays_taken(tmp_path, identity):
     """With a deadline (the server gives each update ``write_timeout_s``), a transaction that cannot take
-    the write lock in time raises IndexBusy (503 on the server) before it writes anything; the clean-up
-    of unreferenced uploads gives up the same way, leaving the files; without a deadline, it waits."""
+    the write lock in time raises IndexBusy (503 on the server) before it writes anything; without one,
+    it waits. Uploads a transaction releases are deleted after its commit, under its lock (a clean-up
+    that took the lock again after the commit could miss a deadline and leave the files for good)."""
     import threading
     import time
 
@@ -1029,21 +1030,29 @@ def test_a_write_with_a_deadline_raises_index_busy_when_the_write_lock_stays_tak
         with store.transaction(deadline=time.monotonic() + 0.3) as tx:
             tx.upsert_products([Product("P1")])
     assert 0.25 < time.perf_counter() - t0 < 5
-    upload = store.keep_upload(b"photo bytes", "u.jpg")
-    assert store.remove_unreferenced_uploads([upload], deadline=time.monotonic() + 0.2) == 0
-    assert (tmp_path / "index" / "uploads" / "u.jpg").is_file()
-    waited = threading.Thread(target=lambda: store.remove_unreferenced_uploads([upload]))
+    def no_deadline():
+        with store.transaction() as tx:
+            tx.upsert_products([Product("P0")])
+
+    waited = threading.Thread(target=no_deadline)
     waited.start()  # no deadline: waits for the lock
     time.sleep(0.3)
-    assert waited.is_alive()
+    assert waited.is_alive() and store.count_products() == 0
     release.set()
     holder.join()
     waited.join(10)
-    assert not (tmp_path / "index" / "uploads" / "u.jpg").exists()
-    assert store.count_products() == 0
+    assert store.count_products() == 1
+    # an upload released in a transaction goes at its commit, under its lock, if nothing refers to it
+    kept, released = store.keep_upload(b"kept", "k.jpg"), store.keep_upload(b"released", "r.jpg")
     with store.transaction(deadline=time.monotonic() + 5) as tx:  # the lock is free again
         tx.upsert_products([Product("P2")])
-    assert store.count_products() == 1
+        tx.add_photos([PhotoRecord("P2", kept, "k", np.ones(identity.dim, np.float32) / identity.dim ** 0.5,
+                                   4, None, 1, 1, {})])
+        tx.release_uploads([kept, released])
+        assert (tmp_path / "index" / "uploads" / "r.jpg").is_file()  # not before the commit
+    assert not (tmp_path / "index" / "uploads" / "r.jpg").exists()
+    assert (tmp_path / "index" / "uploads" / "k.jpg").is_file()  # a photo row refers to it
+    assert store.count_products() == 2
     store.close()
 
 
@@ -1059,7 +1068,7 @@ def test_another_connection_holding_sqlites_lock_is_index_busy(tmp_path, identit
 
     monkeypatch.setattr(indexer.database, "SQLITE_BUSY_TIMEOUT_S", 0.2)
     store = Store.create(tmp_path / "index", identity)
-    blocker = sqlite3.connect(tmp_path / "index" / "catalogue.sqlite", isolation_level=None)
+    blocker = sqlite3.connect(tmp_path / "index" / "catalogue.sqlite", isolation_level=None, check_same_thread=False)
     blocker.execute("BEGIN IMMEDIATE")
     failure: list[BaseException] = []
 
@@ -1080,10 +1089,10 @@ def test_another_connection_holding_sqlites_lock_is_index_busy(tmp_path, identit
     t0 = time.monotonic()
     write(time.monotonic() + 0.3)
     assert len(failure) == 2 and isinstance(failure[1], IndexBusy) and time.monotonic() - t0 < 5, failure
-    blocker.execute("ROLLBACK")
+    # ... and lengthens it: a deadline past the busy timeout waits out a stall shorter than the deadline
+    monkeypatch.setattr(indexer.database, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    threading.Timer(0.8, lambda: blocker.execute("ROLLBACK")).start()
+    write(time.monotonic() + 10)
+    assert len(failure) == 2 and store.count_products() == 1, failure
     blocker.close()
-    t = threading.Thread(target=write)
-    t.start()
-    t.join(30)
-    assert len(failure) == 2 and store.count_products() == 1
     store.close()

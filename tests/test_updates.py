@@ -352,3 +352,43 @@ def test_an_update_stalled_after_its_commit_holds_its_slot_and_the_next_waits_wr
 
 def _first_product(store: Store) -> str:
     return store.db.conn().execute("SELECT id FROM products ORDER BY id LIMIT 1").fetchone()[0]
+
+
+def test_write_slots_work_on_a_second_event_loop(index_copy, tiny_model):
+    """The write slots are per event loop: an app served by one loop and then another (two TestClient
+    sessions, as tests and apps embedded in other servers do) still bounds and queues its updates
+    (a single asyncio.Semaphore made in create_app raised 'bound to a different event loop', a 500)."""
+    app = create_app(index_copy, model=tiny_model, api_keys=KEY, max_concurrent_writes=1, write_timeout_s=20)
+    for title in ("first loop", "second loop"):
+        with TestClient(app) as c:
+            assert _queue_behind_a_stalled_update(c, app.state.engine.store, title) == [200, 200]
+            assert c.get(f"/v1/products/{_first_product(app.state.engine.store)}").json()["title"] == title
+
+
+def _queue_behind_a_stalled_update(c: TestClient, store: Store, title: str) -> list[int]:
+    """Stall one update after its commit, send a second that must wait for the one write slot, then let the
+    disk answer; the two status codes, in the order they came."""
+    pid = _first_product(store)
+    stalled, disk_back = threading.Event(), threading.Event()
+    answers: list[int] = []
+
+    def stall():
+        stalled.set()
+        disk_back.wait(30)
+
+    def patch(value: str):
+        answers.append(c.patch(f"/v1/products/{pid}", json={"title": value}, headers=AUTH).status_code)
+
+    store.after_commit_hook = stall
+    first = threading.Thread(target=patch, args=("stalled",))
+    first.start()
+    assert stalled.wait(30)
+    store.after_commit_hook = None
+    second = threading.Thread(target=patch, args=(title,))
+    second.start()  # waits for the one slot, on this session's loop
+    time.sleep(0.5)
+    assert answers == []
+    disk_back.set()
+    first.join(30)
+    second.join(30)
+    return answers
