@@ -37,9 +37,10 @@ class IndexNotWritable(IndexLocked):
 
 
 class IndexBusy(StoreError):
-    """A write waited longer than it may for the index's write lock: another write, a snapshot or
-    an index rebuild holds it, or the disk under it has stalled. Nothing was written; the same
-    request may be sent again later (``retry_after_s``: the server's ``Retry-After``)."""
+    """A write waited longer than it may for its turn (a server's write slot, the index's write lock,
+    SQLite's): another write, a snapshot, an index rebuild or another process holds it, or the disk
+    under it has stalled. Nothing was written; the same request may be sent again later
+    (``retry_after_s``: the server's ``Retry-After``)."""
 
     code = "index_busy"
     http_status = 503

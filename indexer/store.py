@@ -38,7 +38,6 @@ new type from SQLite on the next open.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -72,8 +71,6 @@ from .records import (  # noqa: F401 (re-exported: the store's public names)
 )
 from .search import FILTER_EXACT_MAX, SCORE_DECIMALS, Searcher  # noqa: F401 (re-exported)
 from .vectors import VectorIndex, saved_generation, snapshot_path
-
-log = logging.getLogger("lookalike.store")
 
 FORMAT_VERSION = 1
 
@@ -576,7 +573,7 @@ class Store:
         self._require_writable()
         t0 = time.perf_counter()
         if not self._acquire_write_lock(deadline):
-            raise IndexBusy(f"the index stayed busy with another write for {time.perf_counter() - t0:.0f} s (a "
+            raise IndexBusy(f"the index stayed busy with another write for {time.perf_counter() - t0:.1f} s (a "
                             "snapshot, a rebuild or a slow disk); nothing was written, send the request again later")
         try:
             warn_if_slow("waiting for the store's write lock", t0)
