@@ -162,8 +162,7 @@ class OpenVINOImageEncoder:
         26 after one inference first). The inference also takes the compiled model's first-call cost out
         of the first query."""
         request = compiled.create_infer_request()
-        zeros = np.zeros((1, 3, self._image_size, self._image_size), np.float32)
-        np.array(request.infer({0: zeros}, share_inputs=True)[0], dtype=np.float32, copy=True)
+        _infer(request, np.zeros((1, 3, self._image_size, self._image_size), np.float32))
         idle.put((compiled, request))
 
     def set_streams(self, streams: int) -> int:
@@ -214,8 +213,7 @@ class OpenVINOImageEncoder:
             except queue.Empty:
                 request = compiled.create_infer_request()
             try:
-                out = request.infer({0: x}, share_inputs=True)[0]
-                return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
+                return torch.from_numpy(_infer(request, x))
             finally:
                 idle.put((compiled, request))
         finally:
@@ -284,6 +282,13 @@ class OpenVINOImageEncoder:
             log.info("int8 image tower passed (mean cosine %.4f, lowest %.4f to fp32); running %s",
                      mean_cos, min_cos, self.precision)
             return self.precision
+
+
+def _infer(request, x: np.ndarray) -> np.ndarray:
+    """One forward pass of an OpenVINO infer request on ``x`` (float32 ``(n, 3, S, S)``, read in place):
+    its embeddings, float32 ``(n, dim)``, copied out of the request's output buffer (reused by its next
+    call). Every call and the warm-up go through here, so the warm-up touches what callers will."""
+    return np.array(request.infer({0: x}, share_inputs=True)[0], dtype=np.float32, copy=True)
 
 
 def _images_per_s(compiled, samples: np.ndarray, runs: int = 1) -> float:
