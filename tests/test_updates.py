@@ -325,7 +325,7 @@ def test_an_update_stalled_after_its_commit_holds_its_slot_and_the_next_waits_wr
             disk_back.wait(30)
 
         store.after_commit_hook = stalled_disk
-        pid = _first_product(store)
+        pid = store.product_ids()[0]
         try:
             with httpx.Client(base_url=live.url, timeout=30) as c:
                 first: list[httpx.Response] = []
@@ -350,10 +350,6 @@ def test_an_update_stalled_after_its_commit_holds_its_slot_and_the_next_waits_wr
             store.after_commit_hook = None
 
 
-def _first_product(store: Store) -> str:
-    return store.db.conn().execute("SELECT id FROM products ORDER BY id LIMIT 1").fetchone()[0]
-
-
 def test_write_slots_work_on_a_second_event_loop(index_copy, tiny_model):
     """The write slots are per event loop: an app served by one loop and then another (two TestClient
     sessions, as tests and apps embedded in other servers do) still bounds and queues its updates
@@ -362,13 +358,13 @@ def test_write_slots_work_on_a_second_event_loop(index_copy, tiny_model):
     for title in ("first loop", "second loop"):
         with TestClient(app) as c:
             assert _queue_behind_a_stalled_update(c, app.state.engine.store, title) == [200, 200]
-            assert c.get(f"/v1/products/{_first_product(app.state.engine.store)}").json()["title"] == title
+            assert c.get(f"/v1/products/{app.state.engine.store.product_ids()[0]}").json()["title"] == title
 
 
 def _queue_behind_a_stalled_update(c: TestClient, store: Store, title: str) -> list[int]:
     """Stall one update after its commit, send a second that must wait for the one write slot, then let the
     disk answer; the two status codes, in the order they came."""
-    pid = _first_product(store)
+    pid = store.product_ids()[0]
     stalled, disk_back = threading.Event(), threading.Event()
     answers: list[int] = []
 
