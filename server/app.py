@@ -105,6 +105,7 @@ def create_app(
     # the write slots of server.deps.write_slot: one asyncio semaphore per event loop serving the app
     # (a semaphore binds to the loop of its first wait; tests may serve one app from several loops)
     app.state.write_slots = {}
+    app.state.photo_read_slots = {}  # server.deps.read_photo's, likewise
     # the key and body-size checks run before any route reads the body; the observer, outermost,
     # also counts and logs the requests they refuse
     app.add_middleware(RequestLimits, settings=cfg)

@@ -220,8 +220,15 @@ class Engine:
             return None
         return bool(hits) and hits[0].score >= threshold
 
+    def cached_thumbnail(self, photo: dict, size: int | None) -> bytes | None:
+        """:meth:`thumbnail` from the LRU cache, or None when it is not there (reads nothing)."""
+        return self._thumbnails.get((photo["sha256"], size))
+
     def thumbnail(self, photo: dict, size: int | None) -> bytes:
-        """The photo as JPEG, its longest side at most ``size`` px; kept in an LRU cache by content hash."""
+        """The photo as JPEG, its longest side at most ``size`` px; kept in an LRU cache by content hash.
+        Reads the photo's file when it is not cached: the server runs this through
+        :func:`server.deps.read_photo`, which bounds how many such reads run at once and how long each
+        request waits for one."""
         key = (photo["sha256"], size)
         data = self._thumbnails.get(key)
         if data is not None:

@@ -80,6 +80,18 @@ class ServerSettings(BaseSettings):
                                                    "slot on the event loop, holding no worker thread, for up to "
                                                    "write_timeout_s. Updates stuck on a slow disk then cannot take "
                                                    "the worker threads that searches need (40)")
+    photo_read_timeout_s: float = Field(20.0, gt=0, le=3600,
+                                        description="the longest a product photo request (GET "
+                                                    "/v1/products/{id}/image) waits, seconds, in all: for a photo "
+                                                    "read slot (max_concurrent_photo_reads) and for the read of the "
+                                                    "photo's file and its resizing. Past it: 503 "
+                                                    "photo_read_timeout with Retry-After")
+    max_concurrent_photo_reads: int = Field(8, ge=1, le=1000,
+                                            description="product photo files read (and resized) at once, each on "
+                                                        "a thread of its own; the other requests wait on the event "
+                                                        "loop, holding no thread, for up to photo_read_timeout_s. "
+                                                        "Reads hung on a stalled disk or network mount then cannot "
+                                                        "take the worker threads that searches need (40)")
     snapshot_interval_s: float = Field(30.0, gt=0,
                                        description="how often live writes are saved to the FAISS snapshot, seconds")
     backend: Literal[ms.BACKENDS] = Field("auto", description=ms.BACKEND_HELP)  # type: ignore[valid-type]

@@ -553,3 +553,78 @@ def test_healthz_answers_while_every_worker_thread_is_taken(small_index, tmp_pat
         for t in writers:
             t.join(120)
         assert len(codes) == 45 and set(codes) <= {200, 503}, codes
+
+# --------------------------------------------------------------------------- stalled photo reads
+LEASE_HOLDER = r"""
+import fcntl, signal, sys
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # the kernel's 'another process wants this file' signal
+f = open(sys.argv[1], "rb")
+fcntl.fcntl(f, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("leased", flush=True)
+sys.stdin.readline()
+fcntl.fcntl(f, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+"""
+
+
+@contextmanager
+def _stalled_open(path: Path) -> Iterator[None]:
+    """Every other process's ``open`` of ``path`` blocks in the kernel while the block runs, as on a hung
+    disk or network mount: another process holds a write lease on the file (fcntl F_SETLEASE; Linux
+    makes an open that breaks a lease wait until the holder gives it up, or /proc/sys/fs/lease-break-time
+    passes, 45 s by default)."""
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "leased", "could not take a file lease"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
+def test_photo_reads_stuck_on_the_disk_get_503_and_searches_go_on(small_index, tmp_path):
+    """Product photos are read from the catalogue's disk when a thumbnail is asked for. Reads that hang
+    there (a stalled disk or network mount) must not take the server with it: at most
+    ``max_concurrent_photo_reads`` of them hold a thread, and those are not the worker threads that
+    searches run on; each photo request answers 503 ``photo_read_timeout`` with ``Retry-After`` within
+    ``photo_read_timeout_s``; cached thumbnails and searches answer throughout; once the disk answers,
+    so do photo requests. Before this bound, 45 such requests held all 40 worker threads and a text
+    search waited for the whole stall."""
+    import threading
+
+    with _own_server(small_index, tmp_path, photo_read_timeout_s=2, max_concurrent_photo_reads=2) as (url, _):
+        def get(path: str) -> httpx.Response:
+            return httpx.get(f"{url}{path}", headers=AUTH, timeout=60)
+
+        assert get("/v1/products/p1/image?size=64").status_code == 200  # read once, then cached
+        answers: list[tuple[int, str | None, str, float]] = []
+
+        def fetch() -> None:
+            t0 = time.monotonic()
+            r = get("/v1/products/p5/image?size=64")
+            code = r.json()["error"]["code"] if r.status_code != 200 else ""
+            answers.append((r.status_code, r.headers.get("retry-after"), code, time.monotonic() - t0))
+
+        with _stalled_open(small_index.parent / "p5.jpg"):
+            readers = [threading.Thread(target=fetch) for _ in range(45)]
+            for t in readers:
+                t.start()
+            time.sleep(1)
+            t0 = time.monotonic()
+            search = httpx.post(f"{url}/v1/search/text", json={"query": "product", "k": 3}, headers=AUTH, timeout=60)
+            search_s = time.monotonic() - t0
+            cached = get("/v1/products/p1/image?size=64")
+            for t in readers:
+                t.join(30)
+        assert search.status_code == 200 and search.json()["results"], search.text
+        assert search_s < 2.0, f"a text search took {search_s:.1f} s while photo reads were stuck"
+        assert cached.status_code == 200 and cached.headers["content-type"] == "image/jpeg"
+        assert len(answers) == 45
+        for status, retry, code, took in answers:
+            assert (status, retry, code) == (503, "5", "photo_read_timeout"), answers
+            assert 1.5 < took < 6, answers  # photo_read_timeout_s, in all
+        # the disk answers again: the stuck reads return and give their slots back
+        deadline = time.monotonic() + 10
+        while (r := get("/v1/products/p5/image?size=64")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text

@@ -5,6 +5,7 @@ are declared before the bare ``/v1/products/{product_id:path}``, or it would swa
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Annotated
@@ -21,7 +22,7 @@ from indexer.search import PHOTO_QUERY_MIN_SCORE
 from indexer.store import Product
 from indexer.updates import PhotoUpload, delete_product, patch_product, upsert_product
 
-from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, WriteDeadline, read_upload, writable
+from ..deps import READ_AUTH, WRITE_AUTH, EngineDep, WriteDeadline, read_photo, read_upload, writable
 from ..limits import one_file
 from ..schemas import (
     ERRORS,
@@ -72,16 +73,20 @@ def similar(
 
 
 @router.get("/v1/products/{product_id:path}/image", dependencies=READ_AUTH,
-            responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
+            responses={**ERRORS, 200: {"content": {"image/jpeg": {}}},
+                       503: {"model": ErrorResponse,
+                             "description": "photo_read_timeout: the photo's file could not be read, or no photo "
+                                            "read slot came free, within photo_read_timeout_s; retry after "
+                                            "Retry-After seconds (not_ready: still loading)"}},
             tags=["products"], summary="A product photo (only photos of catalogue products are served)")
-def product_image(
+async def product_image(
     request: Request,
     engine: EngineDep,
     product_id: str,
     photo_id: Annotated[int | None, Query(description="which photo (default: the product's first)")] = None,
     size: Annotated[int | None, Query(ge=16, le=2048, description="longest side of a thumbnail, in pixels")] = None,
 ):
-    product = engine.store.get_product(product_id)
+    product = await run_in_threadpool(engine.store.get_product, product_id)
     photos = product["images"]
     if photo_id is not None:
         photos = [p for p in photos if p["photo_id"] == photo_id]
@@ -95,7 +100,10 @@ def product_image(
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     try:
-        data = engine.thumbnail(photo, size)
+        data = engine.cached_thumbnail(photo, size)
+        if data is None:  # the file is read, on a thread of its own within photo_read_timeout_s
+            data = await read_photo(request, functools.partial(engine.thumbnail, photo, size),
+                                    f"the photo of {product_id!r}")
     except ImageError as e:
         raise NotFound(f"photo of {product_id!r} is no longer readable: {e}") from None
     return Response(data, media_type="image/jpeg", headers=headers)
